@@ -1,0 +1,87 @@
+//! Typed errors of the library. Every variant names what the user needs to find the
+//! culprit: the file, the model, the tensor, the shape or the recipe key.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A safetensors file (or its index) that cannot be trusted.
+    #[error("{path}: invalid safetensors file: {msg}")]
+    BadFile { path: PathBuf, msg: String },
+
+    /// A model folder that cannot be used as it is.
+    #[error("model {path}: {msg}")]
+    BadModel { path: PathBuf, msg: String },
+
+    /// The recipe is not valid YAML, uses an unknown key, method or parameter, or a value of
+    /// the wrong type.
+    #[error("recipe {path}: {msg}")]
+    Recipe { path: PathBuf, msg: String },
+
+    #[error("tensor {tensor} is missing from model {model}{hint}")]
+    MissingTensor {
+        model: String,
+        tensor: String,
+        hint: String,
+    },
+
+    #[error("shape mismatch for tensor {tensor}: {reference_model} has {expected:?} but {model} has {got:?}{hint}")]
+    ShapeMismatch {
+        tensor: String,
+        reference_model: String,
+        expected: Vec<usize>,
+        model: String,
+        got: Vec<usize>,
+        hint: String,
+    },
+
+    #[error("tensor {tensor} of model {model} has dtype {dtype}, which cannot be merged (smelt merges F32, F16 and BF16)")]
+    UnsupportedDtype {
+        model: String,
+        tensor: String,
+        dtype: String,
+    },
+
+    /// Parameters that are well-formed but make no sense for this tensor.
+    #[error("tensor {tensor}: {msg}")]
+    Param { tensor: String, msg: String },
+
+    #[error("output {path}: {msg}")]
+    Output { path: PathBuf, msg: String },
+
+    /// The GPU could not be used, or failed while working.
+    #[error("GPU: {0}")]
+    Gpu(String),
+
+    #[error("{0}")]
+    Other(String),
+}
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// `map_err` helper for `std::io::Result`s about one path.
+pub trait IoContext<T> {
+    fn at(self, path: impl Into<PathBuf>) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn at(self, path: impl Into<PathBuf>) -> Result<T> {
+        self.map_err(|e| Error::io(path, e))
+    }
+}

@@ -1,0 +1,140 @@
+//! The files of an output folder besides the weights: config.json, tokenizer files,
+//! generation config and a model card. All deterministic: no clocks, no hostnames.
+
+use std::collections::BTreeMap;
+
+use crate::dtype::DType;
+use crate::error::Result;
+use crate::io::writer::StagedOutput;
+use crate::plan::Plan;
+
+/// Tokenizer files `transformers` may look for; whichever exist are copied.
+pub const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
+];
+
+/// config.json of the output: the reference model's, with the layer count, vocabulary size
+/// and dtype made true of what was written.
+pub fn output_config(plan: &Plan) -> Option<serde_json::Value> {
+    let mut cfg = plan.models[plan.config_from].config.clone()?;
+    let obj = cfg.as_object_mut()?;
+    if let Some(l) = plan.out_layers {
+        for key in ["num_hidden_layers", "n_layer", "num_layers"] {
+            if obj.contains_key(key) {
+                obj.insert(key.into(), l.into());
+            }
+        }
+    }
+    let embed = plan.tasks.iter().find(|t| {
+        t.layer.is_none() && (t.name.contains("embed_tokens") || t.name.ends_with("wte.weight"))
+    });
+    if let Some(e) = embed {
+        if let Some(&rows) = e.shape.first() {
+            if obj.contains_key("vocab_size") {
+                obj.insert("vocab_size".into(), rows.into());
+            }
+        }
+    }
+    let mut counts: BTreeMap<DType, usize> = BTreeMap::new();
+    for t in &plan.tasks {
+        if !t.copy_only {
+            *counts.entry(t.out_dtype).or_default() += 1;
+        }
+    }
+    if let Some((dt, _)) = counts.into_iter().max_by_key(|(_, c)| *c) {
+        // transformers reads `torch_dtype` (older) and `dtype` (newer); keep whichever exists.
+        let mut any = false;
+        for key in ["torch_dtype", "dtype"] {
+            if obj.contains_key(key) {
+                obj.insert(key.into(), dt.torch_name().into());
+                any = true;
+            }
+        }
+        if !any {
+            obj.insert("torch_dtype".into(), dt.torch_name().into());
+        }
+    }
+    Some(cfg)
+}
+
+/// Writes config.json, generation_config.json, tokenizer files and README.md.
+pub fn write_side_files(plan: &Plan, out: &StagedOutput, out_name: &str) -> Result<Vec<String>> {
+    let mut written = Vec::new();
+    if let Some(cfg) = output_config(plan) {
+        out.write_file(
+            "config.json",
+            (serde_json::to_string_pretty(&cfg).unwrap() + "\n").as_bytes(),
+        )?;
+        written.push("config.json".to_string());
+    }
+    let cdir = plan.config_dir();
+    let gen = cdir.join("generation_config.json");
+    if gen.is_file() {
+        out.copy_file(&gen, "generation_config.json")?;
+        written.push("generation_config.json".into());
+    }
+    if let Some(t) = plan.tokenizer_from {
+        let dir = plan.models[t].dir();
+        for f in TOKENIZER_FILES {
+            let p = dir.join(f);
+            if p.is_file() {
+                out.copy_file(&p, f)?;
+                written.push(f.to_string());
+            }
+        }
+    }
+    out.write_file("README.md", model_card(plan, out_name).as_bytes())?;
+    written.push("README.md".into());
+    Ok(written)
+}
+
+pub fn model_card(plan: &Plan, out_name: &str) -> String {
+    let mut s = String::new();
+    s.push_str("---\n");
+    if let Some(b) = plan.base {
+        s.push_str(&format!(
+            "base_model: {}\n",
+            yaml_str(&plan.models[b].label)
+        ));
+    }
+    s.push_str("library_name: transformers\ntags:\n- merge\n- smelt\n");
+    s.push_str(&format!("- {}\n", plan.method.name));
+    s.push_str("---\n\n");
+    s.push_str(&format!("# {out_name}\n\n"));
+    s.push_str(&format!(
+        "This model was merged with [smelt](https://github.com/smelt-merge/smelt) {} using **{}** ({}, {}).\n\n",
+        env!("CARGO_PKG_VERSION"),
+        plan.method.name,
+        plan.method.pretty,
+        plan.method.reference
+    ));
+    s.push_str("## Inputs\n\n");
+    for (i, m) in plan.models.iter().enumerate() {
+        let role = if Some(i) == plan.base { " (base)" } else { "" };
+        s.push_str(&format!("- `{}`{role}\n", m.label));
+    }
+    s.push_str(&format!(
+        "\n## Settings\n\n- seed: {}\n- compute: f32, inputs loaded as {}\n- tensors: {}\n\n",
+        plan.seed,
+        plan.load_dtype.torch_name(),
+        plan.tasks.len()
+    ));
+    s.push_str("## Recipe\n\n```yaml\n");
+    s.push_str(plan.recipe.text.trim_end());
+    s.push_str("\n```\n");
+    s
+}
+
+fn yaml_str(s: &str) -> String {
+    serde_json::to_string(s).unwrap()
+}

@@ -1,0 +1,273 @@
+//! The `smelt` command line.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+
+use smelt::backend::cpu::Cpu;
+use smelt::backend::Backend;
+use smelt::exec::{self, ExecOptions};
+use smelt::io::model::ModelFolder;
+use smelt::io::writer::parse_size;
+use smelt::methods::{self, Default, Scope};
+use smelt::plan::Plan;
+use smelt::recipe::Recipe;
+
+#[derive(Parser)]
+#[command(
+    name = "smelt",
+    version,
+    about = "Merge fine-tuned checkpoints into one model, on the GPU you have or the CPU.",
+    long_about = "Merge fine-tuned checkpoints of one base model into a single model.\n\n\
+        smelt reads mergekit's YAML recipes unchanged, reads Hugging Face model folders \
+        (safetensors, single or sharded; F32/F16/BF16) memory-mapped, and writes a folder that \
+        `transformers` loads: sharded safetensors with an index, config.json, tokenizer files and \
+        a model card.\n\n\
+        Start with `smelt methods` to see what it can do, then `smelt merge recipe.yml -o out --dry-run`.",
+    after_help = "Logging: set RUST_LOG (e.g. RUST_LOG=smelt=debug)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Merge models as a recipe says.
+    #[command(
+        long_about = "Merge models as a recipe says.\n\n\
+        The recipe is mergekit's YAML (merge_method, base_model, models or slices, parameters, \
+        dtype, out_dtype, tokenizer_source) plus smelt's `seed`. Model paths are relative to the \
+        recipe's folder. Everything that can be checked from file headers is checked before any \
+        tensor is read; --dry-run stops there and prints the plan.\n\n\
+        The output is written to a hidden temporary folder beside OUT and renamed into place \
+        only when complete.",
+        after_help = "Example:\n  smelt merge assets/recipes/ties.yml -o merged --dry-run\n  smelt merge assets/recipes/ties.yml -o merged"
+    )]
+    Merge {
+        /// The recipe (mergekit YAML).
+        recipe: PathBuf,
+        /// Output folder (refused if it exists, unless --force).
+        #[arg(short, long)]
+        out: PathBuf,
+        /// Check the recipe and models, print the plan, and stop.
+        #[arg(long)]
+        dry_run: bool,
+        /// Seed of the random methods (DARE); overrides the recipe's `seed`. Default 0.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Worker threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Largest shard to write, e.g. 5GB, 500MB, 2GiB.
+        #[arg(long, default_value = "5GB")]
+        out_shard_size: String,
+        /// Replace OUT if it exists (the old folder is removed only after the new one is complete).
+        #[arg(long)]
+        force: bool,
+        /// List every tensor in --dry-run output.
+        #[arg(short, long)]
+        verbose: bool,
+    },
+    /// List the merge methods with their parameters and defaults.
+    Methods {
+        /// Show only this method.
+        name: Option<String>,
+    },
+    /// Show a model folder's tensors, dtypes, shapes and size.
+    Inspect {
+        /// A model folder, or one .safetensors file.
+        model: PathBuf,
+        /// Print every tensor (default: the first 50).
+        #[arg(short, long)]
+        all: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("smelt=info"))
+        .format_timestamp(None)
+        .format_target(false)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let mut msg = format!("error: {e}");
+            for cause in e.chain().skip(1) {
+                msg.push_str(&format!("\n  caused by: {cause}"));
+            }
+            eprintln!("{msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Merge {
+            recipe,
+            out,
+            dry_run,
+            seed,
+            threads,
+            out_shard_size,
+            force,
+            verbose,
+        } => {
+            let shard = parse_size(&out_shard_size)
+                .map_err(anyhow::Error::msg)
+                .context("--out-shard-size")?;
+            if let Some(t) = threads {
+                if t == 0 {
+                    bail!("--threads must be at least 1");
+                }
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(t)
+                    .build_global()?;
+            }
+            let recipe = Recipe::load(&recipe)?;
+            let plan = Plan::build(recipe, seed)?;
+            let threads = rayon::current_num_threads();
+            if dry_run {
+                let layout = exec::layout(&plan, shard);
+                print!("{}", plan.summary(threads, layout.shards.len(), verbose));
+                return Ok(());
+            }
+            for w in &plan.warnings {
+                log::warn!("{w}");
+            }
+            let backend: Box<dyn Backend> = Box::new(Cpu::new());
+            log::info!(
+                "merging {} tensors with {} on {}",
+                plan.tasks.len(),
+                plan.method.name,
+                backend.name()
+            );
+            let report = exec::execute(
+                &plan,
+                backend.as_ref(),
+                &ExecOptions {
+                    out_dir: out,
+                    force,
+                    max_shard_bytes: shard,
+                    progress: true,
+                },
+            )?;
+            let gbs =
+                (report.bytes_read + report.bytes_written) as f64 / 1e9 / report.seconds.max(1e-9);
+            println!(
+                "merged {} tensors into {} ({} shard{}, {:.3} GB) in {:.2} s, {:.2} GB/s moved, on {}",
+                report.tensors,
+                report.out_dir.display(),
+                report.shards,
+                if report.shards == 1 { "" } else { "s" },
+                report.bytes_written as f64 / 1e9,
+                report.seconds,
+                gbs,
+                report.backend
+            );
+            Ok(())
+        }
+        Cmd::Methods { name } => {
+            let list: Vec<_> = match &name {
+                Some(n) => vec![methods::find(n).with_context(|| {
+                    let hint = methods::suggest(n)
+                        .map(|s| format!(" (did you mean `{s}`?)"))
+                        .unwrap_or_default();
+                    format!("unknown method `{n}`{hint}")
+                })?],
+                None => methods::all().iter().collect(),
+            };
+            let mut o = std::io::stdout().lock();
+            for m in list {
+                writeln!(o, "{} — {}", m.name, m.pretty)?;
+                writeln!(o, "  {}", m.summary)?;
+                writeln!(o, "  paper: {}", m.reference)?;
+                writeln!(
+                    o,
+                    "  base model: {}",
+                    match m.base {
+                        methods::BasePolicy::Required => "required",
+                        methods::BasePolicy::Ignored => "not used",
+                    }
+                )?;
+                for p in &m.params {
+                    let scope = match p.scope {
+                        Scope::Shared => "global",
+                        Scope::Input => "per model",
+                        Scope::NonBase => "per model (not the base)",
+                    };
+                    let def = match p.default {
+                        Default::Required => "required".to_string(),
+                        Default::Unset => "unset".to_string(),
+                        Default::Float(x) => format!("default {x}"),
+                        Default::Bool(b) => format!("default {b}"),
+                    };
+                    writeln!(
+                        o,
+                        "    {:<10} {:<7} {:<26} {:<14} {}",
+                        p.name,
+                        p.kind.to_string(),
+                        scope,
+                        def,
+                        p.help
+                    )?;
+                }
+                writeln!(o)?;
+            }
+            Ok(())
+        }
+        Cmd::Inspect { model, all } => {
+            let label = model.display().to_string();
+            let m = ModelFolder::open(&model, &label)?;
+            let mut o = std::io::stdout().lock();
+            let params: usize = m.names().iter().map(|n| m.get(n).unwrap().numel()).sum();
+            writeln!(
+                o,
+                "{}: {} tensors in {} file{}, {:.3} B parameters, {:.3} GB",
+                label,
+                m.names().len(),
+                m.files().len(),
+                if m.files().len() == 1 { "" } else { "s" },
+                params as f64 / 1e9,
+                m.total_bytes() as f64 / 1e9
+            )?;
+            if let Some(arch) = m
+                .config
+                .as_ref()
+                .and_then(|c| c.get("architectures"))
+                .and_then(|a| a.get(0))
+                .and_then(|a| a.as_str())
+            {
+                writeln!(o, "architecture: {arch}")?;
+            }
+            let shown = if all {
+                m.names().len()
+            } else {
+                m.names().len().min(50)
+            };
+            for n in &m.names()[..shown] {
+                let t = m.get(n).unwrap();
+                writeln!(
+                    o,
+                    "  {:<60} {:<5} {:?}",
+                    n,
+                    t.dtype().to_string(),
+                    t.shape()
+                )?;
+            }
+            if shown < m.names().len() {
+                writeln!(
+                    o,
+                    "  ... {} more (--all lists them)",
+                    m.names().len() - shown
+                )?;
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! The generalised task-arithmetic family (mergekit's `GeneralizedTaskArithmeticMerge`):
+//! task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties.
+//!
+//! Every method is: per model, sparsify its delta (magnitude top-k, random keep, or
+//! magnitude band without outliers), optionally rescale the survivors to the delta's L1
+//! norm, weight, optionally elect a sign per element and keep the agreeing deltas, divide by
+//! the agreeing weights if `normalize`, scale by `lambda`, add to the base.
+
+use super::{Algo, BasePolicy, Ctx, Default, MethodInfo, ParamSpec, Scope};
+use crate::backend::{py_int_mul, Backend, Consensus, GtaSpec, Keep, Query, Source};
+use crate::error::Result;
+use crate::recipe::Kind;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sparsify {
+    None,
+    /// Keep the `int(density·n)` largest |delta| (at least one).
+    Magnitude,
+    /// Keep each element with probability `density` (DARE).
+    Random,
+    /// Drop the `int(gamma·n)` largest as outliers, then the smallest, keeping
+    /// `int(density·n)` (Model Breadcrumbs).
+    MagnitudeOutliers,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Variant {
+    pub sparsify: Sparsify,
+    pub consensus: Consensus,
+    pub normalize: bool,
+    pub rescale: bool,
+}
+
+fn spec(
+    name: &'static str,
+    pretty: &'static str,
+    reference: &'static str,
+    summary: &'static str,
+    v: Variant,
+) -> MethodInfo {
+    let mut params = vec![
+        ParamSpec {
+            name: "weight",
+            kind: Kind::Float,
+            scope: Scope::NonBase,
+            default: Default::Required,
+            help: "weight of this model's task vector",
+        },
+        ParamSpec {
+            name: "density",
+            kind: Kind::Float,
+            scope: Scope::NonBase,
+            default: Default::Float(1.0),
+            help: if v.sparsify == Sparsify::None {
+                "accepted for compatibility; task_arithmetic keeps every element"
+            } else {
+                "fraction of the task vector's elements to keep"
+            },
+        },
+    ];
+    if v.sparsify == Sparsify::MagnitudeOutliers {
+        params.push(ParamSpec {
+            name: "gamma",
+            kind: Kind::Float,
+            scope: Scope::NonBase,
+            default: Default::Float(0.01),
+            help: "fraction of the largest-magnitude elements removed as outliers",
+        });
+    }
+    params.extend([
+        ParamSpec {
+            name: "normalize",
+            kind: Kind::Bool,
+            scope: Scope::Shared,
+            default: Default::Bool(v.normalize),
+            help: "divide by the sum of the (agreeing) weights",
+        },
+        ParamSpec {
+            name: "rescale",
+            kind: Kind::Bool,
+            scope: Scope::Shared,
+            default: Default::Bool(v.rescale),
+            help: "after sparsifying, rescale the kept elements to the delta's L1 norm",
+        },
+        ParamSpec {
+            name: "lambda",
+            kind: Kind::Float,
+            scope: Scope::Shared,
+            default: Default::Float(1.0),
+            help: "scale of the merged task vector",
+        },
+        ParamSpec {
+            name: "int8_mask",
+            kind: Kind::Bool,
+            scope: Scope::Shared,
+            default: Default::Bool(false),
+            help: "accepted for compatibility (a memory option of mergekit; no effect on results)",
+        },
+    ]);
+    MethodInfo {
+        name,
+        pretty,
+        reference,
+        summary,
+        params,
+        base: BasePolicy::Required,
+        max_inputs: None,
+        algo: Algo::Gta(v),
+    }
+}
+
+pub fn methods() -> Vec<MethodInfo> {
+    use Consensus::{None as NoVote, Sum};
+    let v = |sparsify, consensus, normalize, rescale| Variant {
+        sparsify,
+        consensus,
+        normalize,
+        rescale,
+    };
+    vec![
+        spec(
+            "task_arithmetic",
+            "Task Arithmetic",
+            "https://arxiv.org/abs/2212.04089",
+            "base + λ·Σ wᵢ·(θᵢ − base).",
+            v(Sparsify::None, NoVote, false, false),
+        ),
+        spec(
+            "ties",
+            "TIES",
+            "https://arxiv.org/abs/2306.01708",
+            "Trim each task vector to its largest magnitudes, elect a sign per element, average the agreeing ones.",
+            v(Sparsify::Magnitude, Sum, true, false),
+        ),
+        spec(
+            "dare_linear",
+            "DARE (linear)",
+            "https://arxiv.org/abs/2311.03099",
+            "Randomly drop elements of each task vector, rescale the rest, add them up.",
+            v(Sparsify::Random, NoVote, false, true),
+        ),
+        spec(
+            "dare_ties",
+            "DARE TIES",
+            "https://arxiv.org/abs/2311.03099",
+            "DARE's random drop and rescale, then TIES' sign election.",
+            v(Sparsify::Random, Sum, false, true),
+        ),
+        spec(
+            "breadcrumbs",
+            "Model Breadcrumbs",
+            "https://arxiv.org/abs/2312.06795",
+            "Drop both the largest outliers and the smallest elements of each task vector, add the rest.",
+            v(Sparsify::MagnitudeOutliers, NoVote, false, false),
+        ),
+        spec(
+            "breadcrumbs_ties",
+            "Model Breadcrumbs with TIES",
+            "https://arxiv.org/abs/2312.06795",
+            "Breadcrumbs' band selection, then TIES' sign election.",
+            v(Sparsify::MagnitudeOutliers, Sum, false, false),
+        ),
+    ]
+}
+
+pub fn run(v: Variant, b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> {
+    let job = cx.job;
+    let m = job.models.len();
+    let n = job.numel;
+    let normalize = cx.params.shared_b("normalize");
+    let rescale = cx.params.shared_b("rescale");
+    let lambda = cx.params.shared_f("lambda") as f32;
+
+    let mut weights = Vec::with_capacity(m);
+    let mut keep = vec![Keep::All; m];
+    // (model, query slot of lo, query slot of hi) for rank-based keeps
+    let mut queries: Vec<Query> = Vec::new();
+    let mut pending: Vec<(usize, Option<usize>, usize)> = Vec::new();
+    for i in 0..m {
+        let w = cx
+            .model_f(i, "weight")
+            .ok_or_else(|| cx.err(format!("model {i} has no weight")))?;
+        weights.push(w as f32);
+        let density = cx.model_f(i, "density").unwrap_or(1.0);
+        if !density.is_finite() {
+            return Err(cx.err(format!("density {density} is not a number")));
+        }
+        if v.sparsify == Sparsify::None || density >= 1.0 {
+            continue;
+        }
+        match v.sparsify {
+            Sparsify::None => {}
+            Sparsify::Magnitude => {
+                if density <= 0.0 || n == 0 {
+                    keep[i] = Keep::Nothing;
+                } else {
+                    let k = py_int_mul(density, n).max(1);
+                    pending.push((i, None, queries.len()));
+                    queries.push(Query {
+                        source: Source::Delta(i),
+                        k,
+                    });
+                }
+            }
+            Sparsify::Random => keep[i] = Keep::Random { p: density as f32 },
+            Sparsify::MagnitudeOutliers => {
+                let gamma = cx.model_f(i, "gamma").unwrap_or(0.01);
+                let target = py_int_mul(density, n);
+                let n_top = py_int_mul(gamma, n);
+                let n_bot = (n as u64).saturating_sub(target + n_top);
+                // ascending ranks [n_bot, n_bot + target) are descending ranks
+                // [n - n_bot - target, n - n_bot)
+                let hi = n as u64 - n_bot;
+                let lo = hi.saturating_sub(target);
+                pending.push((i, Some(queries.len()), queries.len() + 1));
+                queries.push(Query {
+                    source: Source::Delta(i),
+                    k: lo,
+                });
+                queries.push(Query {
+                    source: Source::Delta(i),
+                    k: hi,
+                });
+            }
+        }
+    }
+    if !queries.is_empty() {
+        let cuts = b.select(job, &queries)?;
+        for (i, lo, hi) in pending {
+            keep[i] = match lo {
+                None => Keep::top(cuts[hi]),
+                Some(lo) => Keep::Ranks {
+                    lo: cuts[lo],
+                    hi: cuts[hi],
+                },
+            };
+        }
+    }
+
+    let mut scale = vec![1.0f32; m];
+    if rescale && v.sparsify != Sparsify::None {
+        let active: Vec<usize> = (0..m)
+            .filter(|&i| !matches!(keep[i], Keep::All | Keep::Nothing))
+            .collect();
+        if !active.is_empty() {
+            let norms = b.masked_l1(job, &keep, cx.seed)?;
+            for i in active {
+                let [full, kept] = norms[i];
+                let (full, kept) = (full as f32, kept as f32);
+                if full >= 1e-7 && kept >= 1e-7 {
+                    scale[i] = full / kept;
+                }
+            }
+        }
+    }
+    b.gta(
+        job,
+        &GtaSpec {
+            weights,
+            keep,
+            scale,
+            consensus: v.consensus,
+            normalize,
+            lambda,
+            seed: cx.seed,
+        },
+        out,
+    )
+}

@@ -1,0 +1,245 @@
+//! The merge methods: their parameters (names, scopes, defaults, help) and their math,
+//! written once against the [`Backend`] primitives.
+
+mod gta;
+mod linear;
+mod passthrough;
+
+use crate::backend::{Backend, Job};
+use crate::error::{Error, Result};
+use crate::recipe::{Kind, Value1};
+
+/// Where a parameter is set and to which inputs it applies (mergekit's scopes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// One value per output tensor (`parameters:` at the top or slice level).
+    Shared,
+    /// One value per input model, base included.
+    Input,
+    /// One value per input model other than the base.
+    NonBase,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Default {
+    Required,
+    /// Optional with no value (the method then does without it).
+    Unset,
+    Float(f64),
+    Bool(bool),
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct ParamSpec {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub scope: Scope,
+    pub default: Default,
+    pub help: &'static str,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BasePolicy {
+    /// A base model is required; the other inputs are merged as deltas against it.
+    Required,
+    /// The method has no notion of a base model.
+    Ignored,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Algo {
+    Linear,
+    Passthrough,
+    Gta(gta::Variant),
+}
+
+#[derive(Debug)]
+pub struct MethodInfo {
+    pub name: &'static str,
+    pub pretty: &'static str,
+    pub reference: &'static str,
+    pub summary: &'static str,
+    pub params: Vec<ParamSpec>,
+    pub base: BasePolicy,
+    /// Inputs per tensor, base included.
+    pub max_inputs: Option<usize>,
+    pub algo: Algo,
+}
+
+impl MethodInfo {
+    pub fn param(&self, name: &str) -> Option<&ParamSpec> {
+        self.params.iter().find(|p| p.name == name)
+    }
+}
+
+const fn p(
+    name: &'static str,
+    kind: Kind,
+    scope: Scope,
+    default: Default,
+    help: &'static str,
+) -> ParamSpec {
+    ParamSpec {
+        name,
+        kind,
+        scope,
+        default,
+        help,
+    }
+}
+
+fn registry() -> &'static [MethodInfo] {
+    static R: std::sync::OnceLock<Vec<MethodInfo>> = std::sync::OnceLock::new();
+    R.get_or_init(|| {
+        let mut v = vec![
+            MethodInfo {
+                name: "linear",
+                pretty: "Linear (model soup)",
+                reference: "https://arxiv.org/abs/2203.05482",
+                summary: "Weighted average of the models: Σ wᵢ·θᵢ / Σ wᵢ.",
+                params: vec![
+                    p("weight", Kind::Float, Scope::Input, Default::Required, "weight of this model"),
+                    p("normalize", Kind::Bool, Scope::Shared, Default::Bool(true), "divide by the sum of the weights"),
+                ],
+                base: BasePolicy::Ignored,
+                max_inputs: None,
+                algo: Algo::Linear,
+            },
+            MethodInfo {
+                name: "passthrough",
+                pretty: "Passthrough (layer swapping)",
+                reference: "https://arxiv.org/abs/2410.01335",
+                summary: "Copies tensors from exactly one source per slice; with `slices:` it stacks or swaps layers.",
+                params: vec![p("scale", Kind::Float, Scope::Input, Default::Unset, "multiply the copied tensor by this")],
+                base: BasePolicy::Ignored,
+                max_inputs: Some(1),
+                algo: Algo::Passthrough,
+            },
+        ];
+        v.extend(gta::methods());
+        v
+    })
+}
+
+pub fn all() -> &'static [MethodInfo] {
+    registry()
+}
+
+pub fn find(name: &str) -> Option<&'static MethodInfo> {
+    registry().iter().find(|m| m.name == name)
+}
+
+/// A method name close to a misspelt one (`dare-ties` -> `dare_ties`).
+pub fn suggest(name: &str) -> Option<&'static str> {
+    let norm = |s: &str| s.to_ascii_lowercase().replace(['-', ' '], "_");
+    let n = norm(name);
+    registry()
+        .iter()
+        .map(|m| (edit_distance(&n, m.name), m.name))
+        .filter(|(d, _)| *d <= 2)
+        .min()
+        .map(|(_, m)| m)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + (ca != *cb) as usize)
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// A tensor's parameters after gradients, filters, precedence and defaults.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Params {
+    /// By the method's shared parameters, in spec order.
+    pub shared: Vec<(&'static str, Option<Value1>)>,
+    /// Per merged input, in order (the base is not among them).
+    pub per_input: Vec<Vec<(&'static str, Option<Value1>)>>,
+}
+
+impl Params {
+    pub fn shared_f(&self, name: &str) -> f64 {
+        match self.shared.iter().find(|(n, _)| *n == name) {
+            Some((_, Some(Value1::Float(x)))) => *x,
+            other => panic!("shared float parameter {name} not resolved: {other:?}"),
+        }
+    }
+    pub fn shared_b(&self, name: &str) -> bool {
+        match self.shared.iter().find(|(n, _)| *n == name) {
+            Some((_, Some(Value1::Bool(x)))) => *x,
+            other => panic!("shared bool parameter {name} not resolved: {other:?}"),
+        }
+    }
+    /// Float parameter of model input `i` (index into `per_input`), if set.
+    pub fn input_f(&self, i: usize, name: &str) -> Option<f64> {
+        self.per_input[i]
+            .iter()
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, v)| match v {
+                Some(Value1::Float(x)) => Some(*x),
+                _ => None,
+            })
+    }
+}
+
+/// Everything a method needs for one tensor besides the backend.
+pub struct Ctx<'a> {
+    pub job: &'a Job<'a>,
+    /// `per_input[i]` belongs to `job.models[i]`.
+    pub params: &'a Params,
+    pub seed: u64,
+}
+
+impl Ctx<'_> {
+    pub fn model_f(&self, model: usize, name: &str) -> Option<f64> {
+        self.params.input_f(model, name)
+    }
+
+    pub fn err(&self, msg: String) -> Error {
+        Error::Param {
+            tensor: self.job.name.to_string(),
+            msg,
+        }
+    }
+}
+
+/// Runs `method` for one output tensor, writing `job.out_dtype` bytes into `out`.
+pub fn run(method: &MethodInfo, backend: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> {
+    match method.algo {
+        Algo::Linear => linear::run(backend, cx, out),
+        Algo::Passthrough => passthrough::run(backend, cx, out),
+        Algo::Gta(v) => gta::run(v, backend, cx, out),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suggestions() {
+        assert_eq!(suggest("dare-ties"), Some("dare_ties"));
+        assert_eq!(suggest("Ties"), Some("ties"));
+        assert_eq!(suggest("tie"), Some("ties"));
+        assert_eq!(suggest("frobnicate"), None);
+    }
+
+    #[test]
+    fn every_method_has_unique_params_with_help() {
+        for m in all() {
+            let mut names: Vec<_> = m.params.iter().map(|p| p.name).collect();
+            names.sort();
+            names.dedup();
+            assert_eq!(names.len(), m.params.len(), "{}", m.name);
+            assert!(m.params.iter().all(|p| !p.help.is_empty()));
+        }
+    }
+}

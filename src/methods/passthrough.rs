@@ -1,0 +1,30 @@
+//! `passthrough`: copy one source's tensor, optionally scaled. With `slices:` this is layer
+//! stacking and layer swapping; the renaming of layers happens in the plan.
+
+use super::Ctx;
+use crate::backend::{cpu, Backend};
+use crate::dtype::{self, DType};
+use crate::error::Result;
+
+pub fn run(b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> {
+    let job = cx.job;
+    if let Some(scale) = cx.model_f(0, "scale") {
+        return b.weighted_sum(job, &[scale as f32], None, out);
+    }
+    // A plain copy is pure I/O: bit-exact when no conversion is asked for.
+    let x = &job.models[0];
+    let exact =
+        x.dtype == job.out_dtype && (job.load_dtype == DType::F32 || job.load_dtype == x.dtype);
+    if exact {
+        out.copy_from_slice(x.bytes);
+        return Ok(());
+    }
+    let mut tmp = vec![0f32; cpu::CHUNK];
+    let osz = job.out_dtype.size();
+    for (c, oc) in out.chunks_mut(cpu::CHUNK * osz).enumerate() {
+        let len = oc.len() / osz;
+        cpu::load(x, c * cpu::CHUNK, job.load_dtype, &mut tmp[..len]);
+        dtype::encode(job.out_dtype, &tmp[..len], oc);
+    }
+    Ok(())
+}

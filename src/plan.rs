@@ -1,0 +1,778 @@
+//! From a recipe and the inputs' headers to a checked list of output tensors.
+//!
+//! Nothing here reads tensor data. Every check that can be made from headers is made here,
+//! so that a merge that is going to fail fails in seconds, naming the model and the tensor:
+//! missing tensors, shape and dtype mismatches, parameters that do not resolve, disk space.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::io::model::ModelFolder;
+use crate::methods::{self, BasePolicy, MethodInfo, Params, Scope};
+use crate::recipe::{ModelRef, ParamMap, Recipe, SliceDef, TokenizerSource, Value1};
+
+/// Path components that hold a layer number after them (`model.layers.7.mlp`, `h.3.attn`).
+const LAYER_WORDS: &[&str] = &["layers", "h", "blocks", "layer", "block"];
+
+/// Byte range and value of the layer number in a tensor name.
+pub fn layer_of(name: &str) -> Option<(usize, usize, usize)> {
+    let mut pos = 0;
+    let mut prev: Option<&str> = None;
+    for comp in name.split('.') {
+        if let Some(p) = prev {
+            if !comp.is_empty()
+                && comp.bytes().all(|c| c.is_ascii_digit())
+                && LAYER_WORDS.contains(&p)
+            {
+                return comp.parse().ok().map(|v| (pos, pos + comp.len(), v));
+            }
+        }
+        prev = Some(comp);
+        pos += comp.len() + 1;
+    }
+    None
+}
+
+fn with_layer(name: &str, layer: usize) -> String {
+    match layer_of(name) {
+        Some((a, b, _)) => format!("{}{}{}", &name[..a], layer, &name[b..]),
+        None => name.to_string(),
+    }
+}
+
+/// Names of input embeddings: these come first in a model and from the first slice.
+fn is_pre_layer(name: &str) -> bool {
+    ["embed", "wte", "wpe", "tok_embeddings", "word_embeddings"]
+        .iter()
+        .any(|k| name.contains(k))
+}
+
+fn is_vocab_tensor(name: &str) -> bool {
+    is_pre_layer(name) || name.contains("lm_head") || name.ends_with("output.weight")
+}
+
+#[derive(Clone, Debug)]
+pub struct TaskInput {
+    /// Index into `Plan::models`.
+    pub model: usize,
+    pub tensor: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct TensorTask {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub out_dtype: DType,
+    pub base: Option<TaskInput>,
+    /// The inputs merged (for base-using methods, the base is not among them).
+    pub models: Vec<TaskInput>,
+    /// Resolved parameters; `per_input` is aligned with `models`.
+    pub params: Params,
+    /// Layer position in [0, 1] used for gradients, and the output layer if any.
+    pub t: f64,
+    pub layer: Option<usize>,
+    /// Not a float tensor: copied from `models[0]` untouched.
+    pub copy_only: bool,
+}
+
+impl TensorTask {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn out_bytes(&self) -> u64 {
+        self.numel() as u64 * self.out_dtype.size() as u64
+    }
+}
+
+pub struct Plan {
+    pub recipe: Recipe,
+    pub method: &'static MethodInfo,
+    pub models: Vec<ModelFolder>,
+    pub base: Option<usize>,
+    pub tasks: Vec<TensorTask>,
+    pub load_dtype: DType,
+    pub seed: u64,
+    /// Model whose config.json the output starts from.
+    pub config_from: usize,
+    /// Model whose tokenizer files are copied.
+    pub tokenizer_from: Option<usize>,
+    pub out_layers: Option<usize>,
+    pub warnings: Vec<String>,
+}
+
+/// A slice's source after models are opened.
+struct Src {
+    model: usize,
+    /// First input layer of this slice in that model.
+    start: usize,
+    params: ParamMap,
+}
+
+struct OpenModels {
+    refs: Vec<ModelRef>,
+    folders: Vec<ModelFolder>,
+}
+
+impl OpenModels {
+    fn id(&mut self, r: &ModelRef) -> Result<usize> {
+        if let Some(i) = self.refs.iter().position(|x| x == r) {
+            return Ok(i);
+        }
+        let f = ModelFolder::open(&r.path, &r.raw)?;
+        self.refs.push(r.clone());
+        self.folders.push(f);
+        Ok(self.folders.len() - 1)
+    }
+}
+
+fn num_layers(m: &ModelFolder) -> Result<usize> {
+    let from_names = m
+        .names()
+        .iter()
+        .filter_map(|n| layer_of(n).map(|l| l.2 + 1))
+        .max()
+        .unwrap_or(0);
+    match m.config_usize(&["num_hidden_layers", "n_layer", "num_layers"]) {
+        Some(c) if c < from_names => Err(Error::BadModel {
+            path: m.path.clone(),
+            msg: format!(
+                "config.json says {c} layers but tensors go up to layer {}",
+                from_names - 1
+            ),
+        }),
+        Some(c) => Ok(c),
+        None => Ok(from_names),
+    }
+}
+
+impl Plan {
+    pub fn build(recipe: Recipe, seed_override: Option<u64>) -> Result<Plan> {
+        let method = recipe.method;
+        let mut warnings = Vec::new();
+        let mut om = OpenModels {
+            refs: Vec::new(),
+            folders: Vec::new(),
+        };
+        let rerr = |msg: String| Error::Recipe {
+            path: recipe.path.clone(),
+            msg,
+        };
+
+        // Open every model first: a missing folder is the most common mistake.
+        let base = recipe.base_model.as_ref().map(|b| om.id(b)).transpose()?;
+        let mut slices: Vec<(Vec<Src>, Option<usize>, &SliceDef)> = Vec::new();
+        for (si, s) in recipe.slices.iter().enumerate() {
+            let mut srcs = Vec::new();
+            for src in &s.sources {
+                let id = om.id(&src.model)?;
+                srcs.push(Src {
+                    model: id,
+                    start: src.layer_range.map(|r| r.0).unwrap_or(0),
+                    params: src.parameters.clone(),
+                });
+            }
+            for (a, x) in srcs.iter().enumerate() {
+                if srcs[..a].iter().any(|y| y.model == x.model) {
+                    return Err(rerr(format!(
+                        "slices[{si}] lists model {} twice; each model may appear once per slice",
+                        om.refs[x.model].raw
+                    )));
+                }
+            }
+            let sbase = s
+                .base_model
+                .as_ref()
+                .map(|b| om.id(b))
+                .transpose()?
+                .or(base);
+            match method.base {
+                BasePolicy::Required => {
+                    let Some(b) = sbase else {
+                        return Err(rerr(format!("{} needs a `base_model`", method.name)));
+                    };
+                    if !srcs.iter().any(|x| x.model == b) {
+                        if recipe.from_models {
+                            srcs.push(Src {
+                                model: b,
+                                start: 0,
+                                params: ParamMap::new(),
+                            });
+                        } else {
+                            return Err(rerr(format!(
+                                "slices[{si}]: the base model {} must be one of the slice's sources",
+                                om.refs[b].raw
+                            )));
+                        }
+                    }
+                }
+                BasePolicy::Ignored => {
+                    if let Some(b) = sbase {
+                        if si == 0 && !srcs.iter().any(|x| x.model == b) {
+                            warnings.push(format!(
+                                "{} does not use a base model; base_model {} is ignored",
+                                method.name, om.refs[b].raw
+                            ));
+                        }
+                    }
+                }
+            }
+            if let Some(max) = method.max_inputs {
+                if srcs.len() > max {
+                    return Err(rerr(format!(
+                        "{} takes at most {max} source per slice, slice {si} has {}",
+                        method.name,
+                        srcs.len()
+                    )));
+                }
+            }
+            let uses_base = method.base == BasePolicy::Required;
+            slices.push((srcs, if uses_base { sbase } else { None }, s));
+        }
+        let tok = match &recipe.tokenizer_source {
+            None | Some(TokenizerSource::Base) => None,
+            Some(TokenizerSource::Model(r)) => Some(om.id(r)?),
+        };
+        let models = om.folders;
+
+        // Layer counts: a `models:` slice spans every layer of each model.
+        let mut slice_len = Vec::new();
+        for (si, (srcs, _, def)) in slices.iter().enumerate() {
+            let len = if recipe.from_models {
+                let counts: Vec<usize> = srcs
+                    .iter()
+                    .map(|s| num_layers(&models[s.model]))
+                    .collect::<Result<_>>()?;
+                if let Some((j, c)) = counts.iter().enumerate().find(|(_, c)| **c != counts[0]) {
+                    return Err(rerr(format!(
+                        "{} has {} layers but {} has {c}; models of different depth need `slices:` with layer ranges",
+                        models[srcs[0].model].label, counts[0], models[srcs[j].model].label
+                    )));
+                }
+                counts[0]
+            } else {
+                let (a, b) = def.sources[0].layer_range.unwrap();
+                for (j, s) in def.sources.iter().enumerate() {
+                    let (_, end) = s.layer_range.unwrap();
+                    let have = num_layers(&models[srcs[j].model])?;
+                    if end > have {
+                        return Err(rerr(format!(
+                            "slices[{si}].sources[{j}]: layer_range ends at {end} but {} has {have} layers",
+                            s.model.raw
+                        )));
+                    }
+                }
+                b - a
+            };
+            slice_len.push(len);
+        }
+
+        let load_dtype = recipe.dtype.unwrap_or(DType::F32);
+        let seed = seed_override.or(recipe.seed).unwrap_or(0);
+        let mut tasks = Vec::new();
+        let mut builder = TaskBuilder {
+            recipe: &recipe,
+            method,
+            models: &models,
+            warnings: &mut warnings,
+        };
+
+        // Non-layer tensors come from the first slice (embeddings) or the last (the rest).
+        let reference = |srcs: &[Src], sbase: Option<usize>| sbase.unwrap_or(srcs[0].model);
+        let (first_srcs, first_base, first_def) = &slices[0];
+        let (last_srcs, last_base, last_def) = slices.last().unwrap();
+        let ref_first = reference(first_srcs, *first_base);
+        let ref_last = reference(last_srcs, *last_base);
+        let non_layer = |m: usize, pre: bool| -> Vec<String> {
+            models[m]
+                .names()
+                .iter()
+                .filter(|n| layer_of(n).is_none() && is_pre_layer(n) == pre)
+                .cloned()
+                .collect()
+        };
+        for name in non_layer(ref_first, true) {
+            tasks.extend(builder.task(
+                &name,
+                None,
+                0.0,
+                first_srcs,
+                *first_base,
+                first_def,
+                |_| name.clone(),
+            )?);
+        }
+        let mut out_layer = 0usize;
+        for (si, (srcs, sbase, def)) in slices.iter().enumerate() {
+            let len = slice_len[si];
+            let refm = reference(srcs, *sbase);
+            let ref_start = srcs
+                .iter()
+                .find(|s| s.model == refm)
+                .map(|s| s.start)
+                .unwrap_or(0);
+            for j in 0..len {
+                let t = if len > 1 {
+                    j as f64 / (len - 1) as f64
+                } else {
+                    1.0
+                };
+                let in_layer = ref_start + j;
+                let names: Vec<&String> = models[refm]
+                    .names()
+                    .iter()
+                    .filter(|n| layer_of(n).map(|l| l.2) == Some(in_layer))
+                    .collect();
+                if names.is_empty() {
+                    return Err(Error::BadModel {
+                        path: models[refm].path.clone(),
+                        msg: format!("has no tensors for layer {in_layer}"),
+                    });
+                }
+                for name in names {
+                    let out_name = with_layer(name, out_layer);
+                    tasks.extend(builder.task(
+                        &out_name,
+                        Some(out_layer),
+                        t,
+                        srcs,
+                        *sbase,
+                        def,
+                        |s: &Src| with_layer(name, s.start + j),
+                    )?);
+                }
+                out_layer += 1;
+            }
+        }
+        for name in non_layer(ref_last, false) {
+            tasks.extend(builder.task(
+                &name,
+                None,
+                0.0,
+                last_srcs,
+                *last_base,
+                last_def,
+                |_| name.clone(),
+            )?);
+        }
+
+        let config_from = base.unwrap_or(ref_first);
+        let out_layers = if out_layer > 0 { Some(out_layer) } else { None };
+        Ok(Plan {
+            method,
+            models,
+            base,
+            tasks,
+            load_dtype,
+            seed,
+            config_from,
+            tokenizer_from: Some(tok.unwrap_or(config_from)),
+            out_layers,
+            warnings,
+            recipe,
+        })
+    }
+
+    /// Total bytes of all output tensors.
+    pub fn out_bytes(&self) -> u64 {
+        self.tasks.iter().map(|t| t.out_bytes()).sum()
+    }
+
+    pub fn largest_task_bytes(&self) -> u64 {
+        self.tasks
+            .iter()
+            .map(|t| t.numel() as u64 * 4 * (t.models.len() as u64 + 2))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Peak memory of the merge besides the memory-mapped inputs (which live in the page
+    /// cache): output buffers in flight, the writer queue, per-thread scratch.
+    pub fn peak_ram_estimate(&self, threads: usize) -> u64 {
+        let largest_out = self.tasks.iter().map(|t| t.out_bytes()).max().unwrap_or(0);
+        let max_models = self
+            .tasks
+            .iter()
+            .map(|t| t.models.len() + 1)
+            .max()
+            .unwrap_or(1) as u64;
+        let scratch = threads as u64 * (max_models + 4) * crate::backend::cpu::CHUNK as u64 * 4;
+        let hist = threads as u64 * max_models * (1 << 16) * 8;
+        3 * largest_out + scratch + hist + 32 * 1024 * 1024
+    }
+
+    pub fn model_label(&self, i: usize) -> &str {
+        &self.models[i].label
+    }
+
+    /// A readable summary of what the merge will do (`--dry-run`).
+    pub fn summary(&self, threads: usize, shards: usize, verbose_tensors: bool) -> String {
+        let mut s = String::new();
+        let gb = |b: u64| format!("{:.2} GB", b as f64 / 1e9);
+        let _ = writeln!(
+            s,
+            "method      {} — {}",
+            self.method.name, self.method.pretty
+        );
+        let _ = writeln!(s, "recipe      {}", self.recipe.path.display());
+        for (i, m) in self.models.iter().enumerate() {
+            let role = if Some(i) == self.base { " (base)" } else { "" };
+            let dts: BTreeSet<String> = m
+                .files()
+                .iter()
+                .flat_map(|f| f.tensors())
+                .map(|t| t.dtype.to_string())
+                .collect();
+            let _ = writeln!(
+                s,
+                "model {i}     {}{role}: {} tensors, {}, {}",
+                m.label,
+                m.names().len(),
+                dts.into_iter().collect::<Vec<_>>().join("/"),
+                gb(m.total_bytes())
+            );
+        }
+        let params: usize = self.tasks.iter().map(|t| t.numel()).sum();
+        let out_dt: BTreeSet<String> = self.tasks.iter().map(|t| t.out_dtype.to_string()).collect();
+        let _ = writeln!(
+            s,
+            "output      {} tensors, {:.3} B parameters, {}, {} in {} shard{}",
+            self.tasks.len(),
+            params as f64 / 1e9,
+            out_dt.into_iter().collect::<Vec<_>>().join("/"),
+            gb(self.out_bytes()),
+            shards,
+            if shards == 1 { "" } else { "s" }
+        );
+        if let Some(l) = self.out_layers {
+            let _ = writeln!(s, "layers      {l}");
+        }
+        let _ = writeln!(
+            s,
+            "compute     f32 (inputs loaded as {}), seed {}",
+            self.load_dtype.torch_name(),
+            self.seed
+        );
+        let _ = writeln!(
+            s,
+            "memory      ~{} peak RAM besides page cache ({} threads)",
+            gb(self.peak_ram_estimate(threads)),
+            threads
+        );
+        for w in &self.warnings {
+            let _ = writeln!(s, "warning     {w}");
+        }
+        let _ = writeln!(s);
+        let shown = if verbose_tensors {
+            self.tasks.len()
+        } else {
+            self.tasks.len().min(40)
+        };
+        for t in &self.tasks[..shown] {
+            let _ = writeln!(s, "{}", self.describe_task(t));
+        }
+        if shown < self.tasks.len() {
+            let _ = writeln!(
+                s,
+                "... and {} more tensors (-v lists all)",
+                self.tasks.len() - shown
+            );
+        }
+        s
+    }
+
+    pub fn describe_task(&self, t: &TensorTask) -> String {
+        let mut line = format!("{} {:?} {}", t.name, t.shape, t.out_dtype);
+        if t.copy_only {
+            let _ = write!(line, " <- copy of {}", self.model_label(t.models[0].model));
+            return line;
+        }
+        let shared: Vec<String> = t
+            .params
+            .shared
+            .iter()
+            .filter_map(|(n, v)| v.map(|v| format!("{n}={v}")))
+            .collect();
+        let _ = write!(line, " <-");
+        if let Some(b) = &t.base {
+            let _ = write!(line, " base {}", self.model_label(b.model));
+        }
+        for (i, m) in t.models.iter().enumerate() {
+            let ps: Vec<String> = t.params.per_input[i]
+                .iter()
+                .filter_map(|(n, v)| v.map(|v| format!("{n}={v}")))
+                .collect();
+            let renamed = if m.tensor != t.name {
+                format!(":{}", m.tensor)
+            } else {
+                String::new()
+            };
+            let _ = write!(
+                line,
+                " | {}{renamed} ({})",
+                self.model_label(m.model),
+                ps.join(", ")
+            );
+        }
+        if !shared.is_empty() {
+            let _ = write!(line, " | {}", shared.join(", "));
+        }
+        line
+    }
+
+    /// The folder the output starts its config and tokenizer from.
+    pub fn config_dir(&self) -> PathBuf {
+        self.models[self.config_from].dir().to_path_buf()
+    }
+}
+
+struct TaskBuilder<'a> {
+    recipe: &'a Recipe,
+    method: &'static MethodInfo,
+    models: &'a [ModelFolder],
+    warnings: &'a mut Vec<String>,
+}
+
+impl TaskBuilder<'_> {
+    /// Builds the task of one output tensor; `input_name` maps a source to the tensor name
+    /// to read from it. Returns None for a tensor that is skipped.
+    #[allow(clippy::too_many_arguments)]
+    fn task(
+        &mut self,
+        out_name: &str,
+        layer: Option<usize>,
+        t: f64,
+        srcs: &[Src],
+        sbase: Option<usize>,
+        def: &SliceDef,
+        input_name: impl Fn(&Src) -> String,
+    ) -> Result<Option<TensorTask>> {
+        let models = self.models;
+        // (source, resolved tensor name)
+        let mut found: Vec<(&Src, String)> = Vec::new();
+        for s in srcs {
+            let want = input_name(s);
+            let m = &models[s.model];
+            let name = if m.get(&want).is_some() {
+                want
+            } else if want.contains("lm_head") && m.tied_embeddings() {
+                // A tied model reads its output embedding from the input embedding.
+                match m
+                    .names()
+                    .iter()
+                    .find(|n| is_pre_layer(n) && n.contains("embed_tokens"))
+                {
+                    Some(e) => e.clone(),
+                    None => return Err(missing(m, &want)),
+                }
+            } else {
+                return Err(missing(m, &want));
+            };
+            found.push((s, name));
+        }
+        let (ref_src, ref_name) = match sbase.and_then(|b| found.iter().find(|(s, _)| s.model == b))
+        {
+            Some(x) => x.clone(),
+            None => found[0].clone(),
+        };
+        let rt = models[ref_src.model].get(&ref_name).unwrap();
+        let shape = rt.shape().to_vec();
+        let ref_label = &models[ref_src.model].label;
+        for (s, name) in &found {
+            let tr = models[s.model].get(name).unwrap();
+            if tr.shape() != shape.as_slice() {
+                let hint = if is_vocab_tensor(out_name) {
+                    " (vocabulary sizes differ; smelt does not resize embeddings yet — merge models that share a tokenizer)"
+                } else {
+                    ""
+                };
+                return Err(Error::ShapeMismatch {
+                    tensor: out_name.to_string(),
+                    reference_model: ref_label.clone(),
+                    expected: shape.clone(),
+                    model: models[s.model].label.clone(),
+                    got: tr.shape().to_vec(),
+                    hint: hint.to_string(),
+                });
+            }
+        }
+        let mergeable = found
+            .iter()
+            .all(|(s, n)| models[s.model].get(n).unwrap().dtype().is_mergeable());
+        if !mergeable {
+            if rt.dtype().is_mergeable() {
+                let (s, n) = found
+                    .iter()
+                    .find(|(s, n)| !models[s.model].get(n).unwrap().dtype().is_mergeable())
+                    .unwrap();
+                return Err(Error::UnsupportedDtype {
+                    model: models[s.model].label.clone(),
+                    tensor: n.clone(),
+                    dtype: models[s.model].get(n).unwrap().dtype().to_string(),
+                });
+            }
+            self.warnings.push(format!(
+                "{out_name} is {} (not a float tensor): copied from {ref_label} unmerged",
+                rt.dtype()
+            ));
+            return Ok(Some(TensorTask {
+                name: out_name.to_string(),
+                shape,
+                out_dtype: rt.dtype(),
+                base: None,
+                models: vec![TaskInput {
+                    model: ref_src.model,
+                    tensor: ref_name,
+                }],
+                params: Params {
+                    shared: vec![],
+                    per_input: vec![vec![]],
+                },
+                t,
+                layer,
+                copy_only: true,
+            }));
+        }
+
+        let out_dtype = self
+            .recipe
+            .out_dtype
+            .or(self.recipe.dtype)
+            .unwrap_or(rt.dtype());
+        let mut base = None;
+        let mut inputs: Vec<(&Src, String)> = Vec::new();
+        for (s, n) in found {
+            if Some(s.model) == sbase && base.is_none() {
+                base = Some(TaskInput {
+                    model: s.model,
+                    tensor: n,
+                });
+            } else {
+                inputs.push((s, n));
+            }
+        }
+
+        // Parameters: shared ones against the output name, per-model ones against the input
+        // name, highest precedence first (source, slice, top level).
+        let shared_chain = [&def.parameters, &self.recipe.parameters];
+        let mut shared = Vec::new();
+        for p in self
+            .method
+            .params
+            .iter()
+            .filter(|p| p.scope == Scope::Shared)
+        {
+            shared.push((p.name, resolve(p, &shared_chain, out_name, t, None)?));
+        }
+        let mut per_input = Vec::new();
+        for (s, n) in &inputs {
+            let chain = [&s.params, &def.parameters, &self.recipe.parameters];
+            let mut v = Vec::new();
+            for p in self
+                .method
+                .params
+                .iter()
+                .filter(|p| p.scope != Scope::Shared)
+            {
+                v.push((
+                    p.name,
+                    resolve(p, &chain, n, t, Some(&models[s.model].label))?,
+                ));
+            }
+            per_input.push(v);
+        }
+        Ok(Some(TensorTask {
+            name: out_name.to_string(),
+            shape,
+            out_dtype,
+            base,
+            models: inputs
+                .into_iter()
+                .map(|(s, n)| TaskInput {
+                    model: s.model,
+                    tensor: n,
+                })
+                .collect(),
+            params: Params { shared, per_input },
+            t,
+            layer,
+            copy_only: false,
+        }))
+    }
+}
+
+fn missing(m: &ModelFolder, tensor: &str) -> Error {
+    Error::MissingTensor {
+        model: m.label.clone(),
+        tensor: tensor.to_string(),
+        hint: if tensor.contains("lm_head") {
+            " (and its config.json does not tie the embeddings)".into()
+        } else {
+            String::new()
+        },
+    }
+}
+
+fn resolve(
+    p: &methods::ParamSpec,
+    chain: &[&ParamMap],
+    tensor: &str,
+    t: f64,
+    model: Option<&str>,
+) -> Result<Option<Value1>> {
+    for scope in chain {
+        if let Some(setting) = scope.get(p.name) {
+            let v = setting.eval(tensor, t, p.kind).map_err(|e| Error::Param {
+                tensor: tensor.to_string(),
+                msg: format!("parameter `{}`: {e}", p.name),
+            })?;
+            if v.is_some() {
+                return Ok(v);
+            }
+        }
+    }
+    Ok(match p.default {
+        methods::Default::Required => {
+            let who = model.map(|m| format!(" for model {m}")).unwrap_or_default();
+            return Err(Error::Param {
+                tensor: tensor.to_string(),
+                msg: format!(
+                    "required parameter `{}` is not set{who} (set it in that model's `parameters:` or in the top-level `parameters:`)",
+                    p.name
+                ),
+            });
+        }
+        methods::Default::Unset => None,
+        methods::Default::Float(x) => Some(Value1::Float(x)),
+        methods::Default::Bool(b) => Some(Value1::Bool(b)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_numbers() {
+        assert_eq!(
+            layer_of("model.layers.12.mlp.up_proj.weight").map(|l| l.2),
+            Some(12)
+        );
+        assert_eq!(
+            layer_of("transformer.h.3.attn.c_attn.weight").map(|l| l.2),
+            Some(3)
+        );
+        assert_eq!(layer_of("model.embed_tokens.weight"), None);
+        assert_eq!(
+            layer_of("model.layers.1.mlp.experts.7.w1").map(|l| l.2),
+            Some(1)
+        );
+        assert_eq!(
+            with_layer("model.layers.12.mlp.up_proj.weight", 3),
+            "model.layers.3.mlp.up_proj.weight"
+        );
+        assert_eq!(with_layer("lm_head.weight", 3), "lm_head.weight");
+    }
+}

@@ -1,0 +1,393 @@
+//! mergekit's YAML recipe schema, read strictly: unknown keys, methods and parameters are
+//! errors that list what is valid, raised before any model is opened.
+
+pub mod params;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_norway::Value;
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::methods::{self, MethodInfo};
+pub use params::{Kind, Scalar, Setting, Value1};
+
+/// A model named by a recipe, resolved against the recipe's folder.
+#[derive(Clone, Debug)]
+pub struct ModelRef {
+    /// As written in the recipe.
+    pub raw: String,
+    pub path: PathBuf,
+}
+
+impl ModelRef {
+    /// Identity used to match the base model among sources.
+    pub fn key(&self) -> PathBuf {
+        self.path
+            .canonicalize()
+            .unwrap_or_else(|_| self.path.clone())
+    }
+}
+
+impl PartialEq for ModelRef {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+pub type ParamMap = BTreeMap<String, Setting>;
+
+#[derive(Clone, Debug)]
+pub struct SourceDef {
+    pub model: ModelRef,
+    /// Half-open input layer range; `None` = every layer of the model (a `models:` recipe).
+    pub layer_range: Option<(usize, usize)>,
+    pub parameters: ParamMap,
+}
+
+#[derive(Clone, Debug)]
+pub struct SliceDef {
+    pub sources: Vec<SourceDef>,
+    pub base_model: Option<ModelRef>,
+    pub parameters: ParamMap,
+}
+
+#[derive(Clone, Debug)]
+pub enum TokenizerSource {
+    Base,
+    Model(ModelRef),
+}
+
+#[derive(Clone, Debug)]
+pub struct Recipe {
+    pub path: PathBuf,
+    /// The recipe text as given, for the model card.
+    pub text: String,
+    pub method: &'static MethodInfo,
+    pub base_model: Option<ModelRef>,
+    /// `models:` recipes become one slice whose sources have no layer range.
+    pub slices: Vec<SliceDef>,
+    pub from_models: bool,
+    pub parameters: ParamMap,
+    pub dtype: Option<DType>,
+    pub out_dtype: Option<DType>,
+    pub tokenizer_source: Option<TokenizerSource>,
+    pub seed: Option<u64>,
+}
+
+// ---- raw serde schema -------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRecipe {
+    merge_method: String,
+    #[serde(default)]
+    base_model: Option<String>,
+    #[serde(default)]
+    models: Option<Vec<RawModel>>,
+    #[serde(default)]
+    slices: Option<Vec<RawSlice>>,
+    #[serde(default)]
+    parameters: Option<BTreeMap<String, Value>>,
+    #[serde(default)]
+    dtype: Option<String>,
+    #[serde(default)]
+    out_dtype: Option<String>,
+    #[serde(default)]
+    tokenizer_source: Option<String>,
+    #[serde(default)]
+    seed: Option<u64>,
+    // mergekit keys that smelt does not implement: named so the error can say so.
+    #[serde(default)]
+    modules: Option<Value>,
+    #[serde(default)]
+    tokenizer: Option<Value>,
+    #[serde(default)]
+    chat_template: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    model: String,
+    #[serde(default)]
+    parameters: Option<BTreeMap<String, Value>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    model: String,
+    layer_range: [i64; 2],
+    #[serde(default)]
+    parameters: Option<BTreeMap<String, Value>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSlice {
+    sources: Vec<RawSource>,
+    #[serde(default)]
+    base_model: Option<String>,
+    #[serde(default)]
+    parameters: Option<BTreeMap<String, Value>>,
+    #[serde(default)]
+    residual_weight: Option<Value>,
+}
+
+impl Recipe {
+    pub fn load(path: &Path) -> Result<Recipe> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Recipe {
+            path: path.to_path_buf(),
+            msg: format!("cannot read it: {e}"),
+        })?;
+        Recipe::parse(&text, path)
+    }
+
+    /// Parses recipe text; model paths resolve against `path`'s folder.
+    pub fn parse(text: &str, path: &Path) -> Result<Recipe> {
+        let err = |msg: String| Error::Recipe {
+            path: path.to_path_buf(),
+            msg,
+        };
+        let raw: RawRecipe =
+            serde_norway::from_str(text).map_err(|e| err(yaml_msg(&e.to_string())))?;
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+
+        for (key, present) in [
+            ("modules", raw.modules.is_some()),
+            ("tokenizer", raw.tokenizer.is_some()),
+            ("chat_template", raw.chat_template.is_some()),
+        ] {
+            if present {
+                return Err(err(format!(
+                    "`{key}:` is a mergekit key that smelt does not support yet; remove it \
+                     (for tokenizers use `tokenizer_source: base` or a model path)"
+                )));
+            }
+        }
+
+        let method = methods::find(&raw.merge_method).ok_or_else(|| {
+            let valid: Vec<&str> = methods::all().iter().map(|m| m.name).collect();
+            let hint = methods::suggest(&raw.merge_method)
+                .map(|s| format!(" (did you mean `{s}`?)"))
+                .unwrap_or_default();
+            err(format!(
+                "unknown merge_method `{}`{hint}; valid methods: {}",
+                raw.merge_method,
+                valid.join(", ")
+            ))
+        })?;
+
+        let mref = |raw: &str, what: &str| -> Result<ModelRef> {
+            if raw.trim().is_empty() {
+                return Err(err(format!("{what}: empty model path")));
+            }
+            let p = Path::new(raw);
+            let resolved = if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                dir.join(p)
+            };
+            if !resolved.exists() && raw.contains('+') {
+                return Err(err(format!(
+                    "{what}: `{raw}` looks like `model+lora_adapter`; LoRA adapters in recipes are not supported yet"
+                )));
+            }
+            Ok(ModelRef {
+                raw: raw.to_string(),
+                path: resolved,
+            })
+        };
+        let pmap = |m: &Option<BTreeMap<String, Value>>, what: &str| -> Result<ParamMap> {
+            let mut out = ParamMap::new();
+            if let Some(m) = m {
+                for (k, v) in m {
+                    let spec = method.param(k).ok_or_else(|| {
+                        let valid: Vec<&str> = method.params.iter().map(|p| p.name).collect();
+                        err(format!(
+                            "{what}: `{k}` is not a parameter of {}; valid parameters: {}",
+                            method.name,
+                            if valid.is_empty() {
+                                "none".to_string()
+                            } else {
+                                valid.join(", ")
+                            }
+                        ))
+                    })?;
+                    let setting =
+                        Setting::from_yaml(v).map_err(|e| err(format!("{what}.{k}: {e}")))?;
+                    if let Some(s) = setting {
+                        check_setting_kind(&s, spec.kind)
+                            .map_err(|e| err(format!("{what}.{k}: {e}")))?;
+                        out.insert(k.clone(), s);
+                    }
+                }
+            }
+            Ok(out)
+        };
+
+        let base_model = raw
+            .base_model
+            .as_deref()
+            .map(|b| mref(b, "base_model"))
+            .transpose()?;
+        let parameters = pmap(&raw.parameters, "parameters")?;
+        let (slices, from_models) = match (&raw.models, &raw.slices) {
+            (Some(_), Some(_)) | (None, None) => {
+                return Err(err(
+                    "exactly one of `models:` or `slices:` must be given".into()
+                ))
+            }
+            (Some(models), None) => {
+                if models.is_empty() {
+                    return Err(err("`models:` is empty".into()));
+                }
+                let mut sources = Vec::new();
+                for (i, m) in models.iter().enumerate() {
+                    sources.push(SourceDef {
+                        model: mref(&m.model, &format!("models[{i}]"))?,
+                        layer_range: None,
+                        parameters: pmap(&m.parameters, &format!("models[{i}].parameters"))?,
+                    });
+                }
+                (
+                    vec![SliceDef {
+                        sources,
+                        base_model: None,
+                        parameters: ParamMap::new(),
+                    }],
+                    true,
+                )
+            }
+            (None, Some(slices)) => {
+                if slices.is_empty() {
+                    return Err(err("`slices:` is empty".into()));
+                }
+                let mut out = Vec::new();
+                for (si, s) in slices.iter().enumerate() {
+                    if s.residual_weight.is_some() {
+                        return Err(err(format!(
+                            "slices[{si}].residual_weight is not supported by smelt"
+                        )));
+                    }
+                    if s.sources.is_empty() {
+                        return Err(err(format!("slices[{si}].sources is empty")));
+                    }
+                    let mut sources = Vec::new();
+                    let mut len = None;
+                    for (j, src) in s.sources.iter().enumerate() {
+                        let what = format!("slices[{si}].sources[{j}]");
+                        let [a, b] = src.layer_range;
+                        if a < 0 || b < a {
+                            return Err(err(format!(
+                                "{what}.layer_range [{a}, {b}] is not a half-open range of layers"
+                            )));
+                        }
+                        let n = (b - a) as usize;
+                        if *len.get_or_insert(n) != n {
+                            return Err(err(format!(
+                                "slices[{si}]: every source of a slice must span the same number of layers ({what} spans {n}, the first spans {})",
+                                len.unwrap()
+                            )));
+                        }
+                        sources.push(SourceDef {
+                            model: mref(&src.model, &what)?,
+                            layer_range: Some((a as usize, b as usize)),
+                            parameters: pmap(&src.parameters, &format!("{what}.parameters"))?,
+                        });
+                    }
+                    out.push(SliceDef {
+                        sources,
+                        base_model: s
+                            .base_model
+                            .as_deref()
+                            .map(|b| mref(b, &format!("slices[{si}].base_model")))
+                            .transpose()?,
+                        parameters: pmap(&s.parameters, &format!("slices[{si}].parameters"))?,
+                    });
+                }
+                (out, false)
+            }
+        };
+        let dt = |s: &Option<String>, key: &str| -> Result<Option<DType>> {
+            s.as_deref()
+                .map(|d| {
+                    DType::from_recipe_name(d).ok_or_else(|| {
+                        err(format!(
+                            "{key}: unknown dtype `{d}`; valid: bfloat16, float16, float32"
+                        ))
+                    })
+                })
+                .transpose()
+        };
+        let tokenizer_source = match raw.tokenizer_source.as_deref() {
+            None => None,
+            Some("base") => Some(TokenizerSource::Base),
+            Some("union") => {
+                return Err(err(
+                    "tokenizer_source: `union` (vocabulary merging) is not supported yet; use `base` or a model path".into(),
+                ))
+            }
+            Some(m) => Some(TokenizerSource::Model(mref(m, "tokenizer_source")?)),
+        };
+        Ok(Recipe {
+            path: path.to_path_buf(),
+            text: text.to_string(),
+            method,
+            base_model,
+            slices,
+            from_models,
+            parameters,
+            dtype: dt(&raw.dtype, "dtype")?,
+            out_dtype: dt(&raw.out_dtype, "out_dtype")?,
+            tokenizer_source,
+            seed: raw.seed,
+        })
+    }
+}
+
+/// Rejects settings whose plain values can never evaluate to the parameter's kind, so a
+/// typo such as `density: high` fails at load time rather than at the first tensor.
+fn check_setting_kind(s: &Setting, kind: Kind) -> std::result::Result<(), String> {
+    match s {
+        Setting::Scalar(_) | Setting::List(_) => s.eval("", 0.0, kind).map(|_| ()).and_then(|_| {
+            if let Setting::List(items) = s {
+                for (i, _) in items.iter().enumerate() {
+                    let t = if items.len() > 1 {
+                        i as f64 / (items.len() - 1) as f64
+                    } else {
+                        0.0
+                    };
+                    s.eval("", t, kind)?;
+                }
+            }
+            Ok(())
+        }),
+        Setting::Cond(cs) => cs
+            .iter()
+            .try_for_each(|c| check_setting_kind(&c.value, kind)),
+    }
+}
+
+/// serde's messages are good; only the Rust-flavoured type names need plain words.
+fn yaml_msg(m: &str) -> String {
+    m.replace("invalid type: ", "wrong type: ")
+        .replace("a sequence", "a list")
+        .replace("struct RawRecipe", "a recipe mapping")
+        .replace("struct RawModel", "a {model, parameters} mapping")
+        .replace(
+            "struct RawSlice",
+            "a {sources, base_model, parameters} mapping",
+        )
+        .replace(
+            "struct RawSource",
+            "a {model, layer_range, parameters} mapping",
+        )
+}

@@ -1,0 +1,171 @@
+//! The counter-based random generator behind DARE and DELLA, shared bit for bit with WGSL
+//! (`shaders/rng.wgsl`).
+//!
+//! Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11) keyed
+//! by the seed; the counter is (element block, tensor-name hash, model index). The bits for an
+//! element depend only on (seed, output tensor name, model index, element index): never on
+//! tiles, threads or the device. Only 32-bit integer operations are used (the 32x32->64
+//! multiply is done in 16-bit limbs) because WGSL has nothing wider.
+
+pub const PHILOX_M0: u32 = 0xD251_1F53;
+pub const PHILOX_M1: u32 = 0xCD9E_8D57;
+pub const PHILOX_W0: u32 = 0x9E37_79B9;
+pub const PHILOX_W1: u32 = 0xBB67_AE85;
+
+/// (high, low) words of the 64-bit product a*b, from 16-bit limbs.
+#[inline(always)]
+pub fn mulhilo(a: u32, b: u32) -> (u32, u32) {
+    let (ah, al) = (a >> 16, a & 0xffff);
+    let (bh, bl) = (b >> 16, b & 0xffff);
+    let ll = al * bl;
+    let lh = al * bh;
+    let hl = ah * bl;
+    let hh = ah * bh;
+    let mid = (ll >> 16) + (lh & 0xffff) + (hl & 0xffff);
+    let lo = (mid << 16) | (ll & 0xffff);
+    let hi = hh
+        .wrapping_add(lh >> 16)
+        .wrapping_add(hl >> 16)
+        .wrapping_add(mid >> 16);
+    (hi, lo)
+}
+
+#[inline(always)]
+pub fn philox4x32_10(mut ctr: [u32; 4], mut key: [u32; 2]) -> [u32; 4] {
+    for r in 0..10 {
+        if r > 0 {
+            key[0] = key[0].wrapping_add(PHILOX_W0);
+            key[1] = key[1].wrapping_add(PHILOX_W1);
+        }
+        let (hi0, lo0) = mulhilo(PHILOX_M0, ctr[0]);
+        let (hi1, lo1) = mulhilo(PHILOX_M1, ctr[2]);
+        ctr = [hi1 ^ ctr[1] ^ key[0], lo1, hi0 ^ ctr[3] ^ key[1], lo0];
+    }
+    ctr
+}
+
+/// FNV-1a, 32-bit, over the UTF-8 bytes.
+pub fn fnv1a32(s: &str) -> u32 {
+    let mut h: u32 = 0x811C_9DC5;
+    for b in s.bytes() {
+        h ^= b as u32;
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
+/// The random stream of one (seed, tensor, model).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stream {
+    pub key: [u32; 2],
+    pub name_hash: u32,
+    pub model: u32,
+}
+
+impl Stream {
+    pub fn new(seed: u64, tensor_name: &str, model: u32) -> Self {
+        Stream {
+            key: [seed as u32, (seed >> 32) as u32],
+            name_hash: fnv1a32(tensor_name),
+            model,
+        }
+    }
+
+    /// Four 32-bit words for elements `4*block .. 4*block+4`.
+    #[inline(always)]
+    pub fn block(&self, block: u64) -> [u32; 4] {
+        philox4x32_10(
+            [
+                block as u32,
+                (block >> 32) as u32,
+                self.name_hash,
+                self.model,
+            ],
+            self.key,
+        )
+    }
+
+    /// The uniform in [0, 1) of one element.
+    #[inline]
+    pub fn uniform_at(&self, index: u64) -> f32 {
+        to_uniform(self.block(index / 4)[(index % 4) as usize])
+    }
+}
+
+/// Top 24 bits as a float in [0, 1): exact in f32, the same on every device.
+#[inline(always)]
+pub fn to_uniform(x: u32) -> f32 {
+    (x >> 8) as f32 * (1.0 / 16_777_216.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random123_known_answers() {
+        assert_eq!(
+            philox4x32_10([0; 4], [0; 2]),
+            [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]
+        );
+        assert_eq!(
+            philox4x32_10([u32::MAX; 4], [u32::MAX; 2]),
+            [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd]
+        );
+        assert_eq!(
+            philox4x32_10(
+                [0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344],
+                [0xa4093822, 0x299f31d0]
+            ),
+            [0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1]
+        );
+    }
+
+    #[test]
+    fn limb_multiply_matches_u64() {
+        let mut x = 0x1234_5678u32;
+        for _ in 0..100_000 {
+            x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            let y = x.rotate_left(13) ^ 0xdead_beef;
+            let p = x as u64 * y as u64;
+            assert_eq!(mulhilo(x, y), ((p >> 32) as u32, p as u32));
+        }
+        assert_eq!(mulhilo(u32::MAX, u32::MAX), (0xffff_fffe, 1));
+    }
+
+    #[test]
+    fn fnv_reference_values() {
+        assert_eq!(fnv1a32(""), 0x811c9dc5);
+        assert_eq!(fnv1a32("a"), 0xe40c292c);
+        assert_eq!(fnv1a32("foobar"), 0xbf9cf968);
+    }
+
+    #[test]
+    fn uniform_is_uniform() {
+        let s = Stream::new(42, "model.layers.0.mlp.up_proj.weight", 1);
+        let n = 200_000u64;
+        let mean: f64 = (0..n).map(|i| s.uniform_at(i) as f64).sum::<f64>() / n as f64;
+        assert!(
+            (mean - 0.5).abs() < 4.0 * (1.0f64 / 12.0 / n as f64).sqrt(),
+            "{mean}"
+        );
+        let kept = (0..n).filter(|&i| s.uniform_at(i) < 0.3).count() as f64 / n as f64;
+        assert!(
+            (kept - 0.3).abs() < 4.0 * (0.21f64 / n as f64).sqrt(),
+            "{kept}"
+        );
+        // different model index or name gives a different stream
+        assert_ne!(
+            s.block(0),
+            Stream::new(42, "model.layers.0.mlp.up_proj.weight", 2).block(0)
+        );
+        assert_ne!(
+            s.block(0),
+            Stream::new(42, "model.layers.1.mlp.up_proj.weight", 1).block(0)
+        );
+        assert_ne!(
+            s.block(0),
+            Stream::new(43, "model.layers.0.mlp.up_proj.weight", 1).block(0)
+        );
+    }
+}
