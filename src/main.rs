@@ -8,6 +8,7 @@ use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 
 use smelt::backend::cpu::Cpu;
+use smelt::backend::gpu::{list_adapters, Gpu, GpuOptions};
 use smelt::backend::Backend;
 use smelt::exec::{self, ExecOptions};
 use smelt::io::model::ModelFolder;
@@ -32,6 +33,53 @@ use smelt::recipe::Recipe;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+#[derive(clap::Args)]
+struct DeviceArgs {
+    /// Where the math runs: `auto` uses a GPU when one works and says so when it falls back
+    /// to the CPU; `gpu` fails if no GPU can be used; `cpu` never touches the GPU.
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    device: DeviceChoice,
+    /// GPU adapter to use: an index or part of a name from `smelt devices`.
+    #[arg(long)]
+    adapter: Option<String>,
+    /// Bytes of a tensor's inputs the GPU may keep resident (e.g. 4GiB); larger tensors stream
+    /// through in tiles. Default 2GiB.
+    #[arg(long)]
+    vram_budget: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum DeviceChoice {
+    Auto,
+    Gpu,
+    Cpu,
+}
+
+fn make_backend(d: &DeviceArgs) -> anyhow::Result<Box<dyn Backend>> {
+    if d.device == DeviceChoice::Cpu {
+        return Ok(Box::new(Cpu::new()));
+    }
+    let opts = GpuOptions {
+        adapter: d.adapter.clone(),
+        vram_budget: d
+            .vram_budget
+            .as_deref()
+            .map(parse_size)
+            .transpose()
+            .map_err(anyhow::Error::msg)
+            .context("--vram-budget")?,
+        tile_elems: None,
+    };
+    match Gpu::new(&opts) {
+        Ok(g) => Ok(Box::new(g)),
+        Err(e) if d.device == DeviceChoice::Auto => {
+            log::info!("no usable GPU ({e}); running on the CPU");
+            Ok(Box::new(Cpu::new()))
+        }
+        Err(e) => Err(anyhow::Error::new(e).context("--device gpu")),
+    }
 }
 
 #[derive(Subcommand)]
@@ -71,7 +119,11 @@ enum Cmd {
         /// List every tensor in --dry-run output.
         #[arg(short, long)]
         verbose: bool,
+        #[command(flatten)]
+        device: DeviceArgs,
     },
+    /// List the GPU adapters smelt can use (name, vendor, backend, type, driver, limits).
+    Devices,
     /// List the merge methods with their parameters and defaults.
     Methods {
         /// Show only this method.
@@ -117,6 +169,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             out_shard_size,
             force,
             verbose,
+            device,
         } => {
             let shard = parse_size(&out_shard_size)
                 .map_err(anyhow::Error::msg)
@@ -140,7 +193,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             for w in &plan.warnings {
                 log::warn!("{w}");
             }
-            let backend: Box<dyn Backend> = Box::new(Cpu::new());
+            let backend = make_backend(&device)?;
             log::info!(
                 "merging {} tensors with {} on {}",
                 plan.tasks.len(),
@@ -170,6 +223,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 gbs,
                 report.backend
             );
+            Ok(())
+        }
+        Cmd::Devices => {
+            let list = list_adapters();
+            if list.is_empty() {
+                println!("no GPU adapters found; smelt will run on the CPU");
+            }
+            for a in list {
+                println!("{a}");
+            }
             Ok(())
         }
         Cmd::Methods { name } => {

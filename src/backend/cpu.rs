@@ -62,8 +62,8 @@ impl Scratch {
     }
 }
 
-/// Writes `keep` as 0.0/1.0 factors for elements `start..start+len` into `m`.
-/// `a(i)` gives the magnitude bits of local element i.
+/// Writes `keep` as 0.0/1.0 factors into `m` for the chunk of deltas `d` that starts at
+/// global element `start`.
 fn keep_factors(keep: &Keep, stream: &Stream, start: usize, d: &[f32], m: &mut [f32]) {
     match *keep {
         Keep::All => m.fill(1.0),
@@ -245,7 +245,12 @@ impl Backend for Cpu {
     }
 
     fn select(&self, job: &Job, queries: &[Query]) -> Result<Vec<RankCut>> {
-        select_with(job, queries, histograms, nth_equal)
+        select_with(
+            job,
+            queries,
+            |j, s| Ok(histograms(j, s)),
+            |j, s, t, q| Ok(nth_equal(j, s, t, q)),
+        )
     }
 
     fn masked_l1(&self, job: &Job, keep: &[Keep], seed: u64) -> Result<Vec<[f64; 2]>> {
@@ -382,6 +387,19 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn convert(&self, job: &Job, out: &mut [u8]) -> Result<()> {
+        let osz = job.out_dtype.size();
+        out.par_chunks_mut(CHUNK * osz).enumerate().for_each_init(
+            || vec![0f32; CHUNK],
+            |tmp, (c, oc)| {
+                let len = oc.len() / osz;
+                load(&job.models[0], c * CHUNK, job.load_dtype, &mut tmp[..len]);
+                dtype::encode(job.out_dtype, &tmp[..len], oc);
+            },
+        );
+        Ok(())
+    }
+
     fn weighted_sum(
         &self,
         job: &Job,
@@ -432,8 +450,8 @@ pub fn sign(x: f32) -> f32 {
 pub fn select_with(
     job: &Job,
     queries: &[Query],
-    hist: impl Fn(&Job, &[(Source, Option<u32>)]) -> Vec<Vec<u64>>,
-    nth_equal: impl Fn(&Job, Source, u32, u64) -> u32,
+    hist: impl Fn(&Job, &[(Source, Option<u32>)]) -> Result<Vec<Vec<u64>>>,
+    nth_equal: impl Fn(&Job, Source, u32, u64) -> Result<u32>,
 ) -> Result<Vec<RankCut>> {
     let n = job.numel as u64;
     let mut out = vec![RankCut::NONE; queries.len()];
@@ -454,7 +472,7 @@ pub fn select_with(
         }
         return Ok(out);
     }
-    let h1 = hist(job, &srcs.iter().map(|s| (*s, None)).collect::<Vec<_>>());
+    let h1 = hist(job, &srcs.iter().map(|s| (*s, None)).collect::<Vec<_>>())?;
     // Level 2 for each distinct (source, high bucket).
     let mut level2: Vec<(Source, u32)> = Vec::new();
     let mut first: Vec<Option<(usize, u32, u64)>> = Vec::new();
@@ -476,7 +494,7 @@ pub fn select_with(
             .iter()
             .map(|(s, hb)| (*s, Some(*hb)))
             .collect::<Vec<_>>(),
-    );
+    )?;
     for (qi, q) in queries.iter().enumerate() {
         let Some((_, hb, above)) = first[qi] else {
             out[qi] = if q.k == 0 {
@@ -499,7 +517,7 @@ pub fn select_with(
         } else {
             RankCut {
                 bits: t,
-                index: nth_equal(job, q.source, t, quota - 1) + 1,
+                index: nth_equal(job, q.source, t, quota - 1)? + 1,
             }
         };
     }

@@ -9,7 +9,7 @@
 //! each other in tests: selections identical, arithmetic within a few f32 ulp.
 
 pub mod cpu;
-// pub mod gpu;
+pub mod gpu;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -193,6 +193,9 @@ pub trait Backend: Send + Sync {
 
     /// The GTA combine ([`GtaSpec`]) into `out` (job.out_dtype bytes).
     fn gta(&self, job: &Job, spec: &GtaSpec, out: &mut [u8]) -> Result<()>;
+
+    /// `out = models[0]`, rounded to the load dtype, stored in the output dtype.
+    fn convert(&self, job: &Job, out: &mut [u8]) -> Result<()>;
 
     /// `out = (Σ_i w_i * models[i]) / divisor` (no division when `divisor` is None), the sum
     /// in model order starting from zero.

@@ -402,7 +402,7 @@ mod tests {
                 shape: &s1,
             },
         ];
-        let l = Layout::new(&ts, 80);
+        let l = Layout::new(&ts, 90);
         assert_eq!(l.shards.len(), 2);
         assert_eq!(l.shards[0].file_name, "model-00001-of-00002.safetensors");
         assert_eq!(l.shards[0].tensors, vec![0, 1]);

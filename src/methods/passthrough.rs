@@ -2,8 +2,8 @@
 //! stacking and layer swapping; the renaming of layers happens in the plan.
 
 use super::Ctx;
-use crate::backend::{cpu, Backend};
-use crate::dtype::{self, DType};
+use crate::backend::Backend;
+use crate::dtype::DType;
 use crate::error::Result;
 
 pub fn run(b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> {
@@ -19,12 +19,5 @@ pub fn run(b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> {
         out.copy_from_slice(x.bytes);
         return Ok(());
     }
-    let mut tmp = vec![0f32; cpu::CHUNK];
-    let osz = job.out_dtype.size();
-    for (c, oc) in out.chunks_mut(cpu::CHUNK * osz).enumerate() {
-        let len = oc.len() / osz;
-        cpu::load(x, c * cpu::CHUNK, job.load_dtype, &mut tmp[..len]);
-        dtype::encode(job.out_dtype, &tmp[..len], oc);
-    }
-    Ok(())
+    b.convert(job, out)
 }
