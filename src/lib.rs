@@ -14,5 +14,6 @@ pub mod methods;
 pub mod plan;
 pub mod recipe;
 pub mod rng;
+pub mod units;
 
 pub use error::{Error, Result};

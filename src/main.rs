@@ -16,6 +16,7 @@ use smelt::io::writer::parse_size;
 use smelt::methods::{self, Default, Scope};
 use smelt::plan::Plan;
 use smelt::recipe::Recipe;
+use smelt::units;
 
 #[derive(Parser)]
 #[command(
@@ -140,6 +141,7 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    quiet_wayland();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("smelt=info"))
         .format_timestamp(None)
         .format_target(false)
@@ -155,6 +157,17 @@ fn main() -> ExitCode {
             eprintln!("{msg}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Vulkan loaders on Linux probe for a Wayland display while enumerating adapters, and
+/// libwayland prints "error: XDG_RUNTIME_DIR is invalid or not set" when that variable is
+/// missing (headless servers, CI). smelt never opens a window; pointing the variable at the
+/// temp folder keeps that false alarm off stderr. Done first thing, before any thread exists.
+fn quiet_wayland() {
+    #[cfg(target_os = "linux")]
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir());
     }
 }
 
@@ -210,17 +223,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     progress: true,
                 },
             )?;
-            let gbs =
-                (report.bytes_read + report.bytes_written) as f64 / 1e9 / report.seconds.max(1e-9);
+            let moved = report.bytes_read + report.bytes_written;
             println!(
-                "merged {} tensors into {} ({} shard{}, {:.3} GB) in {:.2} s, {:.2} GB/s moved, on {}",
+                "merged {} tensors into {} ({} shard{}, {}) in {:.2} s, {}/s read+written, on {}",
                 report.tensors,
                 report.out_dir.display(),
                 report.shards,
                 if report.shards == 1 { "" } else { "s" },
-                report.bytes_written as f64 / 1e9,
+                units::bytes(report.bytes_written),
                 report.seconds,
-                gbs,
+                units::bytes((moved as f64 / report.seconds.max(1e-9)) as u64),
                 report.backend
             );
             Ok(())
@@ -291,13 +303,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let params: usize = m.names().iter().map(|n| m.get(n).unwrap().numel()).sum();
             writeln!(
                 o,
-                "{}: {} tensors in {} file{}, {:.3} B parameters, {:.3} GB",
+                "{}: {} tensors in {} file{}, {} parameters, {}",
                 label,
                 m.names().len(),
                 m.files().len(),
                 if m.files().len() == 1 { "" } else { "s" },
-                params as f64 / 1e9,
-                m.total_bytes() as f64 / 1e9
+                units::count(params as u64),
+                units::bytes(m.total_bytes())
             )?;
             if let Some(arch) = m
                 .config

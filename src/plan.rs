@@ -403,6 +403,17 @@ impl Plan {
         3 * largest_out + scratch + hist + 32 * 1024 * 1024
     }
 
+    /// What model `i` is to this merge, for listings: ` (base)`, ` (tokenizer)` or nothing.
+    pub fn role(&self, i: usize) -> &'static str {
+        if Some(i) == self.base {
+            " (base)"
+        } else if Some(i) == self.tokenizer_from && !self.tasks.iter().any(|t| t.models.iter().any(|m| m.model == i)) {
+            " (tokenizer only)"
+        } else {
+            ""
+        }
+    }
+
     pub fn model_label(&self, i: usize) -> &str {
         &self.models[i].label
     }
@@ -410,7 +421,7 @@ impl Plan {
     /// A readable summary of what the merge will do (`--dry-run`).
     pub fn summary(&self, threads: usize, shards: usize, verbose_tensors: bool) -> String {
         let mut s = String::new();
-        let gb = |b: u64| format!("{:.2} GB", b as f64 / 1e9);
+        let gb = crate::units::bytes;
         let _ = writeln!(
             s,
             "method      {} — {}",
@@ -418,7 +429,7 @@ impl Plan {
         );
         let _ = writeln!(s, "recipe      {}", self.recipe.path.display());
         for (i, m) in self.models.iter().enumerate() {
-            let role = if Some(i) == self.base { " (base)" } else { "" };
+            let role = self.role(i);
             let dts: BTreeSet<String> = m
                 .files()
                 .iter()
@@ -438,9 +449,9 @@ impl Plan {
         let out_dt: BTreeSet<String> = self.tasks.iter().map(|t| t.out_dtype.to_string()).collect();
         let _ = writeln!(
             s,
-            "output      {} tensors, {:.3} B parameters, {}, {} in {} shard{}",
+            "output      {} tensors, {} parameters, {}, {} in {} shard{}",
             self.tasks.len(),
-            params as f64 / 1e9,
+            crate::units::count(params as u64),
             out_dt.into_iter().collect::<Vec<_>>().join("/"),
             gb(self.out_bytes()),
             shards,
@@ -495,27 +506,25 @@ impl Plan {
             .iter()
             .filter_map(|(n, v)| v.map(|v| format!("{n}={v}")))
             .collect();
-        let _ = write!(line, " <-");
+        let mut parts = Vec::new();
         if let Some(b) = &t.base {
-            let _ = write!(line, " base {}", self.model_label(b.model));
+            parts.push(format!("base {}", self.model_label(b.model)));
         }
         for (i, m) in t.models.iter().enumerate() {
             let ps: Vec<String> = t.params.per_input[i]
                 .iter()
                 .filter_map(|(n, v)| v.map(|v| format!("{n}={v}")))
                 .collect();
-            let renamed = if m.tensor != t.name {
-                format!(":{}", m.tensor)
-            } else {
-                String::new()
-            };
-            let _ = write!(
-                line,
-                " | {}{renamed} ({})",
-                self.model_label(m.model),
-                ps.join(", ")
-            );
+            let mut p = self.model_label(m.model).to_string();
+            if m.tensor != t.name {
+                p.push_str(&format!(":{}", m.tensor));
+            }
+            if !ps.is_empty() {
+                p.push_str(&format!(" ({})", ps.join(", ")));
+            }
+            parts.push(p);
         }
+        let _ = write!(line, " <- {}", parts.join(" | "));
         if !shared.is_empty() {
             let _ = write!(line, " | {}", shared.join(", "));
         }

@@ -30,18 +30,36 @@ pub fn mulhilo(a: u32, b: u32) -> (u32, u32) {
     (hi, lo)
 }
 
+/// The same product through the CPU's 64-bit multiplier: bit-identical to [`mulhilo`] (a
+/// test checks), and what the CPU path runs.
 #[inline(always)]
-pub fn philox4x32_10(mut ctr: [u32; 4], mut key: [u32; 2]) -> [u32; 4] {
+fn mulhilo_native(a: u32, b: u32) -> (u32, u32) {
+    let p = a as u64 * b as u64;
+    ((p >> 32) as u32, p as u32)
+}
+
+#[inline(always)]
+fn philox_with(mut ctr: [u32; 4], mut key: [u32; 2], mul: impl Fn(u32, u32) -> (u32, u32)) -> [u32; 4] {
     for r in 0..10 {
         if r > 0 {
             key[0] = key[0].wrapping_add(PHILOX_W0);
             key[1] = key[1].wrapping_add(PHILOX_W1);
         }
-        let (hi0, lo0) = mulhilo(PHILOX_M0, ctr[0]);
-        let (hi1, lo1) = mulhilo(PHILOX_M1, ctr[2]);
+        let (hi0, lo0) = mul(PHILOX_M0, ctr[0]);
+        let (hi1, lo1) = mul(PHILOX_M1, ctr[2]);
         ctr = [hi1 ^ ctr[1] ^ key[0], lo1, hi0 ^ ctr[3] ^ key[1], lo0];
     }
     ctr
+}
+
+/// Philox4x32-10 exactly as the WGSL runs it (16-bit limb products).
+pub fn philox4x32_10_limbs(ctr: [u32; 4], key: [u32; 2]) -> [u32; 4] {
+    philox_with(ctr, key, mulhilo)
+}
+
+#[inline(always)]
+pub fn philox4x32_10(ctr: [u32; 4], key: [u32; 2]) -> [u32; 4] {
+    philox_with(ctr, key, mulhilo_native)
 }
 
 /// FNV-1a, 32-bit, over the UTF-8 bytes.
@@ -131,6 +149,20 @@ mod tests {
             assert_eq!(mulhilo(x, y), ((p >> 32) as u32, p as u32));
         }
         assert_eq!(mulhilo(u32::MAX, u32::MAX), (0xffff_fffe, 1));
+    }
+
+    #[test]
+    fn limb_and_native_philox_agree() {
+        let mut c = [1u32, 2, 3, 4];
+        for i in 0..10_000u32 {
+            c = [c[0].wrapping_mul(747796405).wrapping_add(i), c[1] ^ i, c[2].rotate_left(7), c[3].wrapping_add(c[0])];
+            let k = [c[3] ^ 0x5555, c[1].wrapping_mul(3)];
+            assert_eq!(philox4x32_10(c, k), philox4x32_10_limbs(c, k));
+        }
+        assert_eq!(
+            philox4x32_10_limbs([0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344], [0xa4093822, 0x299f31d0]),
+            [0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1]
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use crate::dtype::DType;
 use crate::error::Result;
+use crate::io::model::ModelFolder;
 use crate::io::writer::StagedOutput;
 use crate::plan::Plan;
 
@@ -101,27 +102,30 @@ pub fn write_side_files(plan: &Plan, out: &StagedOutput, out_name: &str) -> Resu
 pub fn model_card(plan: &Plan, out_name: &str) -> String {
     let mut s = String::new();
     s.push_str("---\n");
-    if let Some(b) = plan.base {
-        s.push_str(&format!(
-            "base_model: {}\n",
-            yaml_str(&plan.models[b].label)
-        ));
+    // The Hub's `base_model` wants a repository id; local paths mean nothing there, so it is
+    // only written when the base's config names one.
+    if let Some(id) = plan.base.and_then(|b| hub_id(&plan.models[b])) {
+        s.push_str(&format!("base_model: {}\n", yaml_str(&id)));
     }
     s.push_str("library_name: transformers\ntags:\n- merge\n- smelt\n");
     s.push_str(&format!("- {}\n", plan.method.name));
     s.push_str("---\n\n");
     s.push_str(&format!("# {out_name}\n\n"));
     s.push_str(&format!(
-        "This model was merged with [smelt](https://github.com/smelt-merge/smelt) {} using **{}** ({}, {}).\n\n",
+        "This model was merged with smelt {} using **{}** ({}, {}).\n\n",
         env!("CARGO_PKG_VERSION"),
         plan.method.name,
         plan.method.pretty,
         plan.method.reference
     ));
     s.push_str("## Inputs\n\n");
+    s.push_str("| model | role | digest (sha256 of headers + sampled data) |\n|---|---|---|\n");
     for (i, m) in plan.models.iter().enumerate() {
-        let role = if Some(i) == plan.base { " (base)" } else { "" };
-        s.push_str(&format!("- `{}`{role}\n", m.label));
+        let role = match plan.role(i) {
+            "" => "merged",
+            r => r.trim().trim_matches(|c| c == '(' || c == ')'),
+        };
+        s.push_str(&format!("| `{}` | {role} | `{}` |\n", m.label, input_digest(m)));
     }
     s.push_str(&format!(
         "\n## Settings\n\n- seed: {}\n- compute: f32, inputs loaded as {}\n- tensors: {}\n\n",
@@ -133,6 +137,47 @@ pub fn model_card(plan: &Plan, out_name: &str) -> String {
     s.push_str(plan.recipe.text.trim_end());
     s.push_str("\n```\n");
     s
+}
+
+/// A repository id (`org/name`) from the model's config, if it has one that is not a path.
+fn hub_id(m: &ModelFolder) -> Option<String> {
+    let id = m.config.as_ref()?.get("_name_or_path")?.as_str()?;
+    let looks_like_id = id.split('/').count() == 2
+        && !id.starts_with('.')
+        && !id.starts_with('/')
+        && !std::path::Path::new(id).exists();
+    looks_like_id.then(|| id.to_string())
+}
+
+/// SHA-256 over each shard's header and 16 samples of 64 KiB spread over its data: tells
+/// inputs apart (fine-tunes share a header layout) without reading their gigabytes again.
+fn input_digest(m: &ModelFolder) -> String {
+    use sha2::{Digest, Sha256};
+    const SAMPLES: usize = 16;
+    const SAMPLE: usize = 64 * 1024;
+    let mut h = Sha256::new();
+    for f in m.files() {
+        for t in f.tensors() {
+            h.update(t.name.as_bytes());
+            h.update(t.dtype.st_name().as_bytes());
+            for d in &t.shape {
+                h.update(d.to_le_bytes());
+            }
+            h.update(t.begin.to_le_bytes());
+            h.update(t.end.to_le_bytes());
+        }
+        let data = f.data_region();
+        if data.len() <= SAMPLES * SAMPLE {
+            h.update(data);
+        } else {
+            for k in 0..SAMPLES {
+                let at = (data.len() - SAMPLE) / (SAMPLES - 1) * k;
+                h.update(&data[at..at + SAMPLE]);
+            }
+        }
+    }
+    let d = h.finalize();
+    d.iter().map(|b| format!("{b:02x}")).collect::<String>()[..16].to_string()
 }
 
 fn yaml_str(s: &str) -> String {

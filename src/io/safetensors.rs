@@ -272,6 +272,11 @@ impl SafetensorsFile {
         &m[s + t.begin..s + t.end]
     }
 
+    /// Every byte after the header.
+    pub fn data_region(&self) -> &[u8] {
+        &self.mmap[self.header.data_start..]
+    }
+
     /// Tells the kernel which bytes will be read soon (read-ahead) or are done with.
     pub fn advise(&self, t: &TensorInfo, will_need: bool) {
         #[cfg(unix)]
