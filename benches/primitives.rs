@@ -40,7 +40,10 @@ fn backends() -> Vec<(String, Box<dyn Backend>)> {
     match GpuContext::new(None) {
         Ok(ctx) => {
             let name = format!("gpu {}", ctx.info.name);
-            v.push((name, Box::new(Gpu::with_context(Arc::new(ctx), &GpuOptions::default()))));
+            v.push((
+                name,
+                Box::new(Gpu::with_context(Arc::new(ctx), &GpuOptions::default())),
+            ));
         }
         Err(e) => eprintln!("no GPU benchmarks: {e}"),
     }
@@ -53,14 +56,28 @@ fn bench(c: &mut Criterion) {
         .map(|i| {
             let b = data(1, N);
             let d = data(10 + i, N);
-            bf16(&b.iter().zip(&d).map(|(x, y)| x + y * 0.1).collect::<Vec<_>>())
+            bf16(
+                &b.iter()
+                    .zip(&d)
+                    .map(|(x, y)| x + y * 0.1)
+                    .collect::<Vec<_>>(),
+            )
         })
         .collect();
     let inputs = |with_base: bool| -> Job {
         Job::new(
             "model.layers.0.mlp.up_proj.weight",
-            with_base.then_some(Input { bytes: &base, dtype: DType::BF16 }),
-            models.iter().map(|b| Input { bytes: b, dtype: DType::BF16 }).collect(),
+            with_base.then_some(Input {
+                bytes: &base,
+                dtype: DType::BF16,
+            }),
+            models
+                .iter()
+                .map(|b| Input {
+                    bytes: b,
+                    dtype: DType::BF16,
+                })
+                .collect(),
             DType::F32,
             DType::BF16,
         )
@@ -75,18 +92,30 @@ fn bench(c: &mut Criterion) {
 
         let j = inputs(false);
         g.throughput(Throughput::Bytes(in_bytes(1) + out_bytes));
-        g.bench_function(BenchmarkId::new("convert", "bf16"), |bn| bn.iter(|| b.convert(&j, &mut out).unwrap()));
+        g.bench_function(BenchmarkId::new("convert", "bf16"), |bn| {
+            bn.iter(|| b.convert(&j, &mut out).unwrap())
+        });
         g.throughput(Throughput::Bytes(in_bytes(MODELS) + out_bytes));
         g.bench_function(BenchmarkId::new("weighted_sum", MODELS), |bn| {
-            bn.iter(|| b.weighted_sum(&j, &[0.5, 0.3, 0.2], Some(1.0), &mut out).unwrap())
+            bn.iter(|| {
+                b.weighted_sum(&j, &[0.5, 0.3, 0.2], Some(1.0), &mut out)
+                    .unwrap()
+            })
         });
         b.end_job(&j);
 
         let j = inputs(true);
-        let qs: Vec<Query> = (0..MODELS).map(|i| Query { source: Source::Delta(i), k: N as u64 / 2 }).collect();
+        let qs: Vec<Query> = (0..MODELS)
+            .map(|i| Query {
+                source: Source::Delta(i),
+                k: N as u64 / 2,
+            })
+            .collect();
         // one histogram pass and one filtered pass over base + models
         g.throughput(Throughput::Bytes(2 * in_bytes(MODELS + 1)));
-        g.bench_function(BenchmarkId::new("select", MODELS), |bn| bn.iter(|| b.select(&j, &qs).unwrap()));
+        g.bench_function(BenchmarkId::new("select", MODELS), |bn| {
+            bn.iter(|| b.select(&j, &qs).unwrap())
+        });
         let cuts = b.select(&j, &qs).unwrap();
         let top: Vec<Keep> = cuts.iter().map(|c| Keep::top(*c)).collect();
         let random = vec![Keep::Random { p: 0.5 }; MODELS];
@@ -95,7 +124,10 @@ fn bench(c: &mut Criterion) {
             bn.iter(|| b.masked_l1(&j, &random, 1).unwrap())
         });
         g.throughput(Throughput::Bytes(in_bytes(MODELS + 1) + out_bytes));
-        for (label, keep, consensus) in [("ties", &top, Consensus::Sum), ("dare_linear", &random, Consensus::None)] {
+        for (label, keep, consensus) in [
+            ("ties", &top, Consensus::Sum),
+            ("dare_linear", &random, Consensus::None),
+        ] {
             let spec = GtaSpec {
                 weights: vec![1.0; MODELS],
                 keep: keep.clone(),
@@ -105,7 +137,9 @@ fn bench(c: &mut Criterion) {
                 lambda: 1.0,
                 seed: 1,
             };
-            g.bench_function(BenchmarkId::new("gta", label), |bn| bn.iter(|| b.gta(&j, &spec, &mut out).unwrap()));
+            g.bench_function(BenchmarkId::new("gta", label), |bn| {
+                bn.iter(|| b.gta(&j, &spec, &mut out).unwrap())
+            });
         }
         b.end_job(&j);
         g.finish();

@@ -407,7 +407,12 @@ impl Plan {
     pub fn role(&self, i: usize) -> &'static str {
         if Some(i) == self.base {
             " (base)"
-        } else if Some(i) == self.tokenizer_from && !self.tasks.iter().any(|t| t.models.iter().any(|m| m.model == i)) {
+        } else if Some(i) == self.tokenizer_from
+            && !self
+                .tasks
+                .iter()
+                .any(|t| t.models.iter().any(|m| m.model == i))
+        {
             " (tokenizer only)"
         } else {
             ""
@@ -692,6 +697,16 @@ impl TaskBuilder<'_> {
             }
             per_input.push(v);
         }
+        let params = Params { shared, per_input };
+        methods::check(self.method, &params, out_name)?;
+        if shape.iter().product::<usize>() >= u32::MAX as usize {
+            return Err(Error::Param {
+                tensor: out_name.to_string(),
+                msg: format!(
+                    "{shape:?} has 2^32 or more elements; smelt indexes elements with 32 bits"
+                ),
+            });
+        }
         Ok(Some(TensorTask {
             name: out_name.to_string(),
             shape,
@@ -704,7 +719,7 @@ impl TaskBuilder<'_> {
                     tensor: n,
                 })
                 .collect(),
-            params: Params { shared, per_input },
+            params,
             t,
             layer,
             copy_only: false,

@@ -39,7 +39,11 @@ fn mulhilo_native(a: u32, b: u32) -> (u32, u32) {
 }
 
 #[inline(always)]
-fn philox_with(mut ctr: [u32; 4], mut key: [u32; 2], mul: impl Fn(u32, u32) -> (u32, u32)) -> [u32; 4] {
+fn philox_with(
+    mut ctr: [u32; 4],
+    mut key: [u32; 2],
+    mul: impl Fn(u32, u32) -> (u32, u32),
+) -> [u32; 4] {
     for r in 0..10 {
         if r > 0 {
             key[0] = key[0].wrapping_add(PHILOX_W0);
@@ -155,12 +159,20 @@ mod tests {
     fn limb_and_native_philox_agree() {
         let mut c = [1u32, 2, 3, 4];
         for i in 0..10_000u32 {
-            c = [c[0].wrapping_mul(747796405).wrapping_add(i), c[1] ^ i, c[2].rotate_left(7), c[3].wrapping_add(c[0])];
+            c = [
+                c[0].wrapping_mul(747796405).wrapping_add(i),
+                c[1] ^ i,
+                c[2].rotate_left(7),
+                c[3].wrapping_add(c[0]),
+            ];
             let k = [c[3] ^ 0x5555, c[1].wrapping_mul(3)];
             assert_eq!(philox4x32_10(c, k), philox4x32_10_limbs(c, k));
         }
         assert_eq!(
-            philox4x32_10_limbs([0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344], [0xa4093822, 0x299f31d0]),
+            philox4x32_10_limbs(
+                [0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344],
+                [0xa4093822, 0x299f31d0]
+            ),
             [0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1]
         );
     }

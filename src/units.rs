@@ -17,9 +17,7 @@ fn scaled(mut x: f64, units: &[&str], step: f64) -> String {
         i += 1;
     }
     let sep = if units[i].is_empty() { "" } else { " " };
-    if i == 0 {
-        format!("{x:.0}{sep}{}", units[i])
-    } else if x >= 100.0 {
+    if i == 0 || x >= 100.0 {
         format!("{x:.0}{sep}{}", units[i])
     } else if x >= 10.0 {
         format!("{x:.1}{sep}{}", units[i])

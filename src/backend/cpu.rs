@@ -315,12 +315,12 @@ impl Backend for Cpu {
                 let len = oc.len() / osz;
                 load(&base, start, job.load_dtype, &mut s.base[..len]);
                 let b = &s.base[..len];
-                for i in 0..m {
-                    load(&job.models[i], start, job.load_dtype, &mut s.x[i][..len]);
+                for (i, (input, stream)) in job.models.iter().zip(&streams).enumerate() {
                     let x = &mut s.x[i][..len];
+                    load(input, start, job.load_dtype, x);
                     x.iter_mut().zip(b).for_each(|(x, b)| *x -= *b);
                     let k = &mut s.acc[..len];
-                    keep_factors(&spec.keep[i], &streams[i], start, x, k);
+                    keep_factors(&spec.keep[i], stream, start, x, k);
                     let (sc, w) = (spec.scale[i], spec.weights[i]);
                     x.iter_mut()
                         .zip(k.iter())
@@ -416,10 +416,9 @@ impl Backend for Cpu {
                 let len = oc.len() / osz;
                 let acc = &mut s.acc[..len];
                 acc.fill(0.0);
-                for i in 0..m {
+                for (input, &w) in job.models.iter().zip(weights) {
                     let x = &mut s.x[0][..len];
-                    load(&job.models[i], start, job.load_dtype, x);
-                    let w = weights[i];
+                    load(input, start, job.load_dtype, x);
                     acc.iter_mut().zip(x.iter()).for_each(|(a, x)| *a += *x * w);
                 }
                 if let Some(d) = divisor {

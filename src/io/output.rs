@@ -125,7 +125,11 @@ pub fn model_card(plan: &Plan, out_name: &str) -> String {
             "" => "merged",
             r => r.trim().trim_matches(|c| c == '(' || c == ')'),
         };
-        s.push_str(&format!("| `{}` | {role} | `{}` |\n", m.label, input_digest(m)));
+        s.push_str(&format!(
+            "| `{}` | {role} | `{}` |\n",
+            m.label,
+            input_digest(m)
+        ));
     }
     s.push_str(&format!(
         "\n## Settings\n\n- seed: {}\n- compute: f32, inputs loaded as {}\n- tensors: {}\n\n",

@@ -186,7 +186,7 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
         }
     };
     let v = x * mul;
-    if !(v >= 1.0) {
+    if v.is_nan() || v < 1.0 {
         return Err(format!("size {s:?} must be at least one byte"));
     }
     Ok(v as u64)
@@ -202,6 +202,13 @@ fn tmp_path_for(final_dir: &Path) -> PathBuf {
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     parent.join(format!(".{name}.smelt-tmp-{}", std::process::id()))
+}
+
+/// Where `--force` parks the folder it replaces until the new one is in place.
+fn aside_path_for(final_dir: &Path) -> PathBuf {
+    let mut p = tmp_path_for(final_dir).into_os_string();
+    p.push(".old");
+    PathBuf::from(p)
 }
 
 impl StagedOutput {
@@ -287,7 +294,10 @@ impl StagedOutput {
         self.files.clear();
         if self.final_dir.exists() {
             // --force: move the old folder aside first so that a failure here loses nothing.
-            let old = self.tmp_dir.with_extension("old");
+            let old = aside_path_for(&self.final_dir);
+            if old.exists() {
+                std::fs::remove_dir_all(&old).at(&old)?;
+            }
             std::fs::rename(&self.final_dir, &old).at(&self.final_dir)?;
             std::fs::rename(&self.tmp_dir, &self.final_dir).at(&self.final_dir)?;
             let _ = std::fs::remove_dir_all(&old);

@@ -6,7 +6,7 @@
 //! norm, weight, optionally elect a sign per element and keep the agreeing deltas, divide by
 //! the agreeing weights if `normalize`, scale by `lambda`, add to the base.
 
-use super::{Algo, BasePolicy, Ctx, Default, MethodInfo, ParamSpec, Scope};
+use super::{Algo, BasePolicy, Ctx, Default, MethodInfo, ParamSpec, Params, Scope};
 use crate::backend::{py_int_mul, Backend, Consensus, GtaSpec, Keep, Query, Source};
 use crate::error::Result;
 use crate::recipe::Kind;
@@ -163,6 +163,23 @@ pub fn methods() -> Vec<MethodInfo> {
     ]
 }
 
+pub fn check(v: Variant, params: &Params) -> std::result::Result<(), String> {
+    for i in 0..params.per_input.len() {
+        if params.input_f(i, "weight").is_none() {
+            return Err(format!("input {i} has no weight"));
+        }
+        if v.sparsify == Sparsify::MagnitudeOutliers {
+            let g = params.input_f(i, "gamma").unwrap_or(0.01);
+            if !(0.0..=1.0).contains(&g) {
+                return Err(format!(
+                    "gamma {g} of input {i} is not a fraction in [0, 1]"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 pub fn run(v: Variant, b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> {
     let job = cx.job;
     let m = job.models.len();
@@ -176,7 +193,7 @@ pub fn run(v: Variant, b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> 
     // (model, query slot of lo, query slot of hi) for rank-based keeps
     let mut queries: Vec<Query> = Vec::new();
     let mut pending: Vec<(usize, Option<usize>, usize)> = Vec::new();
-    for i in 0..m {
+    for (i, keep_i) in keep.iter_mut().enumerate() {
         let w = cx
             .model_f(i, "weight")
             .ok_or_else(|| cx.err(format!("model {i} has no weight")))?;
@@ -192,7 +209,7 @@ pub fn run(v: Variant, b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> 
             Sparsify::None => {}
             Sparsify::Magnitude => {
                 if density <= 0.0 || n == 0 {
-                    keep[i] = Keep::Nothing;
+                    *keep_i = Keep::Nothing;
                 } else {
                     let k = py_int_mul(density, n).max(1);
                     pending.push((i, None, queries.len()));
@@ -202,7 +219,7 @@ pub fn run(v: Variant, b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> 
                     });
                 }
             }
-            Sparsify::Random => keep[i] = Keep::Random { p: density as f32 },
+            Sparsify::Random => *keep_i = Keep::Random { p: density as f32 },
             Sparsify::MagnitudeOutliers => {
                 let gamma = cx.model_f(i, "gamma").unwrap_or(0.01);
                 let target = py_int_mul(density, n);

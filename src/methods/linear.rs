@@ -1,31 +1,37 @@
 //! `linear`: the weighted average of the models (model soups).
 
-use super::Ctx;
+use super::{Ctx, Params};
 use crate::backend::Backend;
 use crate::error::Result;
 
-pub fn run(b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> {
-    let m = cx.job.models.len();
-    let mut weights = Vec::with_capacity(m);
-    for i in 0..m {
-        let w = cx
-            .model_f(i, "weight")
-            .ok_or_else(|| cx.err(format!("model {i} has no weight")))?;
+/// The weights as f32 and, with `normalize`, their f32 sum (mergekit divides by exactly that).
+fn weights_and_divisor(params: &Params) -> std::result::Result<(Vec<f32>, Option<f32>), String> {
+    let mut weights = Vec::with_capacity(params.per_input.len());
+    for i in 0..params.per_input.len() {
+        let w = params
+            .input_f(i, "weight")
+            .ok_or_else(|| format!("input {i} has no weight"))?;
         weights.push(w as f32);
     }
-    let divisor = if cx.params.shared_b("normalize") {
-        // f32, summed in order, as mergekit does.
-        let mut s = 0.0f32;
-        weights.iter().for_each(|w| s += *w);
-        if s == 0.0 || !s.is_finite() {
-            return Err(cx.err(format!(
-                "the weights {weights:?} sum to {s}; with `normalize: true` the merge would divide by it. \
-                 Use weights with a non-zero sum or set `normalize: false`"
-            )));
-        }
-        Some(s)
-    } else {
-        None
-    };
+    if !params.shared_b("normalize") {
+        return Ok((weights, None));
+    }
+    let mut s = 0.0f32;
+    weights.iter().for_each(|w| s += *w);
+    if s == 0.0 || !s.is_finite() {
+        return Err(format!(
+            "the weights {weights:?} sum to {s}; with `normalize: true` the merge would divide by it. \
+             Use weights with a non-zero sum or set `normalize: false`"
+        ));
+    }
+    Ok((weights, Some(s)))
+}
+
+pub fn check(params: &Params) -> std::result::Result<(), String> {
+    weights_and_divisor(params).map(|_| ())
+}
+
+pub fn run(b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> {
+    let (weights, divisor) = weights_and_divisor(cx.params).map_err(|m| cx.err(m))?;
     b.weighted_sum(cx.job, &weights, divisor, out)
 }

@@ -211,6 +211,38 @@ impl Ctx<'_> {
     }
 }
 
+/// Checks a tensor's resolved parameters at plan time, so that a merge that would fail on
+/// its last tensor fails before the first.
+pub fn check(method: &MethodInfo, params: &Params, tensor: &str) -> Result<()> {
+    let err = |msg: String| {
+        Err(Error::Param {
+            tensor: tensor.to_string(),
+            msg,
+        })
+    };
+    for (i, p) in params.per_input.iter().enumerate() {
+        for (name, v) in p {
+            if let Some(Value1::Float(x)) = v {
+                if !x.is_finite() {
+                    return err(format!("parameter `{name}` of input {i} is {x}"));
+                }
+            }
+        }
+    }
+    for (name, v) in &params.shared {
+        if let Some(Value1::Float(x)) = v {
+            if !x.is_finite() {
+                return err(format!("parameter `{name}` is {x}"));
+            }
+        }
+    }
+    match method.algo {
+        Algo::Linear => linear::check(params).or_else(err),
+        Algo::Gta(v) => gta::check(v, params).or_else(err),
+        Algo::Passthrough => Ok(()),
+    }
+}
+
 /// Runs `method` for one output tensor, writing `job.out_dtype` bytes into `out`.
 pub fn run(method: &MethodInfo, backend: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> {
     match method.algo {

@@ -66,7 +66,7 @@ fn describe(index: usize, a: &wgpu::Adapter) -> AdapterDesc {
         backend: format!("{:?}", i.backend),
         driver: i.driver,
         driver_info: i.driver_info,
-        max_storage_binding: l.max_storage_buffer_binding_size as u64,
+        max_storage_binding: l.max_storage_buffer_binding_size,
         max_buffer: l.max_buffer_size,
         max_workgroups_per_dim: l.max_compute_workgroups_per_dimension,
         max_invocations: l.max_compute_invocations_per_workgroup,

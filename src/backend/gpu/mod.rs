@@ -98,6 +98,15 @@ impl TileSpec {
     }
 }
 
+/// A tile whose output is on its way back: (tile, slot, bytes, map result, submission).
+type Pending = (
+    usize,
+    usize,
+    u64,
+    mpsc::Receiver<std::result::Result<(), wgpu::BufferAsyncError>>,
+    wgpu::SubmissionIndex,
+);
+
 struct TileGpu {
     src: wgpu::Buffer,
     ubo: wgpu::Buffer,
@@ -409,8 +418,7 @@ impl Gpu {
         &self,
         job: &Job,
         st: &mut JobState,
-        shader: Shader,
-        entry: &'static str,
+        (shader, entry): (Shader, &'static str),
         meta: &wgpu::Buffer,
         dst_bytes: u64,
         only_tile: Option<usize>,
@@ -462,24 +470,8 @@ impl Gpu {
             self.storage("tile out", tile_out, true),
         ];
         let rbs = [self.readback(tile_out), self.readback(tile_out)];
-        // (tile, slot, bytes, map result)
-        let mut pending: Option<(
-            usize,
-            usize,
-            u64,
-            mpsc::Receiver<std::result::Result<(), wgpu::BufferAsyncError>>,
-            wgpu::SubmissionIndex,
-        )> = None;
-        let finish = |p: (
-            usize,
-            usize,
-            u64,
-            mpsc::Receiver<std::result::Result<(), wgpu::BufferAsyncError>>,
-            wgpu::SubmissionIndex,
-        ),
-                      st: &JobState,
-                      out: &mut [u8]|
-         -> Result<()> {
+        let mut pending: Option<Pending> = None;
+        let finish = |p: Pending, st: &JobState, out: &mut [u8]| -> Result<()> {
             let (t, slot, bytes, rx, idx) = p;
             self.ctx
                 .device
@@ -582,8 +574,7 @@ impl Gpu {
             let bytes = self.accumulate(
                 job,
                 st,
-                Shader::Select,
-                "histogram",
+                (Shader::Select, "histogram"),
                 &meta,
                 group.len() as u64 * 65536 * 4,
                 None,
@@ -612,8 +603,7 @@ impl Gpu {
         let bytes = self.accumulate(
             job,
             st,
-            Shader::Select,
-            "count_equal",
+            (Shader::Select, "count_equal"),
             &meta,
             st.total_groups as u64 * 4,
             None,
@@ -645,8 +635,7 @@ impl Gpu {
         let bytes = self.accumulate(
             job,
             st,
-            Shader::Select,
-            "equal_bits",
+            (Shader::Select, "equal_bits"),
             &meta,
             32 * 4,
             Some(ti),
@@ -701,8 +690,7 @@ impl Backend for Gpu {
         let bytes = self.accumulate(
             job,
             st,
-            Shader::Gta,
-            "masked_l1",
+            (Shader::Gta, "masked_l1"),
             &meta,
             st.total_groups as u64 * m as u64 * 8,
             None,
