@@ -25,7 +25,10 @@ fn gpus() -> Vec<(&'static str, Gpu)> {
         return Vec::new();
     };
     vec![
-        ("whole", Gpu::with_context(ctx.clone(), &GpuOptions::default())),
+        (
+            "whole",
+            Gpu::with_context(ctx.clone(), &GpuOptions::default()),
+        ),
         (
             "tiled",
             Gpu::with_context(
@@ -106,11 +109,27 @@ fn inputs(seed: u64, n: usize, m: usize, dt: DType, ties: bool) -> (Vec<u8>, Vec
     (encode(dt, &base), models)
 }
 
-fn job<'a>(name: &'a str, base: &'a [u8], models: &'a [Vec<u8>], dt: DType, load: DType, out: DType) -> Job<'a> {
+fn job<'a>(
+    name: &'a str,
+    base: &'a [u8],
+    models: &'a [Vec<u8>],
+    dt: DType,
+    load: DType,
+    out: DType,
+) -> Job<'a> {
     Job::new(
         name,
-        Some(Input { bytes: base, dtype: dt }),
-        models.iter().map(|b| Input { bytes: b, dtype: dt }).collect(),
+        Some(Input {
+            bytes: base,
+            dtype: dt,
+        }),
+        models
+            .iter()
+            .map(|b| Input {
+                bytes: b,
+                dtype: dt,
+            })
+            .collect(),
         load,
         out,
     )
@@ -142,7 +161,14 @@ fn conversions_are_bit_exact() {
             }
         }
     }
-    vals.extend([f32::MIN_POSITIVE / 3.0, 65519.0, 65520.0, 1.0e-8, -3.0e-7, f32::INFINITY]);
+    vals.extend([
+        f32::MIN_POSITIVE / 3.0,
+        65519.0,
+        65520.0,
+        1.0e-8,
+        -3.0e-7,
+        f32::INFINITY,
+    ]);
     vals.retain(|x| !x.is_nan());
     let gpus = gpus();
     for (cfg, gpu) in &gpus {
@@ -150,14 +176,26 @@ fn conversions_are_bit_exact() {
             let bytes = encode(src, &vals);
             for load in DTYPES {
                 for out in DTYPES {
-                    let j = Job::new("conv", None, vec![Input { bytes: &bytes, dtype: src }], load, out);
+                    let j = Job::new(
+                        "conv",
+                        None,
+                        vec![Input {
+                            bytes: &bytes,
+                            dtype: src,
+                        }],
+                        load,
+                        out,
+                    );
                     let mut a = vec![0u8; j.out_bytes()];
                     let mut b = vec![0u8; j.out_bytes()];
                     Cpu.convert(&j, &mut a).unwrap();
                     gpu.convert(&j, &mut b).unwrap();
                     if a != b {
                         let i = (0..vals.len())
-                            .find(|&i| a[i * out.size()..(i + 1) * out.size()] != b[i * out.size()..(i + 1) * out.size()])
+                            .find(|&i| {
+                                a[i * out.size()..(i + 1) * out.size()]
+                                    != b[i * out.size()..(i + 1) * out.size()]
+                            })
                             .unwrap();
                         panic!(
                             "[{cfg}] {src}->{out} (load {load}): element {i} ({:e}) differs: cpu {:?} gpu {:?}",
@@ -181,7 +219,16 @@ fn selections_are_identical() {
             let n64 = n as u64;
             let mut qs = Vec::new();
             for src in [Source::Delta(0), Source::Delta(2), Source::Model(1)] {
-                for k in [0, 1, 2, n64 / 3, n64 / 2, n64.saturating_sub(1), n64, n64 + 5] {
+                for k in [
+                    0,
+                    1,
+                    2,
+                    n64 / 3,
+                    n64 / 2,
+                    n64.saturating_sub(1),
+                    n64,
+                    n64 + 5,
+                ] {
                     qs.push(Query { source: src, k });
                 }
             }
@@ -229,11 +276,30 @@ fn gta_and_norms_match() {
     each_case(|cfg, gpu, n, dt| {
         let m = 3;
         let (base, models) = inputs(n as u64 * 13, n, m, dt, false);
-        for (out, load) in [(DType::F32, DType::F32), (dt, DType::F32), (DType::BF16, DType::BF16)] {
-            let j = job("model.layers.3.mlp.up_proj.weight", &base, &models, dt, load, out);
+        for (out, load) in [
+            (DType::F32, DType::F32),
+            (dt, DType::F32),
+            (DType::BF16, DType::BF16),
+        ] {
+            let j = job(
+                "model.layers.3.mlp.up_proj.weight",
+                &base,
+                &models,
+                dt,
+                load,
+                out,
+            );
             let n64 = n as u64;
-            let mut qs: Vec<Query> = (0..m).map(|i| Query { source: Source::Delta(i), k: n64 / 2 + 1 }).collect();
-            qs.extend((0..m).map(|i| Query { source: Source::Delta(i), k: n64 / 10 }));
+            let mut qs: Vec<Query> = (0..m)
+                .map(|i| Query {
+                    source: Source::Delta(i),
+                    k: n64 / 2 + 1,
+                })
+                .collect();
+            qs.extend((0..m).map(|i| Query {
+                source: Source::Delta(i),
+                k: n64 / 10,
+            }));
             let cuts = Cpu.select(&j, &qs).unwrap();
             for variant in 0..5 {
                 let keep = keeps(&cuts, m, variant);
@@ -247,7 +313,10 @@ fn gta_and_norms_match() {
                         );
                     }
                 }
-                for (ci, consensus) in [Consensus::None, Consensus::Sum, Consensus::Count].into_iter().enumerate() {
+                for (ci, consensus) in [Consensus::None, Consensus::Sum, Consensus::Count]
+                    .into_iter()
+                    .enumerate()
+                {
                     let spec = GtaSpec {
                         weights: vec![0.7, -0.2, 0.5],
                         keep: keep.clone(),
@@ -261,9 +330,15 @@ fn gta_and_norms_match() {
                     let mut b = vec![0u8; j.out_bytes()];
                     Cpu.gta(&j, &spec, &mut a).unwrap();
                     gpu.gta(&j, &spec, &mut b).unwrap();
-                    let tol = if out == DType::F32 { Tol::ulps(4) } else { Tol::ulps(1) };
+                    let tol = if out == DType::F32 {
+                        Tol::ulps(4)
+                    } else {
+                        Tol::ulps(1)
+                    };
                     assert_close(
-                        &format!("[{cfg}] n={n} {dt}->{out} load {load} variant {variant} {consensus:?}"),
+                        &format!(
+                            "[{cfg}] n={n} {dt}->{out} load {load} variant {variant} {consensus:?}"
+                        ),
                         &decode(out, &b),
                         &decode(out, &a),
                         out,
@@ -280,7 +355,11 @@ fn gta_and_norms_match() {
 fn dare_masks_are_bit_identical() {
     each_case(|cfg, gpu, n, dt| {
         let (base, models) = inputs(n as u64 * 31, n, 1, dt, false);
-        for (p, name) in [(0.1f32, "a"), (0.5, "model.layers.0.self_attn.q_proj.weight"), (0.9, "z")] {
+        for (p, name) in [
+            (0.1f32, "a"),
+            (0.5, "model.layers.0.self_attn.q_proj.weight"),
+            (0.9, "z"),
+        ] {
             let j = job(name, &base, &models, dt, DType::F32, DType::F32);
             let spec = GtaSpec {
                 weights: vec![1.0],
@@ -296,8 +375,18 @@ fn dare_masks_are_bit_identical() {
             Cpu.gta(&j, &spec, &mut a).unwrap();
             gpu.gta(&j, &spec, &mut b).unwrap();
             let bd = decode(dt, &base);
-            let mask = |o: &[u8]| -> Vec<bool> { decode(DType::F32, o).iter().zip(&bd).map(|(x, b)| x != b).collect() };
-            assert_eq!(mask(&a), mask(&b), "[{cfg}] n={n} {dt} p={p}: DARE masks differ");
+            let mask = |o: &[u8]| -> Vec<bool> {
+                decode(DType::F32, o)
+                    .iter()
+                    .zip(&bd)
+                    .map(|(x, b)| x != b)
+                    .collect()
+            };
+            assert_eq!(
+                mask(&a),
+                mask(&b),
+                "[{cfg}] n={n} {dt} p={p}: DARE masks differ"
+            );
             assert_eq!(a, b, "[{cfg}] n={n} {dt} p={p}: kept values differ");
         }
     });
@@ -311,7 +400,13 @@ fn weighted_sums_match() {
             let j = Job::new(
                 "w",
                 None,
-                models.iter().map(|b| Input { bytes: b, dtype: dt }).collect(),
+                models
+                    .iter()
+                    .map(|b| Input {
+                        bytes: b,
+                        dtype: dt,
+                    })
+                    .collect(),
                 DType::F32,
                 DType::F32,
             );
@@ -354,7 +449,16 @@ fn pipeline_cache_builds_each_pipeline_once() {
     let (base, models) = inputs(9, 5000, 2, DType::F32, true);
     let run = || {
         let j = job("p", &base, &models, DType::F32, DType::F32, DType::F32);
-        let qs = [Query { source: Source::Delta(0), k: 100 }, Query { source: Source::Delta(1), k: 2500 }];
+        let qs = [
+            Query {
+                source: Source::Delta(0),
+                k: 100,
+            },
+            Query {
+                source: Source::Delta(1),
+                k: 2500,
+            },
+        ];
         let cuts = gpu.select(&j, &qs).unwrap();
         let keep = vec![Keep::top(cuts[0]), Keep::Random { p: 0.5 }];
         gpu.masked_l1(&j, &keep, 1).unwrap();
@@ -378,7 +482,11 @@ fn pipeline_cache_builds_each_pipeline_once() {
     assert!((4..=6).contains(&after_first), "{after_first} pipelines");
     run();
     run();
-    assert_eq!(gpu.pipelines_built(), after_first, "a pipeline was built twice");
+    assert_eq!(
+        gpu.pipelines_built(),
+        after_first,
+        "a pipeline was built twice"
+    );
 }
 
 #[test]

@@ -18,7 +18,11 @@ fn unavailable(e: &smelt::Error) -> Option<Arc<GpuContext>> {
 /// The device shared by every test of this binary.
 pub fn gpu_context() -> Option<Arc<GpuContext>> {
     static CTX: OnceLock<Result<Arc<GpuContext>, String>> = OnceLock::new();
-    match CTX.get_or_init(|| GpuContext::new(None).map(Arc::new).map_err(|e| e.to_string())) {
+    match CTX.get_or_init(|| {
+        GpuContext::new(None)
+            .map(Arc::new)
+            .map_err(|e| e.to_string())
+    }) {
         Ok(c) => Some(c.clone()),
         Err(e) => unavailable(&smelt::Error::Gpu(e.clone())),
     }

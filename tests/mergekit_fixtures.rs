@@ -1,0 +1,313 @@
+//! smelt against mergekit's own outputs (tests/fixtures/mergekit, see its README).
+//!
+//! Exact cases: every element of all 21 tensors within 1e-7 abs + 1e-6 rel, same names,
+//! shapes and dtypes, through the whole pipeline (plan, execute, writer, read back).
+//! Statistical cases (DARE): per-matrix change fraction and mean |merged - base| against the
+//! fixture's. ties_bf16: documented gap, measured and bounded from below.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::*;
+use smelt::dtype::DType;
+
+const TENSORS: usize = 21;
+
+fn expected(case: &str) -> BTreeMap<String, T> {
+    let e = load_st(&case_dir(case).join("expected.safetensors"));
+    assert_eq!(
+        e.len(),
+        TENSORS,
+        "{case}: fixture should hold {TENSORS} tensors"
+    );
+    e
+}
+
+/// Same names, dtypes and shapes; values within `tol`.
+fn assert_same_model(case: &str, got: &BTreeMap<String, T>, exp: &BTreeMap<String, T>, tol: Tol) {
+    let gn: Vec<&String> = got.keys().collect();
+    let en: Vec<&String> = exp.keys().collect();
+    assert_eq!(gn, en, "{case}: tensor names differ");
+    for (name, e) in exp {
+        let g = &got[name];
+        assert_eq!(g.dtype, e.dtype, "{case}: {name} dtype");
+        assert_eq!(g.shape, e.shape, "{case}: {name} shape");
+        assert_close(&format!("{case}: {name}"), &g.data, &e.data, e.dtype, tol);
+    }
+}
+
+fn exact_case(case: &str) {
+    let exp = expected(case);
+    for (bname, backend) in backends() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        let plan = plan_file(&case_dir(case).join("config.yml"), None);
+        assert_eq!(plan.tasks.len(), TENSORS, "{case}: planned tensors");
+        let report = execute_to(&plan, backend.as_ref(), &out, 5_000_000_000);
+        assert_eq!(report.tensors, TENSORS);
+        assert_eq!(report.shards, 1);
+        let got = load_dir(&out);
+        assert_same_model(&format!("{case} on {bname}"), &got, &exp, Tol::FIXTURE);
+    }
+}
+
+#[test]
+fn linear() {
+    exact_case("linear");
+}
+
+#[test]
+fn task_arithmetic() {
+    exact_case("task_arithmetic");
+}
+
+#[test]
+fn ties() {
+    exact_case("ties");
+}
+
+#[test]
+fn ties_d03_weights() {
+    exact_case("ties_d03_weights");
+}
+
+#[test]
+fn breadcrumbs() {
+    exact_case("breadcrumbs");
+}
+
+#[test]
+fn breadcrumbs_ties() {
+    exact_case("breadcrumbs_ties");
+}
+
+#[test]
+fn passthrough() {
+    exact_case("passthrough");
+}
+
+/// The passthrough case is a pure copy: check it bit for bit as well, against the models it
+/// names (layer 0 and the embeddings from ft1, layer 1, norm and lm_head from ft2).
+#[test]
+fn passthrough_is_a_bit_copy_of_its_sources() {
+    let ft1 = load_st(&fixture_model("ft1").join("model.safetensors"));
+    let ft2 = load_st(&fixture_model("ft2").join("model.safetensors"));
+    for (bname, backend) in backends() {
+        let plan = plan_file(&case_dir("passthrough").join("config.yml"), None);
+        let got = merge_plan(&plan, backend.as_ref());
+        for (name, g) in &got {
+            let src = if name.contains("layers.0.") || name.contains("embed_tokens") {
+                &ft1
+            } else {
+                &ft2
+            };
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&g.data),
+                bits(&src[name].data),
+                "{bname}: {name} is not a bit copy"
+            );
+        }
+    }
+}
+
+/// Fraction of elements that differ from the base, and the mean |x - base|.
+fn change_stats(x: &[f32], base: &[f32]) -> (f64, f64) {
+    let n = x.len() as f64;
+    let changed = x.iter().zip(base).filter(|(a, b)| a != b).count() as f64;
+    let mean: f64 = x
+        .iter()
+        .zip(base)
+        .map(|(a, b)| (*a as f64 - *b as f64).abs())
+        .sum::<f64>();
+    (changed / n, mean / n)
+}
+
+fn statistical_case(case: &str) {
+    assert!(case_dir(case).join("STATISTICAL").exists());
+    let exp = expected(case);
+    let base = load_st(&fixture_model("base").join("model.safetensors"));
+    for (bname, backend) in backends() {
+        for seed in [0u64, 42, 20240601] {
+            let plan = plan_file(&case_dir(case).join("config.yml"), Some(seed));
+            let got = merge_plan(&plan, backend.as_ref());
+            assert_eq!(
+                got.keys().collect::<Vec<_>>(),
+                exp.keys().collect::<Vec<_>>()
+            );
+            let mut matrices = 0;
+            for (name, e) in &exp {
+                let g = &got[name];
+                assert_eq!((g.dtype, &g.shape), (e.dtype, &e.shape), "{name}");
+                if e.shape.len() != 2 {
+                    continue;
+                }
+                matrices += 1;
+                let b = &base[name].data;
+                let (fg, mg) = change_stats(&g.data, b);
+                let (fe, me) = change_stats(&e.data, b);
+                let what = format!("{case} on {bname}, seed {seed}, {name}");
+                assert!(
+                    (fg - fe).abs() <= 0.05,
+                    "{what}: fraction changed {fg:.4}, mergekit {fe:.4} (allowed ±0.05)"
+                );
+                assert!(
+                    (mg - me).abs() <= 0.15 * me,
+                    "{what}: mean |merged - base| {mg:.4e}, mergekit {me:.4e} (allowed ±15%)"
+                );
+            }
+            assert_eq!(matrices, 16, "{case}: 2-D tensors compared");
+        }
+    }
+}
+
+#[test]
+fn dare_linear_statistics() {
+    statistical_case("dare_linear");
+}
+
+#[test]
+fn dare_ties_statistics() {
+    statistical_case("dare_ties");
+}
+
+/// A single-model dare_linear (weight 1, lambda 1, rescale true): every element of
+/// out - base is 0 (dropped) or delta · Σ|delta| / Σ|kept delta| (kept), the L1 norm of the
+/// delta is preserved, and each tensor keeps a fraction p of its elements within
+/// 4·sqrt(p(1-p)/n). Base and delta magnitudes are chosen so that a kept element can never
+/// round back to the base.
+#[test]
+fn dare_rescale_invariant() {
+    let p = 0.3f64;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut rng = Lcg(7);
+    let shapes: [(&str, Vec<usize>); 3] = [
+        ("a", vec![64, 64]),
+        ("b", vec![16385]), // one past a CPU chunk
+        ("c", vec![7]),
+    ];
+    let mut base = Vec::new();
+    let mut ft = Vec::new();
+    for (name, shape) in &shapes {
+        let n: usize = shape.iter().product();
+        let b: Vec<f32> = (0..n).map(|_| rng.sym() * 0.125).collect();
+        let x: Vec<f32> = b
+            .iter()
+            .map(|b| {
+                let m = 0.5 + 0.5 * rng.sym().abs();
+                let s = if rng.next_u32() & 1 == 0 { 1.0 } else { -1.0 };
+                b + s * m
+            })
+            .collect();
+        base.push((*name, T::f32(shape, b)));
+        ft.push((*name, T::f32(shape, x)));
+    }
+    for (dir, list) in [("base", &base), ("ft", &ft)] {
+        let tensors: Vec<(&str, &T)> = list.iter().map(|(n, t)| (*n, t)).collect();
+        write_model(&tmp.path().join(dir), 0, &tensors);
+    }
+    let recipe = format!(
+        "merge_method: dare_linear\nbase_model: base\nmodels:\n  - model: ft\n    parameters: {{weight: 1.0, density: {p}}}\nparameters: {{lambda: 1.0, rescale: true}}\ndtype: float32\n"
+    );
+    for (bname, backend) in backends() {
+        for seed in [0u64, 1, 99] {
+            let plan = plan_text(tmp.path(), &recipe, Some(seed));
+            let got = merge_plan(&plan, backend.as_ref());
+            for ((name, bt), (_, xt)) in base.iter().zip(&ft) {
+                let out = &got[*name].data;
+                let n = out.len();
+                // the delta in the compute dtype, as the engine forms it
+                let d: Vec<f32> = xt.data.iter().zip(&bt.data).map(|(x, b)| x - b).collect();
+                let kept: Vec<bool> = out.iter().zip(&bt.data).map(|(o, b)| o != b).collect();
+                let k = kept.iter().filter(|k| **k).count();
+                let full: f64 = d.iter().map(|v| v.abs() as f64).sum();
+                let kept_l1: f64 = d
+                    .iter()
+                    .zip(&kept)
+                    .filter(|(_, k)| **k)
+                    .map(|(v, _)| v.abs() as f64)
+                    .sum();
+                let what = format!("{bname}, seed {seed}, tensor {name}");
+                assert!(k > 0, "{what}: nothing kept");
+                let ratio = full / kept_l1;
+                // out - base, for kept elements only, against delta * ratio
+                let (mut g, mut e) = (Vec::new(), Vec::new());
+                for i in 0..n {
+                    if kept[i] {
+                        g.push((out[i] as f64 - bt.data[i] as f64) as f32);
+                        e.push((d[i] as f64 * ratio) as f32);
+                    }
+                }
+                assert_close(
+                    &format!("{what}: kept elements"),
+                    &g,
+                    &e,
+                    DType::F32,
+                    Tol::abs_rel(0.0, 4.0 * f32::EPSILON as f64),
+                );
+                let out_l1: f64 = out
+                    .iter()
+                    .zip(&bt.data)
+                    .map(|(o, b)| (*o as f64 - *b as f64).abs())
+                    .sum();
+                assert!(
+                    (out_l1 - full).abs() <= 1e-5 * full,
+                    "{what}: L1 {out_l1} vs delta L1 {full}"
+                );
+                let frac = k as f64 / n as f64;
+                let bound = 4.0 * (p * (1.0 - p) / n as f64).sqrt();
+                assert!(
+                    (frac - p).abs() <= bound,
+                    "{what}: kept fraction {frac:.4}, expected {p} ± {bound:.4}"
+                );
+            }
+        }
+    }
+}
+
+/// mergekit computed `ties_bf16` in bf16 throughout; smelt rounds the inputs to bf16, computes
+/// in f32 and rounds once. The README measured 96% of elements within 1 bf16 ulp for that
+/// approach; we require at least 90% and print what we got.
+#[test]
+fn ties_bf16_documented_gap() {
+    let case = "ties_bf16";
+    assert!(case_dir(case).join("BF16_COMPUTE").exists());
+    let exp = expected(case);
+    for (bname, backend) in backends() {
+        let plan = plan_file(&case_dir(case).join("config.yml"), None);
+        let got = merge_plan(&plan, backend.as_ref());
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            exp.keys().collect::<Vec<_>>()
+        );
+        let (mut n, mut same, mut one, mut over8) = (0usize, 0usize, 0usize, 0usize);
+        for (name, e) in &exp {
+            let g = &got[name];
+            assert_eq!(e.dtype, DType::BF16, "{name}: fixture dtype");
+            assert_eq!(g.dtype, DType::BF16, "{name}: output dtype");
+            assert_eq!(g.shape, e.shape, "{name}");
+            n += e.data.len();
+            same += e.data.len() - compare(&g.data, &e.data, DType::BF16, Tol::EXACT).failed;
+            one += e.data.len() - compare(&g.data, &e.data, DType::BF16, Tol::ulps(1)).failed;
+            over8 += compare(&g.data, &e.data, DType::BF16, Tol::ulps(8)).failed;
+        }
+        let (fs, f1, f8) = (
+            same as f64 / n as f64,
+            one as f64 / n as f64,
+            over8 as f64 / n as f64,
+        );
+        println!(
+            "ties_bf16 on {bname}: {n} elements, identical {:.2}%, within 1 bf16 ulp {:.2}%, more than 8 ulps {:.2}%",
+            100.0 * fs,
+            100.0 * f1,
+            100.0 * f8
+        );
+        assert!(
+            f1 >= 0.90,
+            "{bname}: only {:.2}% within 1 bf16 ulp (README: ~96%)",
+            100.0 * f1
+        );
+        assert!(fs >= 0.85, "{bname}: only {:.2}% identical", 100.0 * fs);
+    }
+}
