@@ -11,7 +11,10 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use smelt::backend::cpu::Cpu;
 use smelt::backend::gpu::{Gpu, GpuContext, GpuOptions};
-use smelt::backend::{Backend, Consensus, GtaSpec, Input, Job, Keep, Query, Source};
+use smelt::backend::{
+    Backend, Consensus, GtaSpec, Input, Job, Keep, Query, RowLayout, Segments, Source, Sparsity,
+    Vector, Vote,
+};
 use smelt::dtype::{self, DType};
 
 const N: usize = 4 << 20;
@@ -120,8 +123,9 @@ fn bench(c: &mut Criterion) {
         let top: Vec<Keep> = cuts.iter().map(|c| Keep::top(*c)).collect();
         let random = vec![Keep::Random { p: 0.5 }; MODELS];
         g.throughput(Throughput::Bytes(in_bytes(MODELS + 1)));
-        g.bench_function(BenchmarkId::new("masked_l1", MODELS), |bn| {
-            bn.iter(|| b.masked_l1(&j, &random, 1).unwrap())
+        let sp_random = Sparsity::new(random.clone(), 1);
+        g.bench_function(BenchmarkId::new("masked_sums", MODELS), |bn| {
+            bn.iter(|| b.masked_sums(&j, &sp_random).unwrap())
         });
         g.throughput(Throughput::Bytes(in_bytes(MODELS + 1) + out_bytes));
         for (label, keep, consensus) in [
@@ -130,17 +134,58 @@ fn bench(c: &mut Criterion) {
         ] {
             let spec = GtaSpec {
                 weights: vec![1.0; MODELS],
-                keep: keep.clone(),
+                sparsity: Sparsity::new(keep.clone(), 1),
                 scale: vec![1.0; MODELS],
                 consensus,
+                vote: Vote::Weighted,
                 normalize: true,
+                div_floor: None,
                 lambda: 1.0,
-                seed: 1,
             };
             g.bench_function(BenchmarkId::new("gta", label), |bn| {
                 bn.iter(|| b.gta(&j, &spec, &mut out).unwrap())
             });
         }
+        let vecs: Vec<Vector> = (0..MODELS).map(Vector::Delta).collect();
+        let pairs: Vec<(usize, usize)> = (0..MODELS)
+            .flat_map(|i| (i..MODELS).map(move |k| (i, k)))
+            .collect();
+        g.throughput(Throughput::Bytes(in_bytes(MODELS + 1)));
+        g.bench_function(BenchmarkId::new("dots", "whole"), |bn| {
+            bn.iter(|| b.dots(&j, &vecs, &pairs, Segments::Whole).unwrap())
+        });
+        let mut terms: Vec<Vector> = (0..MODELS).map(Vector::Model).collect();
+        terms.push(Vector::Base);
+        let coefs = vec![0.25f32; MODELS + 1];
+        g.throughput(Throughput::Bytes(in_bytes(MODELS + 1) + out_bytes));
+        g.bench_function(BenchmarkId::new("combine", "whole"), |bn| {
+            bn.iter(|| {
+                b.combine(&j, &terms, Segments::Whole, &coefs, &mut out)
+                    .unwrap()
+            })
+        });
+        b.end_job(&j);
+
+        // DELLA: per-row ranks (a sort per row) then the random keep, rows of 4096
+        let rows = RowLayout::along_dim1(&[N / 4096, 4096]);
+        let j = inputs(true).with_align(rows.slab());
+        let della = GtaSpec {
+            weights: vec![1.0; MODELS],
+            sparsity: Sparsity {
+                keep: vec![Keep::Della { rows, table: 0 }; MODELS],
+                tables: vec![smelt::methods::della_table(0.5, 0.15, rows.len)],
+                seed: 1,
+            },
+            scale: vec![1.0; MODELS],
+            consensus: Consensus::Sum,
+            vote: Vote::Weighted,
+            normalize: true,
+            div_floor: None,
+            lambda: 1.0,
+        };
+        g.bench_function(BenchmarkId::new("gta", "della"), |bn| {
+            bn.iter(|| b.gta(&j, &della, &mut out).unwrap())
+        });
         b.end_job(&j);
         g.finish();
     }

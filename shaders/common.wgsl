@@ -11,20 +11,26 @@
 struct ModelMeta {
     offset: u32,     // word offset of this input's segment in `src`
     dtype: u32,      // 0 f32, 1 f16, 2 bf16
-    keep: u32,       // 0 all, 1 nothing, 2 rank band, 3 random
-    rng_model: u32,  // model index keying the random stream
+    keep: u32,       // 0 all, 1 nothing, 2 rank band by |delta|, 3 random, 4 rank band by
+                     // variance, 5 DELLA (random against a threshold table indexed by rank)
+    rng_model: u32,  // model index keying the random stream | vector entries: the model
     lo_bits: u32,    // rank band: lower cut (excluded) | select: filter bucket
     lo_index: u32,
-    hi_bits: u32,    // rank band: upper cut | count_equal: the value counted
+    hi_bits: u32,    // rank band: upper cut | count_equal: the key counted
     hi_index: u32,
-    p: f32,          // random keep probability
+    thr: u32,        // random keep: kept when the word's top 24 bits are below this
     weight: f32,
     scale: f32,
-    aux: u32,        // select: bit 0 = magnitude of the model itself, bit 1 = filtered
+    aux: u32,        // select: bit 0 key |x|, bit 1 filtered, bit 2 key = variance |
+                     // vector entries: 0 model, 1 base, 2 delta
+    ranks: u32,      // DELLA: word offset of this model's per-element ranks in `aux`
+    table: u32,      // DELLA: word offset of its threshold table in `aux`
+    _p0: u32,
+    _p1: u32,
 }
 
 struct Meta {
-    n_models: u32,
+    n_models: u32,     // the real models (sources and vectors follow them in `models`)
     base_offset: u32,
     base_dtype: u32,
     load_dtype: u32,   // inputs are rounded to this dtype as they load (0 = exact)
@@ -38,30 +44,54 @@ struct Meta {
     name_hash: u32,
     has_divisor: u32,
     divisor: f32,
-    focus: u32,        // equal_bits: the workgroup whose mask is wanted
-    _pad: u32,
+    focus: u32,        // equal_bits: the workgroup whose mask is wanted | rank kernels: model
+    vote: u32,         // 0 weighted deltas vote, 1 unweighted
+    floor_on: u32,     // divisor: 0 -> 1 (off), or max(divisor, div_floor) (on)
+    div_floor: f32,
+    inv_m: f32,        // 1 / n_models, for the variance key
+    use_var: u32,      // some keep rule ranks by variance
+    seg_kind: u32,     // 0 whole, 1 rows of seg_len, 2 columns (seg_len = number of columns)
+    seg_len: u32,
+    n_items: u32,      // sources, vectors or terms after the models
+    n_pairs: u32,
+    t: f32,            // nearswap
+    row_len: u32,      // rank kernels: row length, slab inner count, padded length P
+    row_inner: u32,
+    row_pad: u32,
+    n_entries: u32,    // rank kernels: rows x row_pad sort entries in this tile
+    out_offset: u32,   // rank_scatter: word offset of the ranks in `dst`
+    _p2: u32,
+    _p3: u32,
     models: array<ModelMeta>,
 }
 
 struct Tile {
     n: u32,          // elements in this tile
     start: u32,      // global index of the tile's first element
-    groups_x: u32,   // workgroups along x (2-D dispatch past 65,535 groups)
+    _g: u32,
     wg_base: u32,    // index of this tile's first workgroup within the whole job
+    index: u32,      // which tile of the job this is
+    _p0: u32,
+    _p1: u32,
+    _p2: u32,
 }
 
 @group(0) @binding(0) var<storage, read> src: array<u32>;
 @group(0) @binding(1) var<storage, read> job: Meta;
 @group(0) @binding(3) var<uniform> tile: Tile;
+// Per-operation extra data: DELLA ranks and threshold tables, combine coefficients,
+// dot-product pairs. Bound to a dummy buffer when an operation has none.
+@group(0) @binding(4) var<storage, read> aux: array<u32>;
 
 const WG: u32 = 256u;
 
-fn wg_linear(wid: vec3<u32>) -> u32 {
-    return wid.y * tile.groups_x + wid.x;
+// Workgroup number in a 2-D dispatch (past 65,535 groups the grid wraps into y).
+fn wg_linear(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return wid.y * nwg.x + wid.x;
 }
 
-fn quad_index(wid: vec3<u32>, lid: u32) -> u32 {
-    return wg_linear(wid) * WG + lid;
+fn quad_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
+    return wg_linear(wid, nwg) * WG + lid;
 }
 
 // ---- dtype conversions: the same integer recipes as src/dtype.rs ----
@@ -150,6 +180,23 @@ fn load4(offset: u32, dtype: u32, q: u32) -> vec4<f32> {
     return v;
 }
 
+// One element `e` of the segment at `offset`.
+fn load1(offset: u32, dtype: u32, e: u32) -> f32 {
+    var v: f32;
+    if dtype == 0u {
+        v = bitcast<f32>(src[offset + e]);
+    } else {
+        let w = src[offset + e / 2u];
+        let h = select(w & 0xffffu, w >> 16u, (e & 1u) == 1u);
+        v = select(f16_to_f32(h), bf16_to_f32(h), dtype == 2u);
+    }
+    let ld = job.load_dtype;
+    if ld != 0u && ld != dtype {
+        v = quantize(v, ld);
+    }
+    return v;
+}
+
 fn load_base4(q: u32) -> vec4<f32> {
     return load4(job.base_offset, job.base_dtype, q);
 }
@@ -157,6 +204,51 @@ fn load_base4(q: u32) -> vec4<f32> {
 fn load_model4(i: u32, q: u32) -> vec4<f32> {
     let m = job.models[i];
     return load4(m.offset, m.dtype, q);
+}
+
+fn delta4(i: u32, q: u32, b: vec4<f32>) -> vec4<f32> {
+    return load_model4(i, q) - b;
+}
+
+// Σ_i (d_i - m)² with m = (Σ_i d_i)·(1/M), the order of src/backend/cpu.rs::variance_keys.
+fn variance4(q: u32, b: vec4<f32>) -> vec4<f32> {
+    var m = vec4<f32>(0.0);
+    for (var i = 0u; i < job.n_models; i++) {
+        m = m + delta4(i, q, b);
+    }
+    m = m * job.inv_m;
+    var v = vec4<f32>(0.0);
+    for (var i = 0u; i < job.n_models; i++) {
+        let e = delta4(i, q, b) - m;
+        v = v + e * e;
+    }
+    return v;
+}
+
+// The value of vector entry `v` at element `e`.
+fn vector1(v: ModelMeta, e: u32) -> f32 {
+    let b = load1(job.base_offset, job.base_dtype, e);
+    if v.aux == 1u {
+        return b;
+    }
+    let m = job.models[v.rng_model];
+    let x = load1(m.offset, m.dtype, e);
+    if v.aux == 2u {
+        return x - b;
+    }
+    return x;
+}
+
+// The values of vector entry `e` (model, base or delta) over quad q.
+fn vector4(e: ModelMeta, q: u32) -> vec4<f32> {
+    if e.aux == 1u {
+        return load_base4(q);
+    }
+    let x = load_model4(e.rng_model, q);
+    if e.aux == 2u {
+        return x - load_base4(q);
+    }
+    return x;
 }
 
 // Sign as torch computes it, 0 for both zeros (and, like the CPU path, for NaN).

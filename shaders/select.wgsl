@@ -1,15 +1,22 @@
-// Rank selection on the f32 bit patterns of magnitudes (|x| >= 0, so integer order is
-// float order). The host drives src/backend/cpu.rs::select_with over these kernels:
-// a histogram of the high 16 bits, a histogram of the low 16 bits inside one high bucket,
-// and, when a tie at the threshold must be split, the position of the q-th tied element.
+// Rank selection on the f32 bit patterns of non-negative keys (integer order is float
+// order). The host drives src/backend/cpu.rs::select_with over these kernels: a histogram
+// of the high 16 bits, a histogram of the low 16 bits inside one high bucket, and, when a tie
+// at the threshold must be split, the position of the q-th tied element.
 //
-// Each entry of job.models is one *source*: the input (offset, dtype) whose magnitudes are
-// ranked, aux bit 0 set for |x| and clear for |x - base|, aux bit 1 set for the filtered
-// second level with the high bucket in lo_bits.
+// job.models holds the n_models models, then n_items *sources*: the input (offset, dtype)
+// whose keys are ranked; aux bit 0 set for |x|, clear for |x - base|; bit 2 set for the
+// variance key of the element; bit 1 set for the filtered second level, bucket in lo_bits.
 
 @group(0) @binding(2) var<storage, read_write> hist: array<atomic<u32>>;
 
-fn magnitudes(s: ModelMeta, q: u32) -> vec4<u32> {
+fn source(si: u32) -> ModelMeta {
+    return job.models[job.n_models + si];
+}
+
+fn keys(s: ModelMeta, q: u32) -> vec4<u32> {
+    if (s.aux & 4u) != 0u {
+        return bitcast<vec4<u32>>(abs(variance4(q, load_base4(q))));
+    }
     var x = load4(s.offset, s.dtype, q);
     if (s.aux & 1u) == 0u {
         x = x - load_base4(q);
@@ -18,14 +25,14 @@ fn magnitudes(s: ModelMeta, q: u32) -> vec4<u32> {
 }
 
 @compute @workgroup_size(256)
-fn histogram(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let q = quad_index(wid, lid);
+fn histogram(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let q = quad_index(wid, nwg, lid);
     if 4u * q >= tile.n {
         return;
     }
-    for (var si = 0u; si < job.n_models; si++) {
-        let s = job.models[si];
-        let a = magnitudes(s, q);
+    for (var si = 0u; si < job.n_items; si++) {
+        let s = source(si);
+        let a = keys(s, q);
         let filtered = (s.aux & 2u) != 0u;
         for (var l = 0u; l < 4u; l++) {
             if 4u * q + l < tile.n {
@@ -41,17 +48,17 @@ fn histogram(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
 
 var<workgroup> count: atomic<u32>;
 
-// Per workgroup: how many elements of source 0 have magnitude bits == hi_bits.
+// Per workgroup: how many elements of source 0 have key bits == hi_bits.
 @compute @workgroup_size(256)
-fn count_equal(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+fn count_equal(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32, @builtin(num_workgroups) nwg: vec3<u32>) {
     if lid == 0u {
         atomicStore(&count, 0u);
     }
     workgroupBarrier();
-    let q = quad_index(wid, lid);
+    let q = quad_index(wid, nwg, lid);
     if 4u * q < tile.n {
-        let s = job.models[0];
-        let a = magnitudes(s, q);
+        let s = source(0u);
+        let a = keys(s, q);
         var c = 0u;
         for (var l = 0u; l < 4u; l++) {
             if 4u * q + l < tile.n && a[l] == s.hi_bits {
@@ -64,23 +71,23 @@ fn count_equal(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     }
     workgroupBarrier();
     if lid == 0u {
-        atomicStore(&hist[tile.wg_base + wg_linear(wid)], atomicLoad(&count));
+        atomicStore(&hist[tile.wg_base + wg_linear(wid, nwg)], atomicLoad(&count));
     }
 }
 
 // For workgroup job.focus of this tile only: a 1024-bit mask (32 words) of the elements
-// of source 0 whose magnitude bits == hi_bits, bit j of word j/32 for local element j.
+// of source 0 whose key bits == hi_bits, bit j of word j/32 for local element j.
 @compute @workgroup_size(256)
-fn equal_bits(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    if wg_linear(wid) != job.focus {
+fn equal_bits(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32, @builtin(num_workgroups) nwg: vec3<u32>) {
+    if wg_linear(wid, nwg) != job.focus {
         return;
     }
-    let q = quad_index(wid, lid);
+    let q = quad_index(wid, nwg, lid);
     if 4u * q >= tile.n {
         return;
     }
-    let s = job.models[0];
-    let a = magnitudes(s, q);
+    let s = source(0u);
+    let a = keys(s, q);
     for (var l = 0u; l < 4u; l++) {
         if 4u * q + l < tile.n && a[l] == s.hi_bits {
             let j = 4u * lid + l;

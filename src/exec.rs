@@ -82,9 +82,11 @@ pub fn merge_tensor(
         out.copy_from_slice(models[0].bytes);
         return Ok(());
     }
-    let job = Job::new(&t.name, base, models, plan.load_dtype, t.out_dtype);
+    let job = Job::new(&t.name, base, models, plan.load_dtype, t.out_dtype)
+        .with_align(methods::job_align(plan.method, &t.params, &t.shape));
     let cx = Ctx {
         job: &job,
+        shape: &t.shape,
         params: &t.params,
         seed: plan.seed,
     };

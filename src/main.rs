@@ -267,6 +267,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "  base model: {}",
                     match m.base {
                         methods::BasePolicy::Required => "required",
+                        methods::BasePolicy::Optional =>
+                            "optional (merges task vectors when given)",
                         methods::BasePolicy::Ignored => "not used",
                     }
                 )?;

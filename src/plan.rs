@@ -188,11 +188,11 @@ impl Plan {
                 .map(|b| om.id(b))
                 .transpose()?
                 .or(base);
-            match method.base {
-                BasePolicy::Required => {
-                    let Some(b) = sbase else {
-                        return Err(rerr(format!("{} needs a `base_model`", method.name)));
-                    };
+            let uses_base = match (method.base, sbase) {
+                (BasePolicy::Required, None) => {
+                    return Err(rerr(format!("{} needs a `base_model`", method.name)));
+                }
+                (BasePolicy::Required | BasePolicy::Optional, Some(b)) => {
                     if !srcs.iter().any(|x| x.model == b) {
                         if recipe.from_models {
                             srcs.push(Src {
@@ -207,28 +207,40 @@ impl Plan {
                             )));
                         }
                     }
+                    true
                 }
-                BasePolicy::Ignored => {
-                    if let Some(b) = sbase {
-                        if si == 0 && !srcs.iter().any(|x| x.model == b) {
-                            warnings.push(format!(
-                                "{} does not use a base model; base_model {} is ignored",
-                                method.name, om.refs[b].raw
-                            ));
-                        }
+                (BasePolicy::Ignored, Some(b)) => {
+                    if si == 0 && !srcs.iter().any(|x| x.model == b) {
+                        warnings.push(format!(
+                            "{} does not use a base model; base_model {} is ignored",
+                            method.name, om.refs[b].raw
+                        ));
                     }
+                    false
                 }
+                (_, None) => false,
+            };
+            // Inputs merged besides the base (the base may also be listed among the models).
+            let merged = srcs.len() - (uses_base && sbase.is_some()) as usize;
+            let (lo, hi) = method.models;
+            let range = match hi {
+                Some(h) if h == lo => format!("exactly {lo}"),
+                Some(h) => format!("{lo} to {h}"),
+                None => format!("at least {lo}"),
+            };
+            let besides = if uses_base { " besides the base" } else { "" };
+            if merged < lo || hi.is_some_and(|h| merged > h) {
+                return Err(rerr(format!(
+                    "{} merges {range} model{}{besides}; {} has {merged}",
+                    method.name,
+                    if lo == 1 && hi == Some(1) { "" } else { "s" },
+                    if recipe.from_models {
+                        "`models:`".to_string()
+                    } else {
+                        format!("slices[{si}]")
+                    },
+                )));
             }
-            if let Some(max) = method.max_inputs {
-                if srcs.len() > max {
-                    return Err(rerr(format!(
-                        "{} takes at most {max} source per slice, slice {si} has {}",
-                        method.name,
-                        srcs.len()
-                    )));
-                }
-            }
-            let uses_base = method.base == BasePolicy::Required;
             slices.push((srcs, if uses_base { sbase } else { None }, s));
         }
         let tok = match &recipe.tokenizer_source {

@@ -11,11 +11,15 @@ mod common;
 use common::{assert_close, Tol};
 use smelt::backend::cpu::Cpu;
 use smelt::backend::gpu::{Gpu, GpuOptions};
-use smelt::backend::{Backend, Consensus, GtaSpec, Input, Job, Keep, Query, RankCut, Source};
+use smelt::backend::{
+    Backend, Consensus, GtaSpec, Input, Job, Keep, Key, Query, RankCut, RowLayout, Segments,
+    Source, Sparsity, Vector, Vote,
+};
 use smelt::dtype::{self, DType};
 
 const TILE: usize = 4096;
 const SIZES: [usize; 7] = [1, 7, 255, 1024, TILE + 1, 3 * TILE + 5, 65537];
+// 3 * TILE + 5 = 12293 = 19 rows of 647
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
 /// The GPU configurations every parity test runs: one tile per tensor (resident), forced
@@ -218,7 +222,12 @@ fn selections_are_identical() {
             let j = job("sel", &base, &models, dt, DType::F32, DType::F32);
             let n64 = n as u64;
             let mut qs = Vec::new();
-            for src in [Source::Delta(0), Source::Delta(2), Source::Model(1)] {
+            for src in [
+                Source::Delta(0),
+                Source::Delta(2),
+                Source::Model(1),
+                Source::Variance,
+            ] {
                 for k in [
                     0,
                     1,
@@ -238,17 +247,24 @@ fn selections_are_identical() {
             // The cuts select exactly k elements (min(k, n)).
             let bd = decode(dt, &base);
             for (q, cut) in qs.iter().zip(&a) {
-                let x = match q.source {
-                    Source::Delta(i) | Source::Model(i) => decode(dt, &models[i]),
+                let xs: Vec<Vec<f32>> = models.iter().map(|m| decode(dt, m)).collect();
+                let key = |e: usize| -> f32 {
+                    match q.source {
+                        Source::Delta(i) => xs[i][e] - bd[e],
+                        Source::Model(i) => xs[i][e],
+                        Source::Variance => {
+                            let d: Vec<f32> = xs.iter().map(|x| x[e] - bd[e]).collect();
+                            let mut mean = 0.0f32;
+                            d.iter().for_each(|v| mean += v);
+                            mean *= 1.0 / d.len() as f32;
+                            let mut v = 0.0f32;
+                            d.iter().for_each(|x| v += (x - mean) * (x - mean));
+                            v
+                        }
+                    }
                 };
                 let kept = (0..n)
-                    .filter(|&e| {
-                        let v = match q.source {
-                            Source::Delta(_) => x[e] - bd[e],
-                            Source::Model(_) => x[e],
-                        };
-                        cut.below(v.abs().to_bits(), e as u32)
-                    })
+                    .filter(|&e| cut.below(key(e).abs().to_bits(), e as u32))
                     .count() as u64;
                 assert_eq!(kept, q.k.min(n64), "[{cfg}] n={n} {dt} {q:?}");
             }
@@ -256,25 +272,56 @@ fn selections_are_identical() {
     });
 }
 
-fn keeps(cpu_cuts: &[RankCut], m: usize, variant: usize) -> Vec<Keep> {
-    (0..m)
-        .map(|i| match (variant + i) % 5 {
+/// A different mix of keep rules per variant: every rule appears for every model position.
+/// `cuts` holds per model a top-k cut and a smaller one, then one cut of the variance key.
+fn sparsity(cuts: &[RankCut], m: usize, variant: usize, rows: RowLayout) -> Sparsity {
+    let keep = (0..m)
+        .map(|i| match (variant + i) % 7 {
             0 => Keep::All,
-            1 => Keep::top(cpu_cuts[i]),
+            1 => Keep::top(cuts[i]),
             2 => Keep::Random { p: 0.3 },
             3 => Keep::Ranks {
-                lo: cpu_cuts[m + i],
-                hi: cpu_cuts[i],
+                lo: cuts[m + i],
+                hi: cuts[i],
+                key: Key::Delta,
             },
+            4 => Keep::Ranks {
+                lo: RankCut::NONE,
+                hi: cuts[2 * m],
+                key: Key::Variance,
+            },
+            5 => Keep::Della { rows, table: i % 2 },
             _ => Keep::Nothing,
         })
-        .collect()
+        .collect();
+    Sparsity {
+        keep,
+        tables: vec![
+            smelt::methods::della_table(0.5, 0.1, rows.len),
+            smelt::methods::della_table(0.3, 0.25, rows.len),
+        ],
+        seed: 7,
+    }
+}
+
+/// A 2-D shape for `n` elements with rows of a few hundred (or one row).
+fn shape_of(n: usize) -> Vec<usize> {
+    match n {
+        255 => vec![3, 85],
+        1024 => vec![32, 32],
+        4097 => vec![17, 241],
+        12293 => vec![19, 647],
+        65537 => vec![65537],
+        _ => vec![n],
+    }
 }
 
 #[test]
 fn gta_and_norms_match() {
     each_case(|cfg, gpu, n, dt| {
         let m = 3;
+        let shape = shape_of(n);
+        let rows = RowLayout::along_dim1(&shape);
         let (base, models) = inputs(n as u64 * 13, n, m, dt, false);
         for (out, load) in [
             (DType::F32, DType::F32),
@@ -288,7 +335,8 @@ fn gta_and_norms_match() {
                 dt,
                 load,
                 out,
-            );
+            )
+            .with_align(rows.slab());
             let n64 = n as u64;
             let mut qs: Vec<Query> = (0..m)
                 .map(|i| Query {
@@ -300,31 +348,45 @@ fn gta_and_norms_match() {
                 source: Source::Delta(i),
                 k: n64 / 10,
             }));
+            qs.push(Query {
+                source: Source::Variance,
+                k: n64 / 3,
+            });
             let cuts = Cpu.select(&j, &qs).unwrap();
-            for variant in 0..5 {
-                let keep = keeps(&cuts, m, variant);
-                let l1c = Cpu.masked_l1(&j, &keep, 7).unwrap();
-                let l1g = gpu.masked_l1(&j, &keep, 7).unwrap();
-                for (a, b) in l1c.iter().zip(&l1g) {
-                    for t in 0..2 {
+            assert_eq!(
+                cuts,
+                gpu.select(&j, &qs).unwrap(),
+                "[{cfg}] n={n} {dt} cuts"
+            );
+            for variant in 0..7 {
+                let sp = sparsity(&cuts, m, variant, rows);
+                let sc = Cpu.masked_sums(&j, &sp).unwrap();
+                let sg = gpu.masked_sums(&j, &sp).unwrap();
+                for (a, b) in sc.iter().zip(&sg) {
+                    for t in 0..3 {
                         assert!(
                             (a[t] - b[t]).abs() <= 1e-5 * a[t].abs() + 1e-6,
-                            "[{cfg}] n={n} {dt} masked_l1 {a:?} vs {b:?}"
+                            "[{cfg}] n={n} {dt} variant {variant} masked_sums {a:?} vs {b:?}"
                         );
                     }
                 }
-                for (ci, consensus) in [Consensus::None, Consensus::Sum, Consensus::Count]
-                    .into_iter()
-                    .enumerate()
+                // every consensus, vote and divisor rule meets every keep rule across variants
                 {
+                    let ci = variant % 3;
+                    let consensus = [Consensus::None, Consensus::Sum, Consensus::Count][ci];
                     let spec = GtaSpec {
                         weights: vec![0.7, -0.2, 0.5],
-                        keep: keep.clone(),
+                        sparsity: sp.clone(),
                         scale: vec![1.0, 1.25, 0.8],
                         consensus,
+                        vote: if variant % 2 == 0 {
+                            Vote::Weighted
+                        } else {
+                            Vote::Unweighted
+                        },
                         normalize: ci != 1 || variant % 2 == 0,
+                        div_floor: if variant % 3 == 0 { Some(1e-6) } else { None },
                         lambda: if variant == 2 { 1.0 } else { 0.9 },
-                        seed: 42,
                     };
                     let mut a = vec![0u8; j.out_bytes()];
                     let mut b = vec![0u8; j.out_bytes()];
@@ -352,6 +414,104 @@ fn gta_and_norms_match() {
 }
 
 #[test]
+fn della_masks_are_bit_identical() {
+    each_case(|cfg, gpu, n, dt| {
+        let shape = shape_of(n);
+        let rows = RowLayout::along_dim1(&shape);
+        let (base, models) = inputs(n as u64 * 17, n, 1, dt, true);
+        let j = job("della", &base, &models, dt, DType::F32, DType::F32).with_align(rows.slab());
+        let spec = GtaSpec {
+            weights: vec![1.0],
+            sparsity: Sparsity {
+                keep: vec![Keep::Della { rows, table: 0 }],
+                tables: vec![smelt::methods::della_table(0.5, 0.3, rows.len)],
+                seed: 99,
+            },
+            scale: vec![1.0],
+            consensus: Consensus::None,
+            vote: Vote::Weighted,
+            normalize: false,
+            div_floor: None,
+            lambda: 1.0,
+        };
+        let mut a = vec![0u8; j.out_bytes()];
+        let mut b = vec![0u8; j.out_bytes()];
+        Cpu.gta(&j, &spec, &mut a).unwrap();
+        gpu.gta(&j, &spec, &mut b).unwrap();
+        assert_eq!(a, b, "[{cfg}] n={n} {dt} {shape:?}: DELLA keeps differ");
+    });
+}
+
+#[test]
+fn dots_and_combines_match() {
+    each_case(|cfg, gpu, n, dt| {
+        let shape = shape_of(n);
+        let (base, models) = inputs(n as u64 * 23, n, 3, dt, false);
+        let j = job("dots", &base, &models, dt, DType::F32, DType::F32);
+        let vecs = [
+            Vector::Model(0),
+            Vector::Delta(1),
+            Vector::Base,
+            Vector::Delta(2),
+        ];
+        let pairs = [(0, 0), (0, 1), (1, 1), (1, 3), (2, 3), (3, 3)];
+        let mut segs = vec![
+            Segments::Whole,
+            Segments::Rows {
+                len: *shape.last().unwrap(),
+            },
+        ];
+        segs.push(Segments::Cols { cols: n / shape[0] });
+        for seg in segs {
+            let a = Cpu.dots(&j, &vecs, &pairs, seg).unwrap();
+            let b = gpu.dots(&j, &vecs, &pairs, seg).unwrap();
+            assert_eq!(a.len(), seg.count(n) * pairs.len());
+            // f32 partial sums on the GPU: judged against the scale of the norms involved
+            let scale: f64 = a.iter().map(|x| x.abs()).fold(0.0, f64::max).max(1e-30);
+            for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                assert!(
+                    (x - y).abs() <= 1e-5 * scale,
+                    "[{cfg}] n={n} {dt} {seg:?} dot {i}: {x} vs {y}"
+                );
+            }
+            let nseg = seg.count(n);
+            let coefs: Vec<f32> = (0..nseg * vecs.len())
+                .map(|i| ((i * 7919) % 13) as f32 / 6.5 - 1.0)
+                .collect();
+            let mut oa = vec![0u8; j.out_bytes()];
+            let mut ob = vec![0u8; j.out_bytes()];
+            Cpu.combine(&j, &vecs, seg, &coefs, &mut oa).unwrap();
+            gpu.combine(&j, &vecs, seg, &coefs, &mut ob).unwrap();
+            assert_close(
+                &format!("[{cfg}] n={n} {dt} combine {seg:?}"),
+                &decode(DType::F32, &ob),
+                &decode(DType::F32, &oa),
+                DType::F32,
+                Tol {
+                    abs: 1e-6,
+                    rel: 0.0,
+                    ulps: 4,
+                },
+            );
+        }
+        for t in [1e-3f32, 0.05, 10.0] {
+            let j = job("ns", &base, &models[..1], dt, DType::F32, dt);
+            let mut oa = vec![0u8; j.out_bytes()];
+            let mut ob = vec![0u8; j.out_bytes()];
+            Cpu.nearswap(&j, t, &mut oa).unwrap();
+            gpu.nearswap(&j, t, &mut ob).unwrap();
+            assert_close(
+                &format!("[{cfg}] n={n} {dt} nearswap t={t}"),
+                &decode(dt, &ob),
+                &decode(dt, &oa),
+                dt,
+                Tol::ulps(4),
+            );
+        }
+    });
+}
+
+#[test]
 fn dare_masks_are_bit_identical() {
     each_case(|cfg, gpu, n, dt| {
         let (base, models) = inputs(n as u64 * 31, n, 1, dt, false);
@@ -363,12 +523,13 @@ fn dare_masks_are_bit_identical() {
             let j = job(name, &base, &models, dt, DType::F32, DType::F32);
             let spec = GtaSpec {
                 weights: vec![1.0],
-                keep: vec![Keep::Random { p }],
+                sparsity: Sparsity::new(vec![Keep::Random { p }], 0xDEAD_BEEF_0000_0001),
                 scale: vec![1.0],
                 consensus: Consensus::None,
+                vote: Vote::Weighted,
                 normalize: false,
+                div_floor: None,
                 lambda: 1.0,
-                seed: 0xDEAD_BEEF_0000_0001,
             };
             let mut a = vec![0u8; j.out_bytes()];
             let mut b = vec![0u8; j.out_bytes()];
@@ -460,17 +621,18 @@ fn pipeline_cache_builds_each_pipeline_once() {
             },
         ];
         let cuts = gpu.select(&j, &qs).unwrap();
-        let keep = vec![Keep::top(cuts[0]), Keep::Random { p: 0.5 }];
-        gpu.masked_l1(&j, &keep, 1).unwrap();
+        let sp = Sparsity::new(vec![Keep::top(cuts[0]), Keep::Random { p: 0.5 }], 1);
+        gpu.masked_sums(&j, &sp).unwrap();
         let mut out = vec![0u8; j.out_bytes()];
         let spec = GtaSpec {
             weights: vec![1.0, 1.0],
-            keep,
+            sparsity: sp,
             scale: vec![1.0, 1.0],
             consensus: Consensus::Sum,
+            vote: Vote::Weighted,
             normalize: true,
+            div_floor: None,
             lambda: 1.0,
-            seed: 1,
         };
         gpu.gta(&j, &spec, &mut out).unwrap();
         gpu.weighted_sum(&j, &[0.5, 0.5], None, &mut out).unwrap();
@@ -478,7 +640,7 @@ fn pipeline_cache_builds_each_pipeline_once() {
     };
     run();
     let after_first = gpu.pipelines_built();
-    // histogram, (count_equal, equal_bits if the data tie at a cut), masked_l1, gta, weighted_sum
+    // histogram, (count_equal, equal_bits if the data tie at a cut), masked_sums, gta, weighted_sum
     assert!((4..=6).contains(&after_first), "{after_first} pipelines");
     run();
     run();

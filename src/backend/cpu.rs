@@ -6,12 +6,19 @@
 //! Chunk boundaries do not depend on the thread count, and partial sums are combined in
 //! chunk order, so results are identical for any number of threads.
 
+// The kernels walk several parallel arrays (models, votes, keys) by the same index; the
+// indexed loops read like the math they implement.
+#![allow(clippy::needless_range_loop)]
+
 use rayon::prelude::*;
 
-use super::{Backend, Consensus, GtaSpec, Input, Job, Keep, Query, RankCut, Source};
+use super::{
+    Backend, Consensus, GtaSpec, Input, Job, Keep, Key, Query, RankCut, RowLayout, Segments,
+    Source, Sparsity, Vector, Vote,
+};
 use crate::dtype::{self, DType};
 use crate::error::Result;
-use crate::rng::{to_uniform, Stream};
+use crate::rng::Stream;
 
 /// Elements per unit of work: 16 Ki f32 = 64 KiB per input, a few inputs fit in L2.
 pub const CHUNK: usize = 16 * 1024;
@@ -46,6 +53,7 @@ struct Scratch {
     acc: Vec<f32>,
     acc2: Vec<f32>,
     acc3: Vec<f32>,
+    var: Vec<f32>,
     bits: Vec<u32>,
 }
 
@@ -57,37 +65,155 @@ impl Scratch {
             acc: vec![0.0; CHUNK],
             acc2: vec![0.0; CHUNK],
             acc3: vec![0.0; CHUNK],
+            var: vec![0.0; CHUNK],
             bits: Vec::with_capacity(CHUNK),
+        }
+    }
+
+    /// Loads the base and every model, and turns the models into deltas when `deltas`.
+    fn load_all(&mut self, job: &Job, start: usize, len: usize, deltas: bool) {
+        if let Some(b) = &job.base {
+            load(b, start, job.load_dtype, &mut self.base[..len]);
+        }
+        for (i, m) in job.models.iter().enumerate() {
+            let x = &mut self.x[i][..len];
+            load(m, start, job.load_dtype, x);
+            if deltas {
+                x.iter_mut()
+                    .zip(&self.base[..len])
+                    .for_each(|(x, b)| *x -= *b);
+            }
         }
     }
 }
 
+/// Σ_i (d_i - m)² with m = (Σ_i d_i)·(1/M), for deltas already in `x`.
+fn variance_keys(x: &[Vec<f32>], len: usize, out: &mut [f32]) {
+    let inv = 1.0 / x.len() as f32;
+    let out = &mut out[..len];
+    out.fill(0.0);
+    for xi in x {
+        out.iter_mut().zip(&xi[..len]).for_each(|(o, d)| *o += *d);
+    }
+    out.iter_mut().for_each(|o| *o *= inv);
+    let mut acc = vec![0.0f32; len];
+    for xi in x {
+        acc.iter_mut()
+            .zip(&xi[..len])
+            .zip(out.iter())
+            .for_each(|((a, d), m)| {
+                let e = *d - *m;
+                *a += e * e;
+            });
+    }
+    out.copy_from_slice(&acc);
+}
+
+/// What a keep rule needs besides the deltas of the chunk.
+struct KeepCtx<'a> {
+    stream: Stream,
+    /// Variance keys of the chunk (when a rule ranks by them).
+    var: &'a [f32],
+    /// Per-element DELLA rank of this model (whole tensor) and its threshold table.
+    ranks: Option<&'a [u32]>,
+    table: Option<&'a [u32]>,
+}
+
 /// Writes `keep` as 0.0/1.0 factors into `m` for the chunk of deltas `d` that starts at
 /// global element `start`.
-fn keep_factors(keep: &Keep, stream: &Stream, start: usize, d: &[f32], m: &mut [f32]) {
+fn keep_factors(keep: &Keep, cx: &KeepCtx, start: usize, d: &[f32], m: &mut [f32]) {
     match *keep {
         Keep::All => m.fill(1.0),
         Keep::Nothing => m.fill(0.0),
-        Keep::Ranks { lo, hi } => {
-            for (j, (mv, dv)) in m.iter_mut().zip(d).enumerate() {
-                let a = dv.abs().to_bits();
+        Keep::Ranks { lo, hi, key } => {
+            for (j, mv) in m.iter_mut().enumerate() {
+                let a = match key {
+                    Key::Delta => d[j].abs().to_bits(),
+                    Key::Variance => cx.var[j].abs().to_bits(),
+                };
                 let idx = (start + j) as u32;
                 *mv = (hi.below(a, idx) && !lo.below(a, idx)) as u32 as f32;
             }
         }
         Keep::Random { p } => {
-            // start is a multiple of 4 (CHUNK is), so blocks line up with chunks.
-            for (bj, mb) in m.chunks_mut(4).enumerate() {
-                let w = stream.block(((start / 4) + bj) as u64);
-                for (l, mv) in mb.iter_mut().enumerate() {
-                    *mv = (to_uniform(w[l]) < p) as u32 as f32;
-                }
-            }
+            let t = super::keep_threshold(p);
+            random_factors(&cx.stream, start, m, |_| t);
+        }
+        Keep::Della { .. } => {
+            let (ranks, table) = (
+                cx.ranks.expect("della ranks"),
+                cx.table.expect("della table"),
+            );
+            random_factors(&cx.stream, start, m, |e| table[ranks[e] as usize]);
         }
     }
 }
 
-/// Magnitude bits of a source for the first `len` elements of the loaded chunk.
+/// 1.0 where the element's random word (top 24 bits) is below `threshold(global index)`.
+#[inline]
+fn random_factors(stream: &Stream, start: usize, m: &mut [f32], threshold: impl Fn(usize) -> u32) {
+    // start is a multiple of 4 (CHUNK is), so blocks line up with chunks.
+    for (bj, mb) in m.chunks_mut(4).enumerate() {
+        let w = stream.block(((start / 4) + bj) as u64);
+        for (l, mv) in mb.iter_mut().enumerate() {
+            *mv = ((w[l] >> 8) < threshold(start + 4 * bj + l)) as u32 as f32;
+        }
+    }
+}
+
+/// Ascending rank of each element's |delta| within its row (ties: lower index first).
+pub fn row_ranks(job: &Job, model: usize, rows: RowLayout) -> Vec<u32> {
+    let mut ranks = vec![0u32; job.numel];
+    let slab = rows.slab().max(1);
+    let base = job.base.as_ref().expect("row ranks need a base");
+    let x = &job.models[model];
+    ranks.par_chunks_mut(slab).enumerate().for_each(|(o, out)| {
+        let start = o * slab;
+        let mut b = vec![0f32; slab];
+        let mut v = vec![0f32; slab];
+        load(base, start, job.load_dtype, &mut b);
+        load(x, start, job.load_dtype, &mut v);
+        let mut keys: Vec<(u32, u32)> = Vec::with_capacity(rows.len);
+        for i in 0..rows.inner {
+            keys.clear();
+            keys.extend((0..rows.len).map(|j| {
+                let e = j * rows.inner + i;
+                ((v[e] - b[e]).abs().to_bits(), j as u32)
+            }));
+            keys.sort_unstable();
+            for (pos, &(_, j)) in keys.iter().enumerate() {
+                out[j as usize * rows.inner + i] = pos as u32;
+            }
+        }
+    });
+    ranks
+}
+
+/// Rank arrays of every DELLA model of a sparsity (None for the others).
+fn della_ranks(job: &Job, sp: &Sparsity) -> Vec<Option<Vec<u32>>> {
+    sp.keep
+        .iter()
+        .enumerate()
+        .map(|(i, k)| match k {
+            Keep::Della { rows, .. } => Some(row_ranks(job, i, *rows)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn needs_variance(sp: &Sparsity) -> bool {
+    sp.keep.iter().any(|k| {
+        matches!(
+            k,
+            Keep::Ranks {
+                key: Key::Variance,
+                ..
+            }
+        )
+    })
+}
+
+/// Key bits of a source for the first `len` elements of the loaded chunk.
 fn source_bits(src: Source, s: &mut Scratch, len: usize) {
     s.bits.clear();
     match src {
@@ -100,26 +226,16 @@ fn source_bits(src: Source, s: &mut Scratch, len: usize) {
         Source::Model(i) => s
             .bits
             .extend(s.x[i][..len].iter().map(|a| a.abs().to_bits())),
-    }
-}
-
-/// Loads the base and the models a set of sources needs, for one chunk.
-fn load_chunk(
-    job: &Job,
-    start: usize,
-    len: usize,
-    need: &[bool],
-    s: &mut Scratch,
-    want_base: bool,
-) {
-    if want_base {
-        if let Some(b) = &job.base {
-            load(b, start, job.load_dtype, &mut s.base[..len]);
-        }
-    }
-    for (i, m) in job.models.iter().enumerate() {
-        if need[i] {
-            load(m, start, job.load_dtype, &mut s.x[i][..len]);
+        Source::Variance => {
+            let mut d: Vec<Vec<f32>> = s.x.iter().map(|x| x[..len].to_vec()).collect();
+            for di in d.iter_mut() {
+                di.iter_mut()
+                    .zip(&s.base[..len])
+                    .for_each(|(x, b)| *x -= *b);
+            }
+            variance_keys(&d, len, &mut s.var);
+            s.bits
+                .extend(s.var[..len].iter().map(|v| v.abs().to_bits()));
         }
     }
 }
@@ -128,60 +244,9 @@ fn chunks(n: usize) -> usize {
     n.div_ceil(CHUNK)
 }
 
-/// Histograms of the high or low 16 bits of each source's magnitudes. With `filter`, only
-/// elements whose high 16 bits equal the given value are counted (second level).
-fn histograms(job: &Job, sources: &[(Source, Option<u32>)]) -> Vec<Vec<u64>> {
-    let n = job.numel;
-    let need = need_models(job, sources.iter().map(|s| s.0));
-    let want_base = sources.iter().any(|s| matches!(s.0, Source::Delta(_)));
-    let nq = sources.len();
-    (0..chunks(n))
-        .into_par_iter()
-        .fold(
-            || {
-                (
-                    Scratch::new(job.models.len()),
-                    vec![vec![0u64; 1 << 16]; nq],
-                )
-            },
-            |(mut s, mut h), c| {
-                let start = c * CHUNK;
-                let len = CHUNK.min(n - start);
-                load_chunk(job, start, len, &need, &mut s, want_base);
-                for (q, (src, filter)) in sources.iter().enumerate() {
-                    source_bits(*src, &mut s, len);
-                    let (hq, bits) = (&mut h[q], &s.bits);
-                    match filter {
-                        None => bits.iter().for_each(|a| hq[(a >> 16) as usize] += 1),
-                        Some(hi) => bits
-                            .iter()
-                            .filter(|a| *a >> 16 == *hi)
-                            .for_each(|a| hq[(a & 0xffff) as usize] += 1),
-                    }
-                }
-                (s, h)
-            },
-        )
-        .map(|(_, h)| h)
-        .reduce(
-            || vec![vec![0u64; 1 << 16]; nq],
-            |mut a, b| {
-                for (x, y) in a.iter_mut().zip(b) {
-                    x.iter_mut().zip(y).for_each(|(p, q)| *p += q);
-                }
-                a
-            },
-        )
-}
-
-fn need_models(job: &Job, sources: impl Iterator<Item = Source>) -> Vec<bool> {
-    let mut need = vec![false; job.models.len()];
-    for s in sources {
-        match s {
-            Source::Delta(i) | Source::Model(i) => need[i] = true,
-        }
-    }
-    need
+fn chunk_range(n: usize, c: usize) -> (usize, usize) {
+    let start = c * CHUNK;
+    (start, CHUNK.min(n - start))
 }
 
 /// Finds the bucket holding the element of descending rank `k - 1` in a histogram, given
@@ -197,96 +262,127 @@ fn bucket_for(h: &[u64], k: u64, above: u64) -> (u32, u64) {
     unreachable!("rank {k} beyond the histogram's total {acc}")
 }
 
-/// Index of the `q`-th (0-based) element, in index order, whose magnitude bits equal `t`.
-fn nth_equal(job: &Job, src: Source, t: u32, q: u64) -> u32 {
-    let n = job.numel;
-    let need = need_models(job, std::iter::once(src));
-    let want_base = matches!(src, Source::Delta(_));
-    // Count per chunk (parallel), then walk chunks in order to the one holding it.
-    let counts: Vec<u64> = (0..chunks(n))
-        .into_par_iter()
-        .map_init(
-            || Scratch::new(job.models.len()),
-            |s, c| {
-                let start = c * CHUNK;
-                let len = CHUNK.min(n - start);
-                load_chunk(job, start, len, &need, s, want_base);
-                source_bits(src, s, len);
-                s.bits.iter().filter(|&&a| a == t).count() as u64
-            },
-        )
-        .collect();
-    let mut before = 0u64;
-    for (c, &cnt) in counts.iter().enumerate() {
-        if before + cnt > q {
-            let start = c * CHUNK;
-            let len = CHUNK.min(n - start);
-            let mut s = Scratch::new(job.models.len());
-            load_chunk(job, start, len, &need, &mut s, want_base);
-            source_bits(src, &mut s, len);
-            let mut seen = before;
-            for (j, &a) in s.bits.iter().enumerate() {
-                if a == t {
-                    if seen == q {
-                        return (start + j) as u32;
-                    }
-                    seen += 1;
-                }
-            }
-        }
-        before += cnt;
-    }
-    unreachable!("fewer than {q} elements equal to the threshold")
-}
-
 impl Backend for Cpu {
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
     }
 
-    fn select(&self, job: &Job, queries: &[Query]) -> Result<Vec<RankCut>> {
-        select_with(
-            job,
-            queries,
-            |j, s| Ok(histograms(j, s)),
-            |j, s, t, q| Ok(nth_equal(j, s, t, q)),
-        )
+    fn histogram(&self, job: &Job, sources: &[(Source, Option<u32>)]) -> Result<Vec<Vec<u64>>> {
+        let n = job.numel;
+        let nq = sources.len();
+        let h = (0..chunks(n))
+            .into_par_iter()
+            .fold(
+                || {
+                    (
+                        Scratch::new(job.models.len()),
+                        vec![vec![0u64; 1 << 16]; nq],
+                    )
+                },
+                |(mut s, mut h), c| {
+                    let (start, len) = chunk_range(n, c);
+                    s.load_all(job, start, len, false);
+                    for (q, (src, filter)) in sources.iter().enumerate() {
+                        source_bits(*src, &mut s, len);
+                        let (hq, bits) = (&mut h[q], &s.bits);
+                        match filter {
+                            None => bits.iter().for_each(|a| hq[(a >> 16) as usize] += 1),
+                            Some(hi) => bits
+                                .iter()
+                                .filter(|a| *a >> 16 == *hi)
+                                .for_each(|a| hq[(a & 0xffff) as usize] += 1),
+                        }
+                    }
+                    (s, h)
+                },
+            )
+            .map(|(_, h)| h)
+            .reduce(
+                || vec![vec![0u64; 1 << 16]; nq],
+                |mut a, b| {
+                    for (x, y) in a.iter_mut().zip(b) {
+                        x.iter_mut().zip(y).for_each(|(p, q)| *p += q);
+                    }
+                    a
+                },
+            );
+        Ok(h)
     }
 
-    fn masked_l1(&self, job: &Job, keep: &[Keep], seed: u64) -> Result<Vec<[f64; 2]>> {
+    fn nth_equal(&self, job: &Job, src: Source, t: u32, q: u64) -> Result<u32> {
+        let n = job.numel;
+        // Count per chunk (parallel), then walk chunks in order to the one holding it.
+        let counts: Vec<u64> = (0..chunks(n))
+            .into_par_iter()
+            .map_init(
+                || Scratch::new(job.models.len()),
+                |s, c| {
+                    let (start, len) = chunk_range(n, c);
+                    s.load_all(job, start, len, false);
+                    source_bits(src, s, len);
+                    s.bits.iter().filter(|&&a| a == t).count() as u64
+                },
+            )
+            .collect();
+        let mut before = 0u64;
+        for (c, &cnt) in counts.iter().enumerate() {
+            if before + cnt > q {
+                let (start, len) = chunk_range(n, c);
+                let mut s = Scratch::new(job.models.len());
+                s.load_all(job, start, len, false);
+                source_bits(src, &mut s, len);
+                let j = s
+                    .bits
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, &a)| a == t)
+                    .nth((q - before) as usize)
+                    .map(|(j, _)| j)
+                    .expect("counted above");
+                return Ok((start + j) as u32);
+            }
+            before += cnt;
+        }
+        unreachable!("fewer than {q} elements equal to the threshold")
+    }
+
+    fn masked_sums(&self, job: &Job, sp: &Sparsity) -> Result<Vec<[f64; 3]>> {
         let n = job.numel;
         let m = job.models.len();
-        let partials: Vec<Vec<[f64; 2]>> = (0..chunks(n))
+        let ranks = della_ranks(job, sp);
+        let var = needs_variance(sp);
+        let partials: Vec<Vec<[f64; 3]>> = (0..chunks(n))
             .into_par_iter()
             .map_init(
                 || Scratch::new(m),
                 |s, c| {
-                    let start = c * CHUNK;
-                    let len = CHUNK.min(n - start);
-                    load_chunk(job, start, len, &vec![true; m], s, true);
-                    let mut out = vec![[0.0f64; 2]; m];
-                    for i in 0..m {
-                        let (b, x) = (&s.base[..len], &mut s.x[i][..len]);
-                        x.iter_mut().zip(b).for_each(|(x, b)| *x -= *b);
-                        let stream = Stream::new(seed, job.name, i as u32);
-                        keep_factors(&keep[i], &stream, start, x, &mut s.acc[..len]);
-                        let (mut full, mut kept) = (0.0f64, 0.0f64);
-                        for (d, k) in x.iter().zip(&s.acc[..len]) {
+                    let (start, len) = chunk_range(n, c);
+                    s.load_all(job, start, len, true);
+                    if var {
+                        variance_keys(&s.x, len, &mut s.var);
+                    }
+                    let mut out = vec![[0.0f64; 3]; m];
+                    for (i, o) in out.iter_mut().enumerate() {
+                        let cx = keep_ctx(job, sp, &ranks, i, &s.var[..len]);
+                        keep_factors(&sp.keep[i], &cx, start, &s.x[i][..len], &mut s.acc[..len]);
+                        let mut t = [0.0f64; 3];
+                        for (d, k) in s.x[i][..len].iter().zip(&s.acc[..len]) {
                             let a = d.abs() as f64;
-                            full += a;
-                            kept += a * *k as f64;
+                            let kd = (*d * *k) as f64;
+                            t[0] += a;
+                            t[1] += a * *k as f64;
+                            t[2] += kd * kd;
                         }
-                        out[i] = [full, kept];
+                        *o = t;
                     }
                     out
                 },
             )
             .collect();
-        let mut tot = vec![[0.0f64; 2]; m];
+        let mut tot = vec![[0.0f64; 3]; m];
         for p in partials {
             for (t, v) in tot.iter_mut().zip(p) {
-                t[0] += v[0];
-                t[1] += v[1];
+                (0..3).for_each(|j| t[j] += v[j]);
             }
         }
         Ok(tot)
@@ -295,10 +391,9 @@ impl Backend for Cpu {
     fn gta(&self, job: &Job, spec: &GtaSpec, out: &mut [u8]) -> Result<()> {
         let m = job.models.len();
         let osz = job.out_dtype.size();
-        let base = job.base.expect("gta needs a base");
-        let streams: Vec<Stream> = (0..m)
-            .map(|i| Stream::new(spec.seed, job.name, i as u32))
-            .collect();
+        let sp = &spec.sparsity;
+        let ranks = della_ranks(job, sp);
+        let var = needs_variance(sp);
         let wsum: f32 = {
             let mut s = 0.0f32;
             spec.weights.iter().for_each(|w| s += *w);
@@ -309,22 +404,25 @@ impl Backend for Cpu {
             }
         };
         out.par_chunks_mut(CHUNK * osz).enumerate().for_each_init(
-            || Scratch::new(m),
-            |s, (c, oc)| {
+            || (Scratch::new(m), vec![vec![0.0f32; CHUNK]; m]),
+            |(s, votes), (c, oc)| {
                 let start = c * CHUNK;
                 let len = oc.len() / osz;
-                load(&base, start, job.load_dtype, &mut s.base[..len]);
-                let b = &s.base[..len];
-                for (i, (input, stream)) in job.models.iter().zip(&streams).enumerate() {
-                    let x = &mut s.x[i][..len];
-                    load(input, start, job.load_dtype, x);
-                    x.iter_mut().zip(b).for_each(|(x, b)| *x -= *b);
+                s.load_all(job, start, len, true);
+                if var {
+                    variance_keys(&s.x, len, &mut s.var);
+                }
+                for i in 0..m {
+                    let cx = keep_ctx(job, sp, &ranks, i, &s.var[..len]);
                     let k = &mut s.acc[..len];
-                    keep_factors(&spec.keep[i], stream, start, x, k);
+                    keep_factors(&sp.keep[i], &cx, start, &s.x[i][..len], k);
                     let (sc, w) = (spec.scale[i], spec.weights[i]);
-                    x.iter_mut()
-                        .zip(k.iter())
-                        .for_each(|(x, k)| *x = ((*x * *k) * sc) * w);
+                    let (x, v) = (&mut s.x[i][..len], &mut votes[i][..len]);
+                    for ((x, v), k) in x.iter_mut().zip(v.iter_mut()).zip(k.iter()) {
+                        let u = (*x * *k) * sc;
+                        *v = u;
+                        *x = u * w;
+                    }
                 }
                 let mix = &mut s.acc[..len];
                 let div = &mut s.acc2[..len];
@@ -332,21 +430,22 @@ impl Backend for Cpu {
                 mix.fill(0.0);
                 match spec.consensus {
                     Consensus::None => {
-                        for i in 0..m {
-                            mix.iter_mut()
-                                .zip(&s.x[i][..len])
-                                .for_each(|(a, x)| *a += *x);
+                        for x in &s.x {
+                            mix.iter_mut().zip(&x[..len]).for_each(|(a, x)| *a += *x);
                         }
                         div.fill(wsum);
                     }
                     Consensus::Sum | Consensus::Count => {
                         // mix holds the vote first, then the sum of agreeing deltas
                         for i in 0..m {
-                            let x = &s.x[i][..len];
+                            let v = match spec.vote {
+                                Vote::Weighted => &s.x[i][..len],
+                                Vote::Unweighted => &votes[i][..len],
+                            };
                             if spec.consensus == Consensus::Sum {
-                                mix.iter_mut().zip(x).for_each(|(a, x)| *a += *x);
+                                mix.iter_mut().zip(v).for_each(|(a, x)| *a += *x);
                             } else {
-                                mix.iter_mut().zip(x).for_each(|(a, x)| *a += sign(*x));
+                                mix.iter_mut().zip(v).for_each(|(a, x)| *a += sign(*x));
                             }
                         }
                         maj.iter_mut()
@@ -354,22 +453,25 @@ impl Backend for Cpu {
                             .for_each(|(s, v)| *s = if *v >= 0.0 { 1.0 } else { -1.0 });
                         mix.fill(0.0);
                         div.fill(0.0);
-                        for i in 0..m {
-                            let x = &s.x[i][..len];
-                            let w = spec.weights[i];
+                        for (x, &w) in s.x.iter().zip(&spec.weights) {
+                            let x = &x[..len];
                             for e in 0..len {
                                 let agree = (sign(x[e]) == maj[e]) as u32 as f32;
                                 mix[e] += x[e] * agree;
                                 div[e] += w * agree;
                             }
                         }
-                        div.iter_mut().for_each(|d| {
-                            if *d == 0.0 {
-                                *d = 1.0
-                            }
-                        });
+                        match spec.div_floor {
+                            None => div.iter_mut().for_each(|d| {
+                                if *d == 0.0 {
+                                    *d = 1.0
+                                }
+                            }),
+                            Some(f) => div.iter_mut().for_each(|d| *d = d.max(f)),
+                        }
                     }
                 }
+                let b = &s.base[..len];
                 let lambda = spec.lambda;
                 for e in 0..len {
                     let mut v = mix[e];
@@ -429,6 +531,142 @@ impl Backend for Cpu {
         );
         Ok(())
     }
+
+    fn dots(
+        &self,
+        job: &Job,
+        vecs: &[Vector],
+        pairs: &[(usize, usize)],
+        seg: Segments,
+    ) -> Result<Vec<f64>> {
+        let n = job.numel;
+        let np = pairs.len();
+        let nseg = seg.count(n);
+        let m = job.models.len();
+        // Per chunk: the partial sums of every segment it touches, combined in chunk order.
+        let partials: Vec<(usize, Vec<f64>)> = (0..chunks(n))
+            .into_par_iter()
+            .map_init(
+                || (Scratch::new(m), vec![Vec::new(); vecs.len()]),
+                |(s, vals), c| {
+                    let (start, len) = chunk_range(n, c);
+                    s.load_all(job, start, len, false);
+                    for (v, out) in vecs.iter().zip(vals.iter_mut()) {
+                        vector_values(*v, s, len, out);
+                    }
+                    let (first, last) = match seg {
+                        Segments::Whole => (0, 0),
+                        Segments::Rows { len: l } => (start / l, (start + len - 1) / l),
+                        Segments::Cols { .. } => (0, nseg - 1),
+                    };
+                    let mut acc = vec![0.0f64; (last - first + 1) * np];
+                    for e in 0..len {
+                        let sg = seg.of(start + e) - first;
+                        for (p, &(a, b)) in pairs.iter().enumerate() {
+                            acc[sg * np + p] += vals[a][e] as f64 * vals[b][e] as f64;
+                        }
+                    }
+                    (first, acc)
+                },
+            )
+            .collect();
+        let mut out = vec![0.0f64; nseg * np];
+        for (first, acc) in partials {
+            for (j, v) in acc.into_iter().enumerate() {
+                out[first * np + j] += v;
+            }
+        }
+        Ok(out)
+    }
+
+    fn combine(
+        &self,
+        job: &Job,
+        terms: &[Vector],
+        seg: Segments,
+        coefs: &[f32],
+        out: &mut [u8],
+    ) -> Result<()> {
+        let m = job.models.len();
+        let nt = terms.len();
+        let osz = job.out_dtype.size();
+        out.par_chunks_mut(CHUNK * osz).enumerate().for_each_init(
+            || (Scratch::new(m), Vec::new()),
+            |(s, v), (c, oc)| {
+                let start = c * CHUNK;
+                let len = oc.len() / osz;
+                s.load_all(job, start, len, false);
+                let mut acc = vec![0.0f32; len];
+                for (k, t) in terms.iter().enumerate() {
+                    vector_values(*t, s, len, v);
+                    match seg {
+                        Segments::Whole => {
+                            let ck = coefs[k];
+                            acc.iter_mut()
+                                .zip(v.iter())
+                                .for_each(|(a, x)| *a += ck * *x);
+                        }
+                        _ => {
+                            for (e, (a, x)) in acc.iter_mut().zip(v.iter()).enumerate() {
+                                *a += coefs[seg.of(start + e) * nt + k] * *x;
+                            }
+                        }
+                    }
+                }
+                dtype::encode(job.out_dtype, &acc, oc);
+            },
+        );
+        Ok(())
+    }
+
+    fn nearswap(&self, job: &Job, t: f32, out: &mut [u8]) -> Result<()> {
+        let osz = job.out_dtype.size();
+        out.par_chunks_mut(CHUNK * osz).enumerate().for_each_init(
+            || Scratch::new(1),
+            |s, (c, oc)| {
+                let start = c * CHUNK;
+                let len = oc.len() / osz;
+                s.load_all(job, start, len, false);
+                let (b, x) = (&s.base[..len], &s.x[0][..len]);
+                for e in 0..len {
+                    let w = (t / (b[e] - x[e]).abs().max(1e-6)).clamp(0.0, 1.0);
+                    s.acc[e] = w * x[e] + (1.0 - w) * b[e];
+                }
+                dtype::encode(job.out_dtype, &s.acc[..len], oc);
+            },
+        );
+        Ok(())
+    }
+}
+
+fn keep_ctx<'a>(
+    job: &Job,
+    sp: &'a Sparsity,
+    ranks: &'a [Option<Vec<u32>>],
+    i: usize,
+    var: &'a [f32],
+) -> KeepCtx<'a> {
+    KeepCtx {
+        stream: Stream::new(sp.seed, job.name, i as u32),
+        var,
+        ranks: ranks[i].as_deref(),
+        table: match sp.keep[i] {
+            Keep::Della { table, .. } => Some(&sp.tables[table]),
+            _ => None,
+        },
+    }
+}
+
+/// The values of a vector over the loaded chunk.
+fn vector_values(v: Vector, s: &Scratch, len: usize, out: &mut Vec<f32>) {
+    out.clear();
+    match v {
+        Vector::Model(i) => out.extend_from_slice(&s.x[i][..len]),
+        Vector::Base => out.extend_from_slice(&s.base[..len]),
+        Vector::Delta(i) => {
+            out.extend(s.x[i][..len].iter().zip(&s.base[..len]).map(|(x, b)| x - b))
+        }
+    }
 }
 
 #[inline(always)]
@@ -443,7 +681,7 @@ pub fn sign(x: f32) -> f32 {
 }
 
 /// The two-level radix selection shared by the backends: a histogram of the high 16 bits of
-/// the magnitudes finds the bucket holding rank k; a histogram of the low 16 bits inside that
+/// the keys finds the bucket holding rank k; a histogram of the low 16 bits inside that
 /// bucket finds the exact threshold; when the threshold value is tied and only some of the
 /// tied elements fit, the index of the last one that fits is found in index order.
 pub fn select_with(
@@ -453,7 +691,8 @@ pub fn select_with(
     nth_equal: impl Fn(&Job, Source, u32, u64) -> Result<u32>,
 ) -> Result<Vec<RankCut>> {
     let n = job.numel as u64;
-    let mut out = vec![RankCut::NONE; queries.len()];
+    let edge = |k: u64| if k == 0 { RankCut::NONE } else { RankCut::ALL };
+    let mut out: Vec<RankCut> = queries.iter().map(|q| edge(q.k)).collect();
     // Level 1, one histogram per distinct source.
     let mut srcs: Vec<Source> = Vec::new();
     for q in queries {
@@ -462,19 +701,12 @@ pub fn select_with(
         }
     }
     if srcs.is_empty() {
-        for (o, q) in out.iter_mut().zip(queries) {
-            *o = if q.k == 0 {
-                RankCut::NONE
-            } else {
-                RankCut::ALL
-            };
-        }
         return Ok(out);
     }
     let h1 = hist(job, &srcs.iter().map(|s| (*s, None)).collect::<Vec<_>>())?;
     // Level 2 for each distinct (source, high bucket).
     let mut level2: Vec<(Source, u32)> = Vec::new();
-    let mut first: Vec<Option<(usize, u32, u64)>> = Vec::new();
+    let mut first: Vec<Option<(u32, u64)>> = Vec::new();
     for q in queries {
         if q.k == 0 || q.k >= n {
             first.push(None);
@@ -485,7 +717,7 @@ pub fn select_with(
         if !level2.contains(&(q.source, hb)) {
             level2.push((q.source, hb));
         }
-        first.push(Some((si, hb, above)));
+        first.push(Some((hb, above)));
     }
     let h2 = hist(
         job,
@@ -495,12 +727,7 @@ pub fn select_with(
             .collect::<Vec<_>>(),
     )?;
     for (qi, q) in queries.iter().enumerate() {
-        let Some((_, hb, above)) = first[qi] else {
-            out[qi] = if q.k == 0 {
-                RankCut::NONE
-            } else {
-                RankCut::ALL
-            };
+        let Some((hb, above)) = first[qi] else {
             continue;
         };
         let li = level2.iter().position(|x| *x == (q.source, hb)).unwrap();
@@ -564,5 +791,31 @@ mod tests {
         assert_eq!(kept(cuts[3]), vec![0, 2, 3, 4, 6]); // all four 2s exactly
         assert_eq!(kept(cuts[4]), (0..7).collect::<Vec<_>>());
         assert_eq!(kept(cuts[5]), (0..7).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn row_ranks_ascending_with_index_ties() {
+        // base 0; rows of 4: |d| = [2 1 2 0], [5 5 5 5]
+        let d = [2.0f32, -1.0, 2.0, 0.0, 5.0, -5.0, 5.0, 5.0];
+        let (b, x) = (f32_input(&[0.0; 8]), f32_input(&d));
+        let job = Job::new(
+            "r",
+            Some(Input {
+                bytes: &b,
+                dtype: DType::F32,
+            }),
+            vec![Input {
+                bytes: &x,
+                dtype: DType::F32,
+            }],
+            DType::F32,
+            DType::F32,
+        );
+        let r = row_ranks(&job, 0, RowLayout::along_dim1(&[2, 4]));
+        assert_eq!(r, vec![2, 1, 3, 0, 0, 1, 2, 3]);
+        // columns as rows: shape [4, 2] ranked along dim 0... via a 3-D view [1, 4, 2]
+        let r = row_ranks(&job, 0, RowLayout::along_dim1(&[1, 4, 2]));
+        // column 0: |d| at 0,2,4,6 = 2,2,5,5 -> 0,1,2,3; column 1: 1,0,5,5 -> 1,0,2,3
+        assert_eq!(r, vec![0, 1, 1, 0, 2, 2, 3, 3]);
     }
 }

@@ -43,6 +43,9 @@ pub struct Job<'a> {
     /// F32 leaves them exact.
     pub load_dtype: DType,
     pub out_dtype: DType,
+    /// Rows that must not be split between GPU tiles: tiles hold whole multiples of this
+    /// many elements (1 when a method needs no row structure).
+    pub align: usize,
 }
 
 static NEXT_JOB: AtomicU64 = AtomicU64::new(1);
@@ -72,7 +75,14 @@ impl<'a> Job<'a> {
             models,
             load_dtype,
             out_dtype,
+            align: 1,
         }
+    }
+
+    /// Keeps runs of `align` elements (rows) inside one GPU tile.
+    pub fn with_align(mut self, align: usize) -> Self {
+        self.align = align.max(1);
+        self
     }
 
     pub fn out_bytes(&self) -> usize {
@@ -80,13 +90,17 @@ impl<'a> Job<'a> {
     }
 }
 
-/// Which magnitudes a selection ranks.
+/// Which magnitudes a selection ranks (the key of an element).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Source {
     /// |models[i] - base|
     Delta(usize),
     /// |models[i]|
     Model(usize),
+    /// The spread of the deltas at an element: Σ_i (d_i - m)² with m = (Σ_i d_i)·(1/M),
+    /// d_i = models[i] - base, sums in model order. (M times the population variance: the
+    /// same order, without a division.)
+    Variance,
 }
 
 /// A rank selection: the cut below which exactly `k` elements fall.
@@ -96,10 +110,10 @@ pub struct Query {
     pub k: u64,
 }
 
-/// Elements are ordered by magnitude descending, then by flat index ascending (the lower
-/// index wins a tie). An element's rank is its position in that order. A `RankCut` for `k`
-/// answers "is rank < k?" from the element's own magnitude bits `a = |x|.to_bits()` and index:
-/// `a > bits || (a == bits && index < self.index)`.
+/// Elements are ordered by key (magnitude) descending, then by flat index ascending (the
+/// lower index wins a tie). An element's rank is its position in that order. A `RankCut` for
+/// `k` answers "is rank < k?" from the element's own key bits `a` (the f32 bits of a
+/// non-negative key) and index: `a > bits || (a == bits && index < self.index)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RankCut {
     pub bits: u32,
@@ -124,60 +138,200 @@ impl RankCut {
     }
 }
 
+/// Which key a rank band is judged on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Key {
+    /// The model's own |delta|.
+    Delta,
+    /// The element's [`Source::Variance`], the same for every model.
+    Variance,
+}
+
+/// How a tensor's elements form rows for per-row ranking: element (o, j, i) of a tensor
+/// viewed as [outer, len, inner] is at flat index (o·len + j)·inner + i, and each (o, i) is a
+/// row of `len` elements (mergekit ranks along dimension 1; 1-D tensors are one row).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowLayout {
+    pub outer: usize,
+    pub len: usize,
+    pub inner: usize,
+}
+
+impl RowLayout {
+    /// Rows along dimension 1 of `shape` (the whole tensor for 1-D).
+    pub fn along_dim1(shape: &[usize]) -> RowLayout {
+        match shape {
+            [] => RowLayout {
+                outer: 1,
+                len: 1,
+                inner: 1,
+            },
+            [n] => RowLayout {
+                outer: 1,
+                len: *n,
+                inner: 1,
+            },
+            [a, b, rest @ ..] => RowLayout {
+                outer: *a,
+                len: *b,
+                inner: rest.iter().product(),
+            },
+        }
+    }
+    pub fn rows(&self) -> usize {
+        self.outer * self.inner
+    }
+    /// Elements of one outer slab: rows never straddle slabs.
+    pub fn slab(&self) -> usize {
+        self.len * self.inner
+    }
+    /// Flat index of element `j` of row `r`.
+    #[inline(always)]
+    pub fn index(&self, r: usize, j: usize) -> usize {
+        let (o, i) = (r / self.inner, r % self.inner);
+        (o * self.len + j) * self.inner + i
+    }
+}
+
 /// Which elements of a delta survive sparsification.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Keep {
     All,
     Nothing,
-    /// Rank in `[lo, hi)`: below `hi` and not below `lo`.
+    /// Rank in `[lo, hi)` by `key`: below `hi` and not below `lo`.
     Ranks {
         lo: RankCut,
         hi: RankCut,
+        key: Key,
     },
     /// Kept with probability `p`, drawn from the stream of (seed, tensor, model index).
     Random {
         p: f32,
     },
+    /// DELLA: an element of ascending |delta| rank r within its row is kept when its random
+    /// word's top 24 bits are below `Sparsity::tables[table][r]`.
+    Della {
+        rows: RowLayout,
+        table: usize,
+    },
 }
 
 impl Keep {
+    /// The `hi` largest by the model's own |delta|.
     pub fn top(hi: RankCut) -> Keep {
         Keep::Ranks {
             lo: RankCut::NONE,
             hi,
+            key: Key::Delta,
         }
     }
+}
+
+/// Per-model keep rules, with what they need besides themselves.
+#[derive(Clone, Debug, Default)]
+pub struct Sparsity {
+    pub keep: Vec<Keep>,
+    /// Threshold tables of [`Keep::Della`]: entry r is ceil(p_r · 2^24).
+    pub tables: Vec<Vec<u32>>,
+    /// Seed of the random streams.
+    pub seed: u64,
+}
+
+impl Sparsity {
+    pub fn new(keep: Vec<Keep>, seed: u64) -> Self {
+        Sparsity {
+            keep,
+            tables: Vec::new(),
+            seed,
+        }
+    }
+}
+
+/// The integer threshold for "uniform u < p": u = U·2^-24 with integer U, so u < p exactly
+/// when U < ceil(p·2^24).
+pub fn keep_threshold(p: f32) -> u32 {
+    ((p.clamp(0.0, 1.0) as f64) * 16_777_216.0).ceil() as u32
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Consensus {
     None,
-    /// Majority sign of the sum of weighted deltas (`>= 0` elects +).
+    /// Majority sign of the sum of the votes (`>= 0` elects +).
     Sum,
-    /// Majority of the signs of weighted deltas (`>= 0` elects +).
+    /// Majority of the signs of the votes (`>= 0` elects +).
     Count,
 }
 
-/// The generalised task-arithmetic combine (mergekit's GTA), per element:
+/// What a model votes with in a sign election.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Vote {
+    /// Its weighted delta `wd_i` (mergekit's GTA family).
+    Weighted,
+    /// Its delta before weighting, `(d_i * keep_i) * scale_i` (SCE).
+    Unweighted,
+}
+
+/// The generalised task-arithmetic combine (mergekit's GTA, and SCE), per element:
 ///
 /// ```text
 /// d_i  = x_i - b                      (x_i, b rounded to load_dtype)
-/// wd_i = ((d_i * keep_i) * scale_i) * w_i
+/// u_i  = (d_i * keep_i) * scale_i
+/// wd_i = u_i * w_i
 /// consensus none: mix = Σ wd_i,          div = Σ w_i (|div| < 1e-8 -> 1)
-/// consensus sum:  maj = Σ wd_i >= 0 ? 1 : -1, a_i = sign(wd_i) == maj
-///                 mix = Σ wd_i * a_i,    div = Σ w_i * a_i (0 -> 1)
+/// consensus sum:  maj = Σ vote_i >= 0 ? 1 : -1, a_i = sign(wd_i) == maj
+///                 mix = Σ wd_i * a_i,    div = Σ w_i * a_i
+///                 div: 0 -> 1, or max(div, div_floor) when a floor is given
 /// out = b + ((normalize ? mix / div : mix) * lambda)
 /// ```
-/// Every sum runs over i = 0..M in order.
+/// `vote_i` is `wd_i` or `u_i` ([`Vote`]). Every sum runs over i = 0..M in order.
 #[derive(Clone, Debug)]
 pub struct GtaSpec {
     pub weights: Vec<f32>,
-    pub keep: Vec<Keep>,
+    pub sparsity: Sparsity,
     pub scale: Vec<f32>,
     pub consensus: Consensus,
+    pub vote: Vote,
     pub normalize: bool,
+    pub div_floor: Option<f32>,
     pub lambda: f32,
-    pub seed: u64,
+}
+
+/// A vector formed from a job's inputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Vector {
+    Model(usize),
+    Base,
+    /// models[i] - base
+    Delta(usize),
+}
+
+/// How the elements of a tensor group into vectors for per-vector statistics and combines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Segments {
+    /// One vector: the whole tensor, flattened.
+    Whole,
+    /// Contiguous runs of `len` elements: the rows of the last dimension.
+    Rows { len: usize },
+    /// Vector c holds elements c, c + cols, c + 2·cols, …: dimension 0 of a [n/cols, cols] view.
+    Cols { cols: usize },
+}
+
+impl Segments {
+    pub fn count(&self, n: usize) -> usize {
+        match *self {
+            Segments::Whole => 1,
+            Segments::Rows { len } => n.div_ceil(len.max(1)),
+            Segments::Cols { cols } => cols,
+        }
+    }
+    #[inline(always)]
+    pub fn of(&self, e: usize) -> usize {
+        match *self {
+            Segments::Whole => 0,
+            Segments::Rows { len } => e / len,
+            Segments::Cols { cols } => e % cols,
+        }
+    }
 }
 
 /// The primitive operations every backend provides.
@@ -185,11 +339,26 @@ pub trait Backend: Send + Sync {
     /// Human-readable name, e.g. `cpu (2 threads)` or `gpu: NVIDIA RTX 4090 (Vulkan)`.
     fn name(&self) -> String;
 
-    /// Rank cuts for each query (see [`RankCut`]); exact, tie rule included.
-    fn select(&self, job: &Job, queries: &[Query]) -> Result<Vec<RankCut>>;
+    /// For each (source, filter): a histogram of the high 16 bits of the source's key bits,
+    /// or with a filter `Some(h)`, of the low 16 bits of the keys whose high bits are `h`.
+    fn histogram(&self, job: &Job, sources: &[(Source, Option<u32>)]) -> Result<Vec<Vec<u64>>>;
 
-    /// For each model i: [Σ|d_i|, Σ|d_i * keep_i|] with d_i = models[i] - base.
-    fn masked_l1(&self, job: &Job, keep: &[Keep], seed: u64) -> Result<Vec<[f64; 2]>>;
+    /// Flat index of the `q`-th (0-based, in index order) element whose key bits equal `bits`.
+    fn nth_equal(&self, job: &Job, source: Source, bits: u32, q: u64) -> Result<u32>;
+
+    /// Rank cuts for each query (see [`RankCut`]); exact, tie rule included.
+    fn select(&self, job: &Job, queries: &[Query]) -> Result<Vec<RankCut>> {
+        cpu::select_with(
+            job,
+            queries,
+            |j, s| self.histogram(j, s),
+            |j, s, t, q| self.nth_equal(j, s, t, q),
+        )
+    }
+
+    /// For each model i, with d_i = models[i] - base and k_i its keep mask:
+    /// [Σ|d_i|, Σ|d_i·k_i|, Σ(d_i·k_i)²].
+    fn masked_sums(&self, job: &Job, sparsity: &Sparsity) -> Result<Vec<[f64; 3]>>;
 
     /// The GTA combine ([`GtaSpec`]) into `out` (job.out_dtype bytes).
     fn gta(&self, job: &Job, spec: &GtaSpec, out: &mut [u8]) -> Result<()>;
@@ -206,6 +375,31 @@ pub trait Backend: Send + Sync {
         divisor: Option<f32>,
         out: &mut [u8],
     ) -> Result<()>;
+
+    /// For each segment s and pair p: the dot product of `vecs[p.0]` and `vecs[p.1]` over the
+    /// segment's elements, as `out[s * pairs.len() + p]`.
+    fn dots(
+        &self,
+        job: &Job,
+        vecs: &[Vector],
+        pairs: &[(usize, usize)],
+        seg: Segments,
+    ) -> Result<Vec<f64>>;
+
+    /// `out = Σ_k coefs[s * terms.len() + k] * terms[k]` for the segment s of each element,
+    /// summed in term order from zero.
+    fn combine(
+        &self,
+        job: &Job,
+        terms: &[Vector],
+        seg: Segments,
+        coefs: &[f32],
+        out: &mut [u8],
+    ) -> Result<()>;
+
+    /// NearSwap: `w = clamp(t / max(|b - x|, 1e-6), 0, 1)`, `out = w·x + (1 - w)·b` with
+    /// x = models[0], b = base.
+    fn nearswap(&self, job: &Job, t: f32, out: &mut [u8]) -> Result<()>;
 
     /// Releases whatever the backend kept for this job (resident buffers).
     fn end_job(&self, _job: &Job) {}

@@ -1,13 +1,18 @@
 //! The generalised task-arithmetic family (mergekit's `GeneralizedTaskArithmeticMerge`):
-//! task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties.
+//! task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della,
+//! della_linear.
 //!
-//! Every method is: per model, sparsify its delta (magnitude top-k, random keep, or
-//! magnitude band without outliers), optionally rescale the survivors to the delta's L1
-//! norm, weight, optionally elect a sign per element and keep the agreeing deltas, divide by
-//! the agreeing weights if `normalize`, scale by `lambda`, add to the base.
+//! Every method is: per model, sparsify its delta (magnitude top-k, random keep, magnitude
+//! band without outliers, or DELLA's rank-dependent random keep), optionally rescale the
+//! survivors to the delta's L1 norm, weight, optionally elect a sign per element and keep
+//! the agreeing deltas, divide by the agreeing weights if `normalize`, scale by `lambda`, add
+//! to the base.
 
 use super::{Algo, BasePolicy, Ctx, Default, MethodInfo, ParamSpec, Params, Scope};
-use crate::backend::{py_int_mul, Backend, Consensus, GtaSpec, Keep, Query, Source};
+use crate::backend::{
+    keep_threshold, py_int_mul, Backend, Consensus, GtaSpec, Keep, Key, Query, RowLayout, Source,
+    Sparsity, Vote,
+};
 use crate::error::Result;
 use crate::recipe::Kind;
 
@@ -21,6 +26,9 @@ pub enum Sparsify {
     /// Drop the `int(gamma·n)` largest as outliers, then the smallest, keeping
     /// `int(density·n)` (Model Breadcrumbs).
     MagnitudeOutliers,
+    /// Keep each element with a probability from `density - epsilon` (smallest |delta| of
+    /// its row) to `density + epsilon` (largest) (DELLA).
+    DellaMagprune,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,6 +75,15 @@ fn spec(
             help: "fraction of the largest-magnitude elements removed as outliers",
         });
     }
+    if v.sparsify == Sparsify::DellaMagprune {
+        params.push(ParamSpec {
+            name: "epsilon",
+            kind: Kind::Float,
+            scope: Scope::NonBase,
+            default: Default::Float(0.15),
+            help: "keep probabilities spread over density ± epsilon by magnitude rank in each row",
+        });
+    }
     params.extend([
         ParamSpec {
             name: "normalize",
@@ -104,7 +121,7 @@ fn spec(
         summary,
         params,
         base: BasePolicy::Required,
-        max_inputs: None,
+        models: (0, None),
         algo: Algo::Gta(v),
     }
 }
@@ -160,7 +177,49 @@ pub fn methods() -> Vec<MethodInfo> {
             "Breadcrumbs' band selection, then TIES' sign election.",
             v(Sparsify::MagnitudeOutliers, Sum, false, false),
         ),
+        spec(
+            "della",
+            "DELLA",
+            "https://arxiv.org/abs/2406.11617",
+            "Drop elements at random, larger magnitudes (by rank in their row) kept more often, rescale, then TIES' sign election and average.",
+            v(Sparsify::DellaMagprune, Sum, true, true),
+        ),
+        spec(
+            "della_linear",
+            "DELLA (linear)",
+            "https://arxiv.org/abs/2406.11617",
+            "DELLA's rank-dependent drop and rescale, then a plain weighted sum.",
+            v(Sparsify::DellaMagprune, NoVote, false, true),
+        ),
     ]
+}
+
+/// DELLA ranks within the rows along dimension 1: tiles must hold whole slabs of them.
+pub fn align(v: Variant, _params: &Params, shape: &[usize]) -> usize {
+    if v.sparsify == Sparsify::DellaMagprune {
+        RowLayout::along_dim1(shape).slab()
+    } else {
+        1
+    }
+}
+
+/// DELLA's keep thresholds by ascending rank r in a row of `len`, as mergekit computes the
+/// probabilities in f32: p_r = f32(density - epsilon) + (r / (len - 1)) · 2 · f32(epsilon).
+pub fn della_table(density: f64, epsilon: f64, len: usize) -> Vec<u32> {
+    let d0 = (density - epsilon) as f32;
+    let e = epsilon as f32;
+    let den = len.saturating_sub(1) as f32;
+    (0..len)
+        .map(|r| {
+            // a row of one has no spread (mergekit divides 0 by 0 there)
+            let rn = if len > 1 {
+                (r as f32 / den).clamp(0.0, 1.0)
+            } else {
+                0.0
+            };
+            keep_threshold(d0 + rn * 2.0 * e)
+        })
+        .collect()
 }
 
 pub fn check(v: Variant, params: &Params) -> std::result::Result<(), String> {
@@ -173,6 +232,15 @@ pub fn check(v: Variant, params: &Params) -> std::result::Result<(), String> {
             if !(0.0..=1.0).contains(&g) {
                 return Err(format!(
                     "gamma {g} of input {i} is not a fraction in [0, 1]"
+                ));
+            }
+        }
+        if v.sparsify == Sparsify::DellaMagprune {
+            let d = params.input_f(i, "density").unwrap_or(1.0);
+            let e = params.input_f(i, "epsilon").unwrap_or(0.15);
+            if d > 0.0 && d < 1.0 && (d + e >= 1.0 || d - e <= 0.0) {
+                return Err(format!(
+                    "input {i}: density {d} ± epsilon {e} must stay inside (0, 1) (mergekit refuses this too)"
                 ));
             }
         }
@@ -189,19 +257,16 @@ pub fn run(v: Variant, b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> 
     let lambda = cx.params.shared_f("lambda") as f32;
 
     let mut weights = Vec::with_capacity(m);
-    let mut keep = vec![Keep::All; m];
+    let mut sp = Sparsity::new(vec![Keep::All; m], cx.seed);
     // (model, query slot of lo, query slot of hi) for rank-based keeps
     let mut queries: Vec<Query> = Vec::new();
     let mut pending: Vec<(usize, Option<usize>, usize)> = Vec::new();
-    for (i, keep_i) in keep.iter_mut().enumerate() {
+    for (i, keep_i) in sp.keep.iter_mut().enumerate() {
         let w = cx
             .model_f(i, "weight")
             .ok_or_else(|| cx.err(format!("model {i} has no weight")))?;
         weights.push(w as f32);
         let density = cx.model_f(i, "density").unwrap_or(1.0);
-        if !density.is_finite() {
-            return Err(cx.err(format!("density {density} is not a number")));
-        }
         if v.sparsify == Sparsify::None || density >= 1.0 {
             continue;
         }
@@ -239,16 +304,30 @@ pub fn run(v: Variant, b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> 
                     k: hi,
                 });
             }
+            Sparsify::DellaMagprune => {
+                if density <= 0.0 {
+                    *keep_i = Keep::Nothing;
+                } else {
+                    let epsilon = cx.model_f(i, "epsilon").unwrap_or(0.15);
+                    let rows = RowLayout::along_dim1(cx.shape);
+                    *keep_i = Keep::Della {
+                        rows,
+                        table: sp.tables.len(),
+                    };
+                    sp.tables.push(della_table(density, epsilon, rows.len));
+                }
+            }
         }
     }
     if !queries.is_empty() {
         let cuts = b.select(job, &queries)?;
         for (i, lo, hi) in pending {
-            keep[i] = match lo {
+            sp.keep[i] = match lo {
                 None => Keep::top(cuts[hi]),
                 Some(lo) => Keep::Ranks {
                     lo: cuts[lo],
                     hi: cuts[hi],
+                    key: Key::Delta,
                 },
             };
         }
@@ -257,13 +336,12 @@ pub fn run(v: Variant, b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> 
     let mut scale = vec![1.0f32; m];
     if rescale && v.sparsify != Sparsify::None {
         let active: Vec<usize> = (0..m)
-            .filter(|&i| !matches!(keep[i], Keep::All | Keep::Nothing))
+            .filter(|&i| !matches!(sp.keep[i], Keep::All | Keep::Nothing))
             .collect();
         if !active.is_empty() {
-            let norms = b.masked_l1(job, &keep, cx.seed)?;
+            let sums = b.masked_sums(job, &sp)?;
             for i in active {
-                let [full, kept] = norms[i];
-                let (full, kept) = (full as f32, kept as f32);
+                let (full, kept) = (sums[i][0] as f32, sums[i][1] as f32);
                 if full >= 1e-7 && kept >= 1e-7 {
                     scale[i] = full / kept;
                 }
@@ -274,12 +352,13 @@ pub fn run(v: Variant, b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> 
         job,
         &GtaSpec {
             weights,
-            keep,
+            sparsity: sp,
             scale,
             consensus: v.consensus,
+            vote: Vote::Weighted,
             normalize,
+            div_floor: None,
             lambda,
-            seed: cx.seed,
         },
         out,
     )

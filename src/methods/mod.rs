@@ -3,7 +3,13 @@
 
 mod gta;
 mod linear;
+mod model_stock;
+mod nearswap;
 mod passthrough;
+mod sce;
+mod sphere;
+
+pub use gta::della_table;
 
 use crate::backend::{Backend, Job};
 use crate::error::{Error, Result};
@@ -42,6 +48,8 @@ pub struct ParamSpec {
 pub enum BasePolicy {
     /// A base model is required; the other inputs are merged as deltas against it.
     Required,
+    /// With a base model the inputs are merged as deltas against it; without, as they are.
+    Optional,
     /// The method has no notion of a base model.
     Ignored,
 }
@@ -51,6 +59,13 @@ pub enum Algo {
     Linear,
     Passthrough,
     Gta(gta::Variant),
+    Sce,
+    ModelStock,
+    Slerp,
+    NuSlerp,
+    MultiSlerp,
+    Karcher,
+    NearSwap,
 }
 
 #[derive(Debug)]
@@ -61,8 +76,8 @@ pub struct MethodInfo {
     pub summary: &'static str,
     pub params: Vec<ParamSpec>,
     pub base: BasePolicy,
-    /// Inputs per tensor, base included.
-    pub max_inputs: Option<usize>,
+    /// How many inputs besides the base a tensor may merge: (at least, at most).
+    pub models: (usize, Option<usize>),
     pub algo: Algo,
 }
 
@@ -102,7 +117,7 @@ fn registry() -> &'static [MethodInfo] {
                     p("normalize", Kind::Bool, Scope::Shared, Default::Bool(true), "divide by the sum of the weights"),
                 ],
                 base: BasePolicy::Ignored,
-                max_inputs: None,
+                models: (1, None),
                 algo: Algo::Linear,
             },
             MethodInfo {
@@ -112,11 +127,15 @@ fn registry() -> &'static [MethodInfo] {
                 summary: "Copies tensors from exactly one source per slice; with `slices:` it stacks or swaps layers.",
                 params: vec![p("scale", Kind::Float, Scope::Input, Default::Unset, "multiply the copied tensor by this")],
                 base: BasePolicy::Ignored,
-                max_inputs: Some(1),
+                models: (1, Some(1)),
                 algo: Algo::Passthrough,
             },
         ];
         v.extend(gta::methods());
+        v.push(sce::method());
+        v.push(model_stock::method());
+        v.extend(sphere::methods());
+        v.push(nearswap::method());
         v
     })
 }
@@ -193,6 +212,7 @@ impl Params {
 /// Everything a method needs for one tensor besides the backend.
 pub struct Ctx<'a> {
     pub job: &'a Job<'a>,
+    pub shape: &'a [usize],
     /// `per_input[i]` belongs to `job.models[i]`.
     pub params: &'a Params,
     pub seed: u64,
@@ -239,7 +259,16 @@ pub fn check(method: &MethodInfo, params: &Params, tensor: &str) -> Result<()> {
     match method.algo {
         Algo::Linear => linear::check(params).or_else(err),
         Algo::Gta(v) => gta::check(v, params).or_else(err),
-        Algo::Passthrough => Ok(()),
+        Algo::Karcher => sphere::check_karcher(params).or_else(err),
+        _ => Ok(()),
+    }
+}
+
+/// Elements that must stay together in one GPU tile for this method (rows it ranks within).
+pub fn job_align(method: &MethodInfo, params: &Params, shape: &[usize]) -> usize {
+    match method.algo {
+        Algo::Gta(v) => gta::align(v, params, shape),
+        _ => 1,
     }
 }
 
@@ -249,6 +278,13 @@ pub fn run(method: &MethodInfo, backend: &dyn Backend, cx: &Ctx, out: &mut [u8])
         Algo::Linear => linear::run(backend, cx, out),
         Algo::Passthrough => passthrough::run(backend, cx, out),
         Algo::Gta(v) => gta::run(v, backend, cx, out),
+        Algo::Sce => sce::run(backend, cx, out),
+        Algo::ModelStock => model_stock::run(backend, cx, out),
+        Algo::Slerp => sphere::slerp(backend, cx, out),
+        Algo::NuSlerp => sphere::nuslerp(backend, cx, out),
+        Algo::MultiSlerp => sphere::multislerp(backend, cx, out),
+        Algo::Karcher => sphere::karcher(backend, cx, out),
+        Algo::NearSwap => nearswap::run(backend, cx, out),
     }
 }
 

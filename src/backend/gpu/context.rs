@@ -101,13 +101,21 @@ fn rank(t: wgpu::DeviceType) -> u32 {
     }
 }
 
+/// Entry points that also bind group 1 (a per-dispatch step at a dynamic offset).
+pub const STEPPED: &[&str] = &["bitonic"];
+
 pub struct GpuContext {
     pub device: wgpu::Device,
     pub queue: wgpu::Queue,
     pub info: AdapterDesc,
     pub limits: wgpu::Limits,
     pub layout: wgpu::BindGroupLayout,
+    /// Group 1 of the stepped kernels (the bitonic sort): one uniform at a dynamic offset.
+    pub step_layout: wgpu::BindGroupLayout,
+    /// Bound as `aux` when an operation has none.
+    pub dummy: wgpu::Buffer,
     pipeline_layout: wgpu::PipelineLayout,
+    stepped_layout: wgpu::PipelineLayout,
     modules: Mutex<HashMap<Shader, Arc<wgpu::ShaderModule>>>,
     pipelines: Mutex<HashMap<(Shader, &'static str), Arc<wgpu::ComputePipeline>>>,
     built: AtomicUsize,
@@ -204,7 +212,30 @@ impl GpuContext {
                         min_binding_size: None,
                     },
                 ),
+                entry(4, storage(true)),
             ],
+        });
+        let step_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some("smelt steps"),
+            entries: &[entry(
+                0,
+                wgpu::BindingType::Buffer {
+                    ty: wgpu::BufferBindingType::Uniform,
+                    has_dynamic_offset: true,
+                    min_binding_size: wgpu::BufferSize::new(16),
+                },
+            )],
+        });
+        let stepped_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some("smelt stepped kernels"),
+            bind_group_layouts: &[Some(&layout), Some(&step_layout)],
+            immediate_size: 0,
+        });
+        let dummy = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("no aux"),
+            size: 16,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
         });
         let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
             label: Some("smelt kernels"),
@@ -217,7 +248,10 @@ impl GpuContext {
             info,
             limits,
             layout,
+            step_layout,
+            dummy,
             pipeline_layout,
+            stepped_layout,
             modules: Mutex::default(),
             pipelines: Mutex::default(),
             built: AtomicUsize::new(0),
@@ -256,7 +290,11 @@ impl GpuContext {
             self.device
                 .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                     label: Some(entry),
-                    layout: Some(&self.pipeline_layout),
+                    layout: Some(if STEPPED.contains(&entry) {
+                        &self.stepped_layout
+                    } else {
+                        &self.pipeline_layout
+                    }),
                     module: &module,
                     entry_point: Some(entry),
                     compilation_options: Default::default(),

@@ -2,10 +2,11 @@
 //!
 //! A job's inputs travel in tiles of whole quads (4 elements), each tile one storage buffer
 //! holding every input's raw bytes (only input-dtype bytes go up). Tiles are sized from the
-//! adapter's binding limit (or a test override). When all of a job's tiles fit in the VRAM
-//! budget they are uploaded once and stay resident across the job's passes (selection
-//! histograms, norms, the combine); otherwise two tile slots stream, with the upload of the
-//! next tile and the readback of the previous one overlapping the current one's kernels.
+//! adapter's binding limit (or a test override) and hold whole rows when a method ranks
+//! within rows. When all of a job's tiles fit in the VRAM budget they are uploaded once and
+//! stay resident across the job's passes (selection histograms, norms, the combine);
+//! otherwise two tile slots stream, with the upload of the next tile and the readback of the
+//! previous one overlapping the current one's kernels.
 
 pub mod context;
 pub mod shaders;
@@ -15,16 +16,19 @@ use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use bytemuck::{Pod, Zeroable};
 use wgpu::util::DeviceExt;
 
-use super::cpu::select_with;
-use super::{Backend, Consensus, GtaSpec, Input, Job, Keep, Query, RankCut, Source};
-use crate::dtype::DType;
+use super::{
+    Backend, Consensus, GtaSpec, Input, Job, Keep, Key, RowLayout, Segments, Source, Sparsity,
+    Vector, Vote,
+};
 use crate::error::{Error, Result};
 use crate::rng::fnv1a32;
 pub use context::{list_adapters, AdapterDesc, GpuContext};
 use shaders::Shader;
 
-/// Elements per workgroup: 256 invocations × one quad each.
-const WG_ELEMS: usize = 1024;
+/// Invocations per workgroup; each handles one quad in elementwise kernels.
+const WG: usize = 256;
+/// Elements per workgroup of an elementwise kernel.
+const WG_ELEMS: usize = 4 * WG;
 
 #[derive(Clone, Debug, Default)]
 pub struct GpuOptions {
@@ -36,6 +40,7 @@ pub struct GpuOptions {
     pub tile_elems: Option<usize>,
 }
 
+/// Mirrors `struct Meta` of shaders/common.wgsl (without the trailing array).
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable, Default)]
 struct MetaHeader {
@@ -54,9 +59,26 @@ struct MetaHeader {
     has_divisor: u32,
     divisor: f32,
     focus: u32,
-    _pad: u32,
+    vote: u32,
+    floor_on: u32,
+    div_floor: f32,
+    inv_m: f32,
+    use_var: u32,
+    seg_kind: u32,
+    seg_len: u32,
+    n_items: u32,
+    n_pairs: u32,
+    t: f32,
+    row_len: u32,
+    row_inner: u32,
+    row_pad: u32,
+    n_entries: u32,
+    out_offset: u32,
+    _p2: u32,
+    _p3: u32,
 }
 
+/// Mirrors `struct ModelMeta` of shaders/common.wgsl.
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable, Default)]
 struct ModelMeta {
@@ -68,19 +90,26 @@ struct ModelMeta {
     lo_index: u32,
     hi_bits: u32,
     hi_index: u32,
-    p: f32,
+    thr: u32,
     weight: f32,
     scale: f32,
     aux: u32,
+    ranks: u32,
+    table: u32,
+    _p0: u32,
+    _p1: u32,
 }
 
+/// Mirrors `struct Tile` of shaders/common.wgsl.
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
 struct TileUbo {
     n: u32,
     start: u32,
-    groups_x: u32,
+    _g: u32,
     wg_base: u32,
+    index: u32,
+    _p: [u32; 3],
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -128,6 +157,16 @@ struct JobState {
     total_groups: u32,
 }
 
+/// What one dispatch binds besides the tile and the metadata.
+struct Binding<'a> {
+    dst: &'a wgpu::Buffer,
+    aux: Option<&'a wgpu::Buffer>,
+    /// Bound as `src` instead of the tile's inputs (rank_scatter reads the sort buffer).
+    src: Option<&'a wgpu::Buffer>,
+    /// Group 1 of stepped kernels: the step buffer and this dispatch's offset.
+    step: Option<(&'a wgpu::BindGroup, u32)>,
+}
+
 pub struct Gpu {
     pub ctx: Arc<GpuContext>,
     tile_cap: usize,
@@ -135,12 +174,27 @@ pub struct Gpu {
     state: Mutex<Option<JobState>>,
 }
 
-fn code(d: DType) -> u32 {
-    d.code()
-}
-
 fn align4(x: usize) -> usize {
     x.div_ceil(4) * 4
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// (x, y) workgroups covering `groups`, x at most `max_dim`.
+fn grid(groups: usize, max_dim: u32) -> (u32, u32) {
+    let groups = groups.max(1) as u32;
+    let x = groups.min(max_dim.max(1));
+    (x, groups.div_ceil(x))
+}
+
+fn gpu_err(e: impl std::fmt::Display) -> Error {
+    Error::Gpu(e.to_string())
 }
 
 impl Gpu {
@@ -154,7 +208,7 @@ impl Gpu {
     pub fn with_context(ctx: Arc<GpuContext>, opts: &GpuOptions) -> Gpu {
         Gpu {
             ctx,
-            tile_cap: opts.tile_elems.unwrap_or(usize::MAX).max(WG_ELEMS),
+            tile_cap: opts.tile_elems.unwrap_or(usize::MAX).max(4),
             budget: opts.vram_budget.unwrap_or(2 << 30),
             state: Mutex::new(None),
         }
@@ -175,32 +229,44 @@ impl Gpu {
         job.models.iter().chain(job.base.iter()).collect()
     }
 
+    fn max_dim(&self) -> u32 {
+        self.ctx.limits.max_compute_workgroups_per_dimension
+    }
+
     fn plan_job(&self, job: &Job) -> Result<JobState> {
         let inputs = Self::inputs(job);
-        let per_elem: usize = inputs.iter().map(|i| i.dtype.size()).sum::<usize>().max(1);
-        let limit = self.ctx.limits.max_storage_buffer_binding_size as usize;
-        let buf_limit = self.ctx.limits.max_buffer_size as usize;
-        // A tile's src (all inputs), its f32 output and its partial sums must each fit a binding.
+        let per_elem: usize = inputs.iter().map(|i| i.dtype.size()).sum::<usize>().max(4);
+        let limit = (self.ctx.limits.max_storage_buffer_binding_size as usize)
+            .min(self.ctx.limits.max_buffer_size as usize);
         let n = job.numel;
-        let mut tile = (limit.min(buf_limit) / per_elem.max(4)).min(self.tile_cap);
-        // no larger than the job itself
-        tile = tile.min(n.div_ceil(WG_ELEMS) * WG_ELEMS);
-        tile = (tile / WG_ELEMS).max(1) * WG_ELEMS;
+        // Tiles hold whole quads and whole rows of `align`.
+        let unit = 4 * job.align / gcd(4, job.align);
+        let mut hard = limit / per_elem;
+        if job.align > 1 {
+            // row sorts need 8 bytes per entry, rows padded up to twice their length
+            hard = hard.min(limit / 16);
+        }
+        // The requested tile size yields to the unit; the binding limit does not.
+        let mut tile = (hard.min(self.tile_cap) / unit).max(1) * unit;
+        if tile > hard {
+            return Err(Error::Gpu(format!(
+                "{}: rows of {} elements do not fit one GPU tile of {hard} elements",
+                job.name, job.align
+            )));
+        }
+        tile = tile.min(n.div_ceil(unit).max(1) * unit);
         let mut seg_off = Vec::with_capacity(inputs.len());
         let mut words = 0u32;
         for i in &inputs {
             seg_off.push(words);
             words += (align4(tile * i.dtype.size()) / 4).div_ceil(4) as u32 * 4;
         }
-        let max_dim = self.ctx.limits.max_compute_workgroups_per_dimension.max(1);
         let mut tiles = Vec::new();
         let mut wg_base = 0u32;
         let mut start = 0;
         while start < n {
             let len = tile.min(n - start);
-            let groups = len.div_ceil(WG_ELEMS) as u32;
-            let groups_x = groups.min(max_dim);
-            let groups_y = groups.div_ceil(groups_x);
+            let (groups_x, groups_y) = grid(len.div_ceil(WG_ELEMS), self.max_dim());
             tiles.push(TileSpec {
                 start,
                 len,
@@ -235,7 +301,7 @@ impl Gpu {
     }
 
     /// The buffers holding tile `t`, uploading it if they do not already.
-    fn tile_gpu<'s>(&self, st: &'s mut JobState, job: &Job, t: usize) -> Result<&'s TileGpu> {
+    fn tile_gpu<'s>(&self, st: &'s mut JobState, job: &Job, t: usize) -> &'s TileGpu {
         let slot = if st.resident { t } else { t % 2 };
         while st.bufs.len() <= slot {
             let src = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
@@ -271,15 +337,17 @@ impl Gpu {
             let ubo = TileUbo {
                 n: spec.len as u32,
                 start: spec.start as u32,
-                groups_x: spec.groups_x,
+                _g: 0,
                 wg_base: spec.wg_base,
+                index: t as u32,
+                _p: [0; 3],
             };
             self.ctx
                 .queue
                 .write_buffer(&tg.ubo, 0, bytemuck::bytes_of(&ubo));
             st.holds[slot] = Some(t);
         }
-        Ok(&st.bufs[slot])
+        &st.bufs[slot]
     }
 
     fn header(&self, job: &Job, st: &JobState, seed: u64) -> MetaHeader {
@@ -287,27 +355,31 @@ impl Gpu {
         MetaHeader {
             n_models: m as u32,
             base_offset: if job.base.is_some() { st.seg_off[m] } else { 0 },
-            base_dtype: job.base.map(|b| code(b.dtype)).unwrap_or(0),
-            load_dtype: code(job.load_dtype),
-            out_dtype: code(job.out_dtype),
+            base_dtype: job.base.map(|b| b.dtype.code()).unwrap_or(0),
+            load_dtype: job.load_dtype.code(),
+            out_dtype: job.out_dtype.code(),
             lambda: 1.0,
             wsum: 1.0,
             seed_lo: seed as u32,
             seed_hi: (seed >> 32) as u32,
             name_hash: fnv1a32(job.name),
+            inv_m: if m > 0 { 1.0 / m as f32 } else { 0.0 },
             ..Default::default()
         }
     }
 
-    fn model_meta(&self, job: &Job, st: &JobState, i: usize) -> ModelMeta {
-        ModelMeta {
-            offset: st.seg_off[i],
-            dtype: code(job.models[i].dtype),
-            rng_model: i as u32,
-            weight: 1.0,
-            scale: 1.0,
-            ..Default::default()
-        }
+    /// Metadata of every model, in order (the head of the `models` array of every kernel).
+    fn models_meta(&self, job: &Job, st: &JobState) -> Vec<ModelMeta> {
+        (0..job.models.len())
+            .map(|i| ModelMeta {
+                offset: st.seg_off[i],
+                dtype: job.models[i].dtype.code(),
+                rng_model: i as u32,
+                weight: 1.0,
+                scale: 1.0,
+                ..Default::default()
+            })
+            .collect()
     }
 
     fn meta_buffer(&self, header: &MetaHeader, models: &[ModelMeta]) -> wgpu::Buffer {
@@ -327,36 +399,47 @@ impl Gpu {
             })
     }
 
-    fn storage(&self, label: &str, bytes: u64, copy_src: bool) -> wgpu::Buffer {
-        let mut usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
-        if copy_src {
-            usage |= wgpu::BufferUsages::COPY_SRC;
-        }
+    fn storage(&self, label: &str, bytes: u64) -> wgpu::Buffer {
         self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
-            size: bytes.max(16),
-            usage,
+            size: align4(bytes.max(16) as usize) as u64,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_DST
+                | wgpu::BufferUsages::COPY_SRC,
             mapped_at_creation: false,
         })
+    }
+
+    fn storage_init(&self, label: &str, words: &[u32]) -> wgpu::Buffer {
+        let mut w = words.to_vec();
+        w.resize(w.len().max(4), 0);
+        self.ctx
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents: bytemuck::cast_slice(&w),
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+            })
     }
 
     fn readback(&self, bytes: u64) -> wgpu::Buffer {
         self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("readback"),
-            size: bytes.max(16),
+            size: align4(bytes.max(16) as usize) as u64,
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn encode(
         &self,
         enc: &mut wgpu::CommandEncoder,
         pipe: &wgpu::ComputePipeline,
         tg: &TileGpu,
         meta: &wgpu::Buffer,
-        dst: &wgpu::Buffer,
-        spec: &TileSpec,
+        b: &Binding,
+        groups: (u32, u32),
     ) {
         let bg = self
             .ctx
@@ -367,7 +450,7 @@ impl Gpu {
                 entries: &[
                     wgpu::BindGroupEntry {
                         binding: 0,
-                        resource: tg.src.as_entire_binding(),
+                        resource: b.src.unwrap_or(&tg.src).as_entire_binding(),
                     },
                     wgpu::BindGroupEntry {
                         binding: 1,
@@ -375,11 +458,15 @@ impl Gpu {
                     },
                     wgpu::BindGroupEntry {
                         binding: 2,
-                        resource: dst.as_entire_binding(),
+                        resource: b.dst.as_entire_binding(),
                     },
                     wgpu::BindGroupEntry {
                         binding: 3,
                         resource: tg.ubo.as_entire_binding(),
+                    },
+                    wgpu::BindGroupEntry {
+                        binding: 4,
+                        resource: b.aux.unwrap_or(&self.ctx.dummy).as_entire_binding(),
                     },
                 ],
             });
@@ -389,11 +476,15 @@ impl Gpu {
         });
         pass.set_pipeline(pipe);
         pass.set_bind_group(0, &bg, &[]);
-        pass.dispatch_workgroups(spec.groups_x, spec.groups_y, 1);
+        if let Some((sbg, off)) = b.step {
+            pass.set_bind_group(1, sbg, &[off]);
+        }
+        pass.dispatch_workgroups(groups.0, groups.1, 1);
     }
 
     /// Maps `buf[..bytes]` after all submitted work and hands the bytes to `f`.
     fn read<R>(&self, buf: &wgpu::Buffer, bytes: u64, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
+        let bytes = align4(bytes.max(4) as usize) as u64;
         let (tx, rx) = mpsc::channel();
         buf.slice(..bytes).map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
@@ -403,28 +494,42 @@ impl Gpu {
             .map_err(|_| Error::Gpu("readback was abandoned".into()))?
             .map_err(|e| Error::Gpu(format!("readback failed: {e}")))?;
         let r = {
-            let view = buf
-                .slice(..bytes)
-                .get_mapped_range()
-                .map_err(|e| Error::Gpu(format!("readback failed: {e}")))?;
+            let view = buf.slice(..bytes).get_mapped_range().map_err(gpu_err)?;
             f(&view)
         };
         buf.unmap();
         Ok(r)
     }
 
-    /// Runs a kernel that accumulates into `dst` over every tile, then reads `bytes` of it.
+    /// Copies `bytes` of `buf` back to the host.
+    fn download(&self, buf: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
+        let rb = self.readback(bytes);
+        let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(buf, 0, &rb, 0, align4(bytes.max(4) as usize) as u64);
+        self.ctx.queue.submit([enc.finish()]);
+        self.read(&rb, bytes, |b| b[..bytes as usize].to_vec())
+    }
+
+    /// Runs a kernel over tiles (all, or one) accumulating into a fresh zeroed buffer of
+    /// `dst_bytes`, then reads it back. `per_tile` may prepare an aux buffer for each tile
+    /// and choose the tile's grid.
+    #[allow(clippy::too_many_arguments)]
     fn accumulate(
         &self,
         job: &Job,
         st: &mut JobState,
-        (shader, entry): (Shader, &'static str),
+        kernel: (Shader, &'static str),
         meta: &wgpu::Buffer,
         dst_bytes: u64,
         only_tile: Option<usize>,
+        mut per_tile: impl FnMut(
+            &Self,
+            &mut JobState,
+            usize,
+        ) -> Result<(Option<wgpu::Buffer>, (u32, u32))>,
     ) -> Result<Vec<u8>> {
-        let pipe = self.ctx.pipeline(shader, entry)?;
-        let dst = self.storage("accumulator", dst_bytes, true);
+        let pipe = self.ctx.pipeline(kernel.0, kernel.1)?;
+        let dst = self.storage("accumulator", dst_bytes);
         let mut enc = self.ctx.device.create_command_encoder(&Default::default());
         enc.clear_buffer(&dst, 0, None);
         self.ctx.queue.submit([enc.finish()]);
@@ -432,28 +537,38 @@ impl Gpu {
             if only_tile.is_some_and(|o| o != t) {
                 continue;
             }
-            let spec = st.tiles[t];
-            let tg = self.tile_gpu(st, job, t)?;
+            let (aux, groups) = per_tile(self, st, t)?;
+            let tg = self.tile_gpu(st, job, t);
             let mut enc = self.ctx.device.create_command_encoder(&Default::default());
-            self.encode(&mut enc, &pipe, tg, meta, &dst, &spec);
+            let b = Binding {
+                dst: &dst,
+                aux: aux.as_ref(),
+                src: None,
+                step: None,
+            };
+            self.encode(&mut enc, &pipe, tg, meta, &b, groups);
             self.ctx.queue.submit([enc.finish()]);
         }
-        let rb = self.readback(dst_bytes);
-        let mut enc = self.ctx.device.create_command_encoder(&Default::default());
-        enc.copy_buffer_to_buffer(&dst, 0, &rb, 0, dst_bytes.max(16));
-        self.ctx.queue.submit([enc.finish()]);
-        self.read(&rb, dst_bytes.max(16), |b| b[..dst_bytes as usize].to_vec())
+        self.download(&dst, dst_bytes)
+    }
+
+    /// The quad grid of tile t.
+    fn quad_grid(st: &JobState, t: usize) -> (u32, u32) {
+        let s = st.tiles[t];
+        (s.groups_x, s.groups_y)
     }
 
     /// Runs an output-writing kernel over every tile into `out`, overlapping the readback
     /// of each tile with the next tile's upload and kernels.
+    #[allow(clippy::too_many_arguments)]
     fn apply(
         &self,
         job: &Job,
-        shader: Shader,
-        entry: &'static str,
+        kernel: (Shader, &'static str),
         header: MetaHeader,
         models: Vec<ModelMeta>,
+        aux: Option<&wgpu::Buffer>,
+        della: Option<&Della>,
         out: &mut [u8],
     ) -> Result<()> {
         if job.numel == 0 {
@@ -461,13 +576,13 @@ impl Gpu {
         }
         let mut guard = self.state(job)?;
         let st = guard.as_mut().unwrap();
-        let pipe = self.ctx.pipeline(shader, entry)?;
+        let pipe = self.ctx.pipeline(kernel.0, kernel.1)?;
         let meta = self.meta_buffer(&header, &models);
         let osz = job.out_dtype.size();
         let tile_out = align4(st.tile_elems * osz) as u64;
         let outs = [
-            self.storage("tile out", tile_out, true),
-            self.storage("tile out", tile_out, true),
+            self.storage("tile out", tile_out),
+            self.storage("tile out", tile_out),
         ];
         let rbs = [self.readback(tile_out), self.readback(tile_out)];
         let mut pending: Option<Pending> = None;
@@ -489,7 +604,7 @@ impl Gpu {
                 let view = rbs[slot]
                     .slice(..bytes)
                     .get_mapped_range()
-                    .map_err(|e| Error::Gpu(format!("readback failed: {e}")))?;
+                    .map_err(gpu_err)?;
                 out[spec.start * osz..(spec.start + spec.len) * osz]
                     .copy_from_slice(&view[..spec.len * osz]);
             }
@@ -499,10 +614,26 @@ impl Gpu {
         for t in 0..st.tiles.len() {
             let slot = t % 2;
             let spec = st.tiles[t];
-            let tg = self.tile_gpu(st, job, t)?;
+            if let Some(d) = della {
+                self.della_ranks(job, st, t, d)?;
+            }
+            let tg = self.tile_gpu(st, job, t);
             let bytes = align4(spec.len * osz) as u64;
             let mut enc = self.ctx.device.create_command_encoder(&Default::default());
-            self.encode(&mut enc, &pipe, tg, &meta, &outs[slot], &spec);
+            let b = Binding {
+                dst: &outs[slot],
+                aux: della.map(|d| &d.aux).or(aux),
+                src: None,
+                step: None,
+            };
+            self.encode(
+                &mut enc,
+                &pipe,
+                tg,
+                &meta,
+                &b,
+                (spec.groups_x, spec.groups_y),
+            );
             enc.copy_buffer_to_buffer(&outs[slot], 0, &rbs[slot], 0, bytes);
             let idx = self.ctx.queue.submit([enc.finish()]);
             let (tx, rx) = mpsc::channel();
@@ -522,54 +653,224 @@ impl Gpu {
         Ok(())
     }
 
-    fn keep_meta(m: &mut ModelMeta, k: &Keep) {
-        match *k {
-            Keep::All => m.keep = 0,
-            Keep::Nothing => m.keep = 1,
-            Keep::Ranks { lo, hi } => {
-                m.keep = 2;
-                m.lo_bits = lo.bits;
-                m.lo_index = lo.index;
-                m.hi_bits = hi.bits;
-                m.hi_index = hi.index;
-            }
-            Keep::Random { p } => {
-                m.keep = 3;
-                m.p = p;
+    /// Fills the model metadata of a sparsity, and prepares DELLA's tables and rank space.
+    fn sparsity_meta(
+        &self,
+        st: &JobState,
+        sp: &Sparsity,
+        models: &mut [ModelMeta],
+    ) -> Option<Della> {
+        let mut della = Vec::new();
+        let mut words: Vec<u32> = Vec::new();
+        let mut table_off = Vec::new();
+        for t in &sp.tables {
+            table_off.push(words.len() as u32);
+            words.extend_from_slice(t);
+        }
+        let ranks_start = words.len() as u32;
+        for (i, (m, k)) in models.iter_mut().zip(&sp.keep).enumerate() {
+            match *k {
+                Keep::All => m.keep = 0,
+                Keep::Nothing => m.keep = 1,
+                Keep::Ranks { lo, hi, key } => {
+                    m.keep = if key == Key::Delta { 2 } else { 4 };
+                    m.lo_bits = lo.bits;
+                    m.lo_index = lo.index;
+                    m.hi_bits = hi.bits;
+                    m.hi_index = hi.index;
+                }
+                Keep::Random { p } => {
+                    m.keep = 3;
+                    m.thr = super::keep_threshold(p);
+                }
+                Keep::Della { rows, table } => {
+                    m.keep = 5;
+                    m.table = table_off[table];
+                    m.ranks = ranks_start + (della.len() * st.tile_elems) as u32;
+                    della.push((i, rows, m.ranks));
+                }
             }
         }
+        if della.is_empty() {
+            return None;
+        }
+        let total = ranks_start as usize + della.len() * st.tile_elems;
+        words.resize(total, 0);
+        Some(Della {
+            aux: self.storage_init("della tables and ranks", &words),
+            models: della,
+        })
     }
 
-    fn source_meta(&self, job: &Job, st: &JobState, src: Source) -> ModelMeta {
-        let (i, aux) = match src {
-            Source::Delta(i) => (i, 0),
-            Source::Model(i) => (i, 1),
+    /// Sorts each DELLA model's rows of tile t and writes their ranks into `d.aux`.
+    fn della_ranks(&self, job: &Job, st: &mut JobState, t: usize, d: &Della) -> Result<()> {
+        let spec = st.tiles[t];
+        let init = self.ctx.pipeline(Shader::Rank, "rank_init")?;
+        let step = self.ctx.pipeline(Shader::Rank, "bitonic")?;
+        let scatter = self.ctx.pipeline(Shader::Rank, "rank_scatter")?;
+        for &(model, rows, out_offset) in &d.models {
+            let pad = rows.len.next_power_of_two();
+            let rows_in_tile = spec.len / rows.slab().max(1) * rows.inner;
+            let entries = rows_in_tile * pad;
+            if entries == 0 {
+                continue;
+            }
+            let mut h = self.header(job, st, 0);
+            h.focus = model as u32;
+            h.row_len = rows.len as u32;
+            h.row_inner = rows.inner as u32;
+            h.row_pad = pad as u32;
+            h.n_entries = entries as u32;
+            h.out_offset = out_offset;
+            let meta = self.meta_buffer(&h, &self.models_meta(job, st));
+            let sort = self.storage("row sort", entries as u64 * 8);
+            // every (k, j) step of the network, 256 bytes apart for dynamic offsets
+            let mut steps: Vec<u32> = Vec::new();
+            let mut k = 2;
+            while k <= pad {
+                let mut j = k / 2;
+                while j > 0 {
+                    let mut s = vec![0u32; 64];
+                    s[0] = k as u32;
+                    s[1] = j as u32;
+                    steps.extend(s);
+                    j /= 2;
+                }
+                k *= 2;
+            }
+            let n_steps = steps.len() / 64;
+            steps.resize(steps.len().max(64), 0);
+            let step_buf = self
+                .ctx
+                .device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some("bitonic steps"),
+                    contents: bytemuck::cast_slice(&steps),
+                    usage: wgpu::BufferUsages::UNIFORM,
+                });
+            let step_bg = self
+                .ctx
+                .device
+                .create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: None,
+                    layout: &self.ctx.step_layout,
+                    entries: &[wgpu::BindGroupEntry {
+                        binding: 0,
+                        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer: &step_buf,
+                            offset: 0,
+                            size: wgpu::BufferSize::new(16),
+                        }),
+                    }],
+                });
+            let groups = grid(entries.div_ceil(WG), self.max_dim());
+            let tg = self.tile_gpu(st, job, t);
+            let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+            let plain = |dst| Binding {
+                dst,
+                aux: None,
+                src: None,
+                step: None,
+            };
+            self.encode(&mut enc, &init, tg, &meta, &plain(&sort), groups);
+            for s in 0..n_steps {
+                let b = Binding {
+                    dst: &sort,
+                    aux: None,
+                    src: None,
+                    step: Some((&step_bg, (s * 256) as u32)),
+                };
+                self.encode(&mut enc, &step, tg, &meta, &b, groups);
+            }
+            let b = Binding {
+                dst: &d.aux,
+                aux: None,
+                src: Some(&sort),
+                step: None,
+            };
+            self.encode(&mut enc, &scatter, tg, &meta, &b, groups);
+            self.ctx.queue.submit([enc.finish()]);
+        }
+        Ok(())
+    }
+
+    /// Model metadata with vector entries appended: (header n_items set by the caller).
+    fn vector_meta(&self, job: &Job, st: &JobState, vecs: &[Vector]) -> Vec<ModelMeta> {
+        let mut m = self.models_meta(job, st);
+        for v in vecs {
+            let (aux, model) = match *v {
+                Vector::Model(i) => (0, i),
+                Vector::Base => (1, 0),
+                Vector::Delta(i) => (2, i),
+            };
+            m.push(ModelMeta {
+                aux,
+                rng_model: model as u32,
+                ..Default::default()
+            });
+        }
+        m
+    }
+
+    fn segment_header(h: &mut MetaHeader, seg: Segments) {
+        let (kind, len) = match seg {
+            Segments::Whole => (0, 0),
+            Segments::Rows { len } => (1, len),
+            Segments::Cols { cols } => (2, cols),
         };
-        ModelMeta {
-            aux,
-            ..self.model_meta(job, st, i)
-        }
+        h.seg_kind = kind;
+        h.seg_len = len as u32;
+    }
+}
+
+/// DELLA's aux buffer (threshold tables, then one tile of ranks per DELLA model) and which
+/// models need ranks: (model, rows, word offset of its ranks).
+struct Della {
+    aux: wgpu::Buffer,
+    models: Vec<(usize, RowLayout, u32)>,
+}
+
+impl Backend for Gpu {
+    fn name(&self) -> String {
+        format!("gpu: {} ({})", self.ctx.info.name, self.ctx.info.backend)
     }
 
-    fn histograms(&self, job: &Job, sources: &[(Source, Option<u32>)]) -> Result<Vec<Vec<u64>>> {
+    fn histogram(&self, job: &Job, sources: &[(Source, Option<u32>)]) -> Result<Vec<Vec<u64>>> {
+        if job.numel == 0 {
+            return Ok(vec![vec![0; 1 << 16]; sources.len()]);
+        }
         let mut guard = self.state(job)?;
         let st = guard.as_mut().unwrap();
         let mut out = Vec::with_capacity(sources.len());
         // At most 64 sources per pass keeps the histogram buffer at 16 MiB.
         for group in sources.chunks(64) {
-            let models: Vec<ModelMeta> = group
-                .iter()
-                .map(|(s, filter)| {
-                    let mut m = self.source_meta(job, st, *s);
-                    if let Some(hb) = filter {
-                        m.aux |= 2;
-                        m.lo_bits = *hb;
-                    }
-                    m
-                })
-                .collect();
+            let mut models = self.models_meta(job, st);
             let mut header = self.header(job, st, 0);
-            header.n_models = models.len() as u32;
+            for (s, filter) in group {
+                let mut e = match *s {
+                    Source::Delta(i) => ModelMeta {
+                        aux: 0,
+                        ..models[i]
+                    },
+                    Source::Model(i) => ModelMeta {
+                        aux: 1,
+                        ..models[i]
+                    },
+                    Source::Variance => {
+                        header.use_var = 1;
+                        ModelMeta {
+                            aux: 4,
+                            ..Default::default()
+                        }
+                    }
+                };
+                if let Some(hb) = filter {
+                    e.aux |= 2;
+                    e.lo_bits = *hb;
+                }
+                models.push(e);
+            }
+            header.n_items = group.len() as u32;
             let meta = self.meta_buffer(&header, &models);
             let bytes = self.accumulate(
                 job,
@@ -578,6 +879,7 @@ impl Gpu {
                 &meta,
                 group.len() as u64 * 65536 * 4,
                 None,
+                |_, st, t| Ok((None, Self::quad_grid(st, t))),
             )?;
             let words: &[u32] = bytemuck::cast_slice(&bytes);
             for q in 0..group.len() {
@@ -595,11 +897,26 @@ impl Gpu {
     fn nth_equal(&self, job: &Job, src: Source, t: u32, q: u64) -> Result<u32> {
         let mut guard = self.state(job)?;
         let st = guard.as_mut().unwrap();
-        let mut sm = self.source_meta(job, st, src);
-        sm.hi_bits = t;
+        let mut models = self.models_meta(job, st);
         let mut header = self.header(job, st, 0);
-        header.n_models = 1;
-        let meta = self.meta_buffer(&header, &[sm]);
+        let mut e = match src {
+            Source::Delta(i) => ModelMeta {
+                aux: 0,
+                ..models[i]
+            },
+            Source::Model(i) => ModelMeta {
+                aux: 1,
+                ..models[i]
+            },
+            Source::Variance => ModelMeta {
+                aux: 4,
+                ..Default::default()
+            },
+        };
+        e.hi_bits = t;
+        models.push(e);
+        header.n_items = 1;
+        let meta = self.meta_buffer(&header, &models);
         let bytes = self.accumulate(
             job,
             st,
@@ -607,6 +924,7 @@ impl Gpu {
             &meta,
             st.total_groups as u64 * 4,
             None,
+            |_, st, t| Ok((None, Self::quad_grid(st, t))),
         )?;
         let counts: &[u32] = bytemuck::cast_slice(&bytes);
         let mut before = 0u64;
@@ -631,7 +949,7 @@ impl Gpu {
             .expect("workgroup inside a tile");
         let spec = st.tiles[ti];
         header.focus = w - spec.wg_base;
-        let meta = self.meta_buffer(&header, &[sm]);
+        let meta = self.meta_buffer(&header, &models);
         let bytes = self.accumulate(
             job,
             st,
@@ -639,68 +957,62 @@ impl Gpu {
             &meta,
             32 * 4,
             Some(ti),
+            |_, st, t| Ok((None, Self::quad_grid(st, t))),
         )?;
         let mask: &[u32] = bytemuck::cast_slice(&bytes);
-        let mut seen = 0u64;
-        for j in 0..WG_ELEMS {
-            if mask[j / 32] >> (j % 32) & 1 == 1 {
-                if seen == rem {
-                    return Ok((spec.start + header.focus as usize * WG_ELEMS + j) as u32);
-                }
-                seen += 1;
-            }
-        }
-        Err(Error::Gpu(format!(
-            "{}: tie mask disagrees with the counts",
-            job.name
-        )))
-    }
-}
-
-impl Backend for Gpu {
-    fn name(&self) -> String {
-        format!("gpu: {} ({})", self.ctx.info.name, self.ctx.info.backend)
+        let j = (0..WG_ELEMS)
+            .filter(|j| mask[j / 32] >> (j % 32) & 1 == 1)
+            .nth(rem as usize)
+            .ok_or_else(|| {
+                Error::Gpu(format!("{}: tie mask disagrees with the counts", job.name))
+            })?;
+        Ok((spec.start + header.focus as usize * WG_ELEMS + j) as u32)
     }
 
-    fn select(&self, job: &Job, queries: &[Query]) -> Result<Vec<RankCut>> {
-        select_with(
-            job,
-            queries,
-            |j, s| self.histograms(j, s),
-            |j, s, t, q| self.nth_equal(j, s, t, q),
-        )
-    }
-
-    fn masked_l1(&self, job: &Job, keep: &[Keep], seed: u64) -> Result<Vec<[f64; 2]>> {
+    fn masked_sums(&self, job: &Job, sp: &Sparsity) -> Result<Vec<[f64; 3]>> {
         let m = job.models.len();
         if job.numel == 0 || m == 0 {
-            return Ok(vec![[0.0; 2]; m]);
+            return Ok(vec![[0.0; 3]; m]);
         }
         let mut guard = self.state(job)?;
         let st = guard.as_mut().unwrap();
-        let header = self.header(job, st, seed);
-        let models: Vec<ModelMeta> = (0..m)
-            .map(|i| {
-                let mut mm = self.model_meta(job, st, i);
-                Self::keep_meta(&mut mm, &keep[i]);
-                mm
-            })
-            .collect();
+        let mut header = self.header(job, st, sp.seed);
+        header.use_var = sp.keep.iter().any(|k| {
+            matches!(
+                k,
+                Keep::Ranks {
+                    key: Key::Variance,
+                    ..
+                }
+            )
+        }) as u32;
+        let mut models = self.models_meta(job, st);
+        let della = self.sparsity_meta(st, sp, &mut models);
         let meta = self.meta_buffer(&header, &models);
         let bytes = self.accumulate(
             job,
             st,
-            (Shader::Gta, "masked_l1"),
+            (Shader::Gta, "masked_sums"),
             &meta,
-            st.total_groups as u64 * m as u64 * 8,
+            st.total_groups as u64 * m as u64 * 12,
             None,
+            |me, st, t| {
+                if let Some(d) = &della {
+                    me.della_ranks(job, st, t, d)?;
+                }
+                Ok((
+                    della.as_ref().map(|d| d.aux.clone()),
+                    Self::quad_grid(st, t),
+                ))
+            },
         )?;
         let parts: &[f32] = bytemuck::cast_slice(&bytes);
-        let mut out = vec![[0.0f64; 2]; m];
+        let mut out = vec![[0.0f64; 3]; m];
         for w in 0..st.total_groups as usize {
             for (i, o) in out.iter_mut().enumerate() {
-                o[0] += parts[(w * m + i) * 2] as f64;
-                o[1] += parts[(w * m + i) * 2 + 1] as f64;
+                for (j, v) in o.iter_mut().enumerate() {
+                    *v += parts[(w * m + i) * 3 + j] as f64;
+                }
             }
         }
         Ok(out)
@@ -710,10 +1022,11 @@ impl Backend for Gpu {
         if job.numel == 0 {
             return Ok(());
         }
-        let (header, models) = {
+        let (header, models, della) = {
             let mut guard = self.state(job)?;
             let st = guard.as_mut().unwrap();
-            let mut h = self.header(job, st, spec.seed);
+            let sp = &spec.sparsity;
+            let mut h = self.header(job, st, sp.seed);
             let mut wsum = 0.0f32;
             spec.weights.iter().for_each(|w| wsum += *w);
             h.wsum = if wsum.abs() < 1e-8 { 1.0 } else { wsum };
@@ -722,20 +1035,39 @@ impl Backend for Gpu {
                 Consensus::Sum => 1,
                 Consensus::Count => 2,
             };
+            h.vote = (spec.vote == Vote::Unweighted) as u32;
             h.normalize = spec.normalize as u32;
             h.lambda = spec.lambda;
-            let models: Vec<ModelMeta> = (0..job.models.len())
-                .map(|i| {
-                    let mut mm = self.model_meta(job, st, i);
-                    Self::keep_meta(&mut mm, &spec.keep[i]);
-                    mm.weight = spec.weights[i];
-                    mm.scale = spec.scale[i];
-                    mm
-                })
-                .collect();
-            (h, models)
+            if let Some(f) = spec.div_floor {
+                h.floor_on = 1;
+                h.div_floor = f;
+            }
+            h.use_var = sp.keep.iter().any(|k| {
+                matches!(
+                    k,
+                    Keep::Ranks {
+                        key: Key::Variance,
+                        ..
+                    }
+                )
+            }) as u32;
+            let mut models = self.models_meta(job, st);
+            let della = self.sparsity_meta(st, sp, &mut models);
+            for (i, mm) in models.iter_mut().enumerate() {
+                mm.weight = spec.weights[i];
+                mm.scale = spec.scale[i];
+            }
+            (h, models, della)
         };
-        self.apply(job, Shader::Gta, "gta", header, models, out)
+        self.apply(
+            job,
+            (Shader::Gta, "gta"),
+            header,
+            models,
+            None,
+            della.as_ref(),
+            out,
+        )
     }
 
     fn weighted_sum(
@@ -756,15 +1088,21 @@ impl Backend for Gpu {
                 h.has_divisor = 1;
                 h.divisor = d;
             }
-            let models: Vec<ModelMeta> = (0..job.models.len())
-                .map(|i| ModelMeta {
-                    weight: weights[i],
-                    ..self.model_meta(job, st, i)
-                })
-                .collect();
+            let mut models = self.models_meta(job, st);
+            for (m, &w) in models.iter_mut().zip(weights) {
+                m.weight = w;
+            }
             (h, models)
         };
-        self.apply(job, Shader::Gta, "weighted_sum", header, models, out)
+        self.apply(
+            job,
+            (Shader::Gta, "weighted_sum"),
+            header,
+            models,
+            None,
+            None,
+            out,
+        )
     }
 
     fn convert(&self, job: &Job, out: &mut [u8]) -> Result<()> {
@@ -774,9 +1112,154 @@ impl Backend for Gpu {
         let (header, models) = {
             let mut guard = self.state(job)?;
             let st = guard.as_mut().unwrap();
-            (self.header(job, st, 0), vec![self.model_meta(job, st, 0)])
+            (self.header(job, st, 0), self.models_meta(job, st))
         };
-        self.apply(job, Shader::Convert, "convert", header, models, out)
+        self.apply(
+            job,
+            (Shader::Convert, "convert"),
+            header,
+            models,
+            None,
+            None,
+            out,
+        )
+    }
+
+    fn dots(
+        &self,
+        job: &Job,
+        vecs: &[Vector],
+        pairs: &[(usize, usize)],
+        seg: Segments,
+    ) -> Result<Vec<f64>> {
+        let n = job.numel;
+        let np = pairs.len();
+        let nseg = seg.count(n);
+        if n == 0 || np == 0 {
+            return Ok(vec![0.0; nseg * np]);
+        }
+        let mut guard = self.state(job)?;
+        let st = guard.as_mut().unwrap();
+        let mut h = self.header(job, st, 0);
+        Self::segment_header(&mut h, seg);
+        h.n_items = vecs.len() as u32;
+        h.n_pairs = np as u32;
+        let meta = self.meta_buffer(&h, &self.vector_meta(job, st, vecs));
+        let pair_words: Vec<u32> = pairs
+            .iter()
+            .flat_map(|&(a, b)| [a as u32, b as u32])
+            .collect();
+        let aux = self.storage_init("pairs", &pair_words);
+        let max_dim = self.max_dim();
+        let ntiles = st.tiles.len();
+        let (entry, slots) = match seg {
+            Segments::Whole => ("dots_whole", st.total_groups as usize),
+            Segments::Rows { .. } => ("dots_rows", nseg + ntiles),
+            Segments::Cols { cols } => ("dots_cols", ntiles * cols),
+        };
+        let bytes = self.accumulate(
+            job,
+            st,
+            (Shader::Reduce, entry),
+            &meta,
+            (slots * np * 4) as u64,
+            None,
+            |_, st, t| {
+                let s = st.tiles[t];
+                let groups = match seg {
+                    Segments::Whole => (s.groups_x, s.groups_y),
+                    Segments::Rows { len } => {
+                        grid((s.start + s.len - 1) / len - s.start / len + 1, max_dim)
+                    }
+                    Segments::Cols { cols } => grid(cols.div_ceil(16), max_dim),
+                };
+                Ok((Some(aux.clone()), groups))
+            },
+        )?;
+        let parts: &[f32] = bytemuck::cast_slice(&bytes);
+        let mut out = vec![0.0f64; nseg * np];
+        match seg {
+            Segments::Whole => {
+                for w in 0..slots {
+                    for p in 0..np {
+                        out[p] += parts[w * np + p] as f64;
+                    }
+                }
+            }
+            Segments::Rows { len } => {
+                for (t, s) in st.tiles.iter().enumerate() {
+                    for row in s.start / len..=(s.start + s.len - 1) / len {
+                        for p in 0..np {
+                            out[row * np + p] += parts[(row + t) * np + p] as f64;
+                        }
+                    }
+                }
+            }
+            Segments::Cols { cols } => {
+                for t in 0..ntiles {
+                    for c in 0..cols {
+                        for p in 0..np {
+                            out[c * np + p] += parts[(t * cols + c) * np + p] as f64;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn combine(
+        &self,
+        job: &Job,
+        terms: &[Vector],
+        seg: Segments,
+        coefs: &[f32],
+        out: &mut [u8],
+    ) -> Result<()> {
+        if job.numel == 0 {
+            return Ok(());
+        }
+        let (header, models) = {
+            let mut guard = self.state(job)?;
+            let st = guard.as_mut().unwrap();
+            let mut h = self.header(job, st, 0);
+            Self::segment_header(&mut h, seg);
+            h.n_items = terms.len() as u32;
+            (h, self.vector_meta(job, st, terms))
+        };
+        let words: Vec<u32> = coefs.iter().map(|c| c.to_bits()).collect();
+        let aux = self.storage_init("coefficients", &words);
+        self.apply(
+            job,
+            (Shader::Reduce, "combine"),
+            header,
+            models,
+            Some(&aux),
+            None,
+            out,
+        )
+    }
+
+    fn nearswap(&self, job: &Job, t: f32, out: &mut [u8]) -> Result<()> {
+        if job.numel == 0 {
+            return Ok(());
+        }
+        let (header, models) = {
+            let mut guard = self.state(job)?;
+            let st = guard.as_mut().unwrap();
+            let mut h = self.header(job, st, 0);
+            h.t = t;
+            (h, self.models_meta(job, st))
+        };
+        self.apply(
+            job,
+            (Shader::Gta, "nearswap"),
+            header,
+            models,
+            None,
+            None,
+            out,
+        )
     }
 
     fn end_job(&self, job: &Job) {

@@ -7,6 +7,8 @@ pub enum Shader {
     Convert,
     Gta,
     Select,
+    Reduce,
+    Rank,
 }
 
 pub const COMMON: &str = include_str!("../../../shaders/common.wgsl");
@@ -15,15 +17,25 @@ pub const STORE: &str = include_str!("../../../shaders/store.wgsl");
 pub const CONVERT: &str = include_str!("../../../shaders/convert.wgsl");
 pub const GTA: &str = include_str!("../../../shaders/gta.wgsl");
 pub const SELECT: &str = include_str!("../../../shaders/select.wgsl");
+pub const REDUCE: &str = include_str!("../../../shaders/reduce.wgsl");
+pub const RANK: &str = include_str!("../../../shaders/rank.wgsl");
 
 impl Shader {
-    pub const ALL: [Shader; 3] = [Shader::Convert, Shader::Gta, Shader::Select];
+    pub const ALL: [Shader; 5] = [
+        Shader::Convert,
+        Shader::Gta,
+        Shader::Select,
+        Shader::Reduce,
+        Shader::Rank,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Shader::Convert => "convert.wgsl",
             Shader::Gta => "gta.wgsl",
             Shader::Select => "select.wgsl",
+            Shader::Reduce => "reduce.wgsl",
+            Shader::Rank => "rank.wgsl",
         }
     }
 
@@ -33,6 +45,8 @@ impl Shader {
             Shader::Convert => &[COMMON, STORE, CONVERT],
             Shader::Gta => &[COMMON, RNG, STORE, GTA],
             Shader::Select => &[COMMON, SELECT],
+            Shader::Reduce => &[COMMON, STORE, REDUCE],
+            Shader::Rank => &[COMMON, RANK],
         };
         parts.join("\n")
     }
@@ -40,8 +54,10 @@ impl Shader {
     pub fn entry_points(self) -> &'static [&'static str] {
         match self {
             Shader::Convert => &["convert"],
-            Shader::Gta => &["gta", "weighted_sum", "masked_l1"],
+            Shader::Gta => &["gta", "weighted_sum", "masked_sums", "nearswap"],
             Shader::Select => &["histogram", "count_equal", "equal_bits"],
+            Shader::Reduce => &["dots_whole", "dots_rows", "dots_cols", "combine"],
+            Shader::Rank => &["rank_init", "bitonic", "rank_scatter"],
         }
     }
 }
