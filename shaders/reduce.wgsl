@@ -6,9 +6,9 @@
 // term and segment from `aux` (f32 bits, segment-major).
 //
 // Segments: 0 the whole tensor, 1 rows of seg_len contiguous elements, 2 columns (element e
-// belongs to column e % seg_len). Partial sums are f32 per workgroup (whole), per row piece
-// (rows: a row split by a tile boundary gives two pieces), or per tile and column; the host
-// adds them up in f64 in a fixed order.
+// belongs to column e % seg_len). Partial sums are f32 per 1024-element block (whole), per
+// row (tiles hold whole rows), or per 256-row chunk and column (tiles start on chunks); the
+// host adds them up in f64 in a fixed order, so results do not depend on the tile size.
 
 fn vec_entry(k: u32) -> ModelMeta {
     return job.models[job.n_models + k];
@@ -53,7 +53,7 @@ fn dots_whole(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
     }
 }
 
-// One workgroup per piece of row in this tile: dst[((first_row + tile.index + w) * n_pairs + p)]
+// One workgroup per row of this tile (tiles hold whole rows): dst[(row * n_pairs + p)]
 @compute @workgroup_size(256)
 fn dots_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32, @builtin(num_workgroups) nwg: vec3<u32>) {
     let len = job.seg_len;
@@ -84,48 +84,49 @@ fn dots_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
         part[lid] = s + block;
         let r = reduce_part(lid);
         if lid == 0u {
-            dst[(row + tile.index) * job.n_pairs + p] = bitcast<u32>(r);
+            dst[row * job.n_pairs + p] = bitcast<u32>(r);
         }
     }
 }
 
-// Columns in blocks of 16 per workgroup, each column summed by 16 lanes over interleaved
-// rows, two-level within a lane, then across lanes: dst[((tile.index * cols + c) * n_pairs + p)]
+// Columns in blocks of 16, rows in chunks of 256 (tiles start on a chunk boundary, so the
+// partial sums do not depend on the tiling): 16 lanes per column each add 16 rows of the
+// chunk, then the lanes are added up. Partial of global chunk h and column c at
+// dst[((h * cols + c) * n_pairs + p)].
 @compute @workgroup_size(256)
 fn dots_cols(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32, @builtin(num_workgroups) nwg: vec3<u32>) {
     let cols = job.seg_len;
+    let blocks = (cols + 15u) / 16u;
+    let w = wg_linear(wid, nwg);
+    let chunk = w / blocks;
     let cl = lid % 16u;
     let rl = lid / 16u;
-    let c = wg_linear(wid, nwg) * 16u + cl;
-    let e0 = (c + cols - tile.start % cols) % cols + rl * cols;
+    let c = (w % blocks) * 16u + cl;
+    let rows = tile.n / cols;
     for (var p = 0u; p < job.n_pairs; p++) {
         var s = 0.0;
         if c < cols {
             let va = vec_entry(aux[2u * p]);
             let vb = vec_entry(aux[2u * p + 1u]);
-            var block = 0.0;
-            var k = 0u;
-            for (var e = e0; e < tile.n; e += 16u * cols) {
-                block = block + vector1(va, e) * vector1(vb, e);
-                k = k + 1u;
-                if k == 32u {
-                    s = s + block;
-                    block = 0.0;
-                    k = 0u;
+            for (var k = 0u; k < 16u; k++) {
+                let r = chunk * 256u + k * 16u + rl;
+                if r < rows {
+                    let e = r * cols + c;
+                    s = s + vector1(va, e) * vector1(vb, e);
                 }
             }
-            s = s + block;
         }
         part[lid] = s;
         workgroupBarrier();
-        for (var w = 8u; w > 0u; w = w / 2u) {
-            if rl < w {
-                part[lid] = part[lid] + part[lid + 16u * w];
+        for (var h = 8u; h > 0u; h = h / 2u) {
+            if rl < h {
+                part[lid] = part[lid] + part[lid + 16u * h];
             }
             workgroupBarrier();
         }
         if rl == 0u && c < cols {
-            dst[(tile.index * cols + c) * job.n_pairs + p] = bitcast<u32>(part[cl]);
+            let global_chunk = tile.start / cols / 256u + chunk;
+            dst[(global_chunk * cols + c) * job.n_pairs + p] = bitcast<u32>(part[cl]);
         }
         workgroupBarrier();
     }

@@ -447,7 +447,6 @@ fn dots_and_combines_match() {
     each_case(|cfg, gpu, n, dt| {
         let shape = shape_of(n);
         let (base, models) = inputs(n as u64 * 23, n, 3, dt, false);
-        let j = job("dots", &base, &models, dt, DType::F32, DType::F32);
         let vecs = [
             Vector::Model(0),
             Vector::Delta(1),
@@ -463,6 +462,7 @@ fn dots_and_combines_match() {
         ];
         segs.push(Segments::Cols { cols: n / shape[0] });
         for seg in segs {
+            let j = job("dots", &base, &models, dt, DType::F32, DType::F32).with_align(seg.align());
             let a = Cpu.dots(&j, &vecs, &pairs, seg).unwrap();
             let b = gpu.dots(&j, &vecs, &pairs, seg).unwrap();
             assert_eq!(a.len(), seg.count(n) * pairs.len());

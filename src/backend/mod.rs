@@ -324,6 +324,16 @@ impl Segments {
             Segments::Cols { cols } => cols,
         }
     }
+    /// Elements a GPU tile must hold whole multiples of for per-segment sums that do not
+    /// depend on the tiling (see [`Job::with_align`]).
+    pub fn align(&self) -> usize {
+        match *self {
+            Segments::Whole => 1,
+            Segments::Rows { len } => len,
+            Segments::Cols { cols } => 256 * cols,
+        }
+    }
+
     #[inline(always)]
     pub fn of(&self, e: usize) -> usize {
         match *self {

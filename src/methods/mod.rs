@@ -268,6 +268,8 @@ pub fn check(method: &MethodInfo, params: &Params, tensor: &str) -> Result<()> {
 pub fn job_align(method: &MethodInfo, params: &Params, shape: &[usize]) -> usize {
     match method.algo {
         Algo::Gta(v) => gta::align(v, params, shape),
+        Algo::ModelStock => model_stock::segments(params, shape).align(),
+        Algo::NuSlerp => sphere::nuslerp_segments(params, shape).align(),
         _ => 1,
     }
 }

@@ -3,7 +3,7 @@
 //! t = N·cos / (1 + (N - 1)·cos), out = t·mean(θᵢ) + (1 - t)·base; per row with
 //! `filter_wise`.
 
-use super::{Algo, BasePolicy, Ctx, Default, MethodInfo, ParamSpec, Scope};
+use super::{Algo, BasePolicy, Ctx, Default, MethodInfo, ParamSpec, Params, Scope};
 use crate::backend::{Backend, Segments, Vector};
 use crate::error::Result;
 use crate::recipe::Kind;
@@ -27,13 +27,18 @@ pub fn method() -> MethodInfo {
     }
 }
 
+/// Whole tensors, or with `filter_wise` the rows of the last dimension (1-D: one row).
+pub fn segments(params: &Params, shape: &[usize]) -> Segments {
+    match (params.shared_b("filter_wise"), shape.last()) {
+        (true, Some(&len)) if shape.len() > 1 => Segments::Rows { len },
+        _ => Segments::Whole,
+    }
+}
+
 pub fn run(b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> {
     let job = cx.job;
     let n = job.models.len();
-    let seg = match (cx.params.shared_b("filter_wise"), cx.shape.last()) {
-        (true, Some(&len)) if cx.shape.len() > 1 => Segments::Rows { len },
-        _ => Segments::Whole,
-    };
+    let seg = segments(cx.params, cx.shape);
     let vecs: Vec<Vector> = (0..n).map(Vector::Delta).collect();
     let mut pairs = Vec::new();
     for i in 0..n {

@@ -167,30 +167,34 @@ pub fn slerp(b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> {
     b.combine(cx.job, &vecs, Segments::Whole, &[ca as f32, cb as f32], out)
 }
 
+/// The vectors NuSLERP interpolates: the whole tensor, its rows (last dimension), or with
+/// `nuslerp_row_wise` its columns (dimension 0).
+pub fn nuslerp_segments(params: &Params, shape: &[usize]) -> Segments {
+    let n: usize = shape.iter().product();
+    if params.shared_b("nuslerp_flatten") {
+        Segments::Whole
+    } else if params.shared_b("nuslerp_row_wise") {
+        // vectors along dimension 0: one per index of the other dimensions
+        Segments::Cols {
+            cols: n / shape.first().copied().unwrap_or(1).max(1),
+        }
+    } else {
+        Segments::Rows {
+            len: shape.last().copied().unwrap_or(n).max(1),
+        }
+    }
+}
+
 pub fn nuslerp(b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> {
     let job = cx.job;
-    let (w0, w1) = (
-        cx.model_f(0, "weight").unwrap_or(1.0),
-        cx.model_f(1, "weight").unwrap_or(1.0),
-    );
+    let w0 = cx.model_f(0, "weight").unwrap_or(1.0);
+    let w1 = cx.model_f(1, "weight").unwrap_or(1.0);
     let t = if (w0 + w1).abs() < 1e-6 {
         0.5
     } else {
         w1 / (w0 + w1)
     };
-    let n = job.numel;
-    let seg = if cx.params.shared_b("nuslerp_flatten") {
-        Segments::Whole
-    } else if cx.params.shared_b("nuslerp_row_wise") {
-        // vectors along dimension 0: one per index of the other dimensions
-        Segments::Cols {
-            cols: n / cx.shape.first().copied().unwrap_or(1).max(1),
-        }
-    } else {
-        Segments::Rows {
-            len: cx.shape.last().copied().unwrap_or(n).max(1),
-        }
-    };
+    let seg = nuslerp_segments(cx.params, cx.shape);
     let with_base = job.base.is_some();
     let vecs = if with_base {
         [Vector::Delta(0), Vector::Delta(1)]

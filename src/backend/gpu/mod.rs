@@ -239,21 +239,26 @@ impl Gpu {
         let limit = (self.ctx.limits.max_storage_buffer_binding_size as usize)
             .min(self.ctx.limits.max_buffer_size as usize);
         let n = job.numel;
-        // Tiles hold whole quads and whole rows of `align`.
-        let unit = 4 * job.align / gcd(4, job.align);
+        // Tiles hold whole 1024-element blocks (so every reduction's partial sums fall on the
+        // same global blocks whatever the tile size) and whole rows of `align`. Where that
+        // unit is too large, whole quads and rows still keep the results right.
         let mut hard = limit / per_elem;
         if job.align > 1 {
             // row sorts need 8 bytes per entry, rows padded up to twice their length
             hard = hard.min(limit / 16);
         }
+        let lcm = |a: usize, b: usize| a / gcd(a, b) * b;
+        let unit = [lcm(WG_ELEMS, job.align), lcm(4, job.align)]
+            .into_iter()
+            .find(|&u| u <= hard)
+            .ok_or_else(|| {
+                Error::Gpu(format!(
+                    "{}: rows of {} elements do not fit one GPU tile of {hard} elements",
+                    job.name, job.align
+                ))
+            })?;
         // The requested tile size yields to the unit; the binding limit does not.
         let mut tile = (hard.min(self.tile_cap) / unit).max(1) * unit;
-        if tile > hard {
-            return Err(Error::Gpu(format!(
-                "{}: rows of {} elements do not fit one GPU tile of {hard} elements",
-                job.name, job.align
-            )));
-        }
         tile = tile.min(n.div_ceil(unit).max(1) * unit);
         let mut seg_off = Vec::with_capacity(inputs.len());
         let mut words = 0u32;
@@ -1140,6 +1145,13 @@ impl Backend for Gpu {
         }
         let mut guard = self.state(job)?;
         let st = guard.as_mut().unwrap();
+        let need = seg.align();
+        if st.tiles.len() > 1 && st.tile_elems % need != 0 {
+            return Err(Error::Gpu(format!(
+                "{}: per-{seg:?} sums need tiles of whole multiples of {need} elements; create the job with that alignment",
+                job.name
+            )));
+        }
         let mut h = self.header(job, st, 0);
         Self::segment_header(&mut h, seg);
         h.n_items = vecs.len() as u32;
@@ -1151,11 +1163,10 @@ impl Backend for Gpu {
             .collect();
         let aux = self.storage_init("pairs", &pair_words);
         let max_dim = self.max_dim();
-        let ntiles = st.tiles.len();
         let (entry, slots) = match seg {
             Segments::Whole => ("dots_whole", st.total_groups as usize),
-            Segments::Rows { .. } => ("dots_rows", nseg + ntiles),
-            Segments::Cols { cols } => ("dots_cols", ntiles * cols),
+            Segments::Rows { .. } => ("dots_rows", nseg),
+            Segments::Cols { cols } => ("dots_cols", (n / cols).div_ceil(256) * cols),
         };
         let bytes = self.accumulate(
             job,
@@ -1168,10 +1179,10 @@ impl Backend for Gpu {
                 let s = st.tiles[t];
                 let groups = match seg {
                     Segments::Whole => (s.groups_x, s.groups_y),
-                    Segments::Rows { len } => {
-                        grid((s.start + s.len - 1) / len - s.start / len + 1, max_dim)
+                    Segments::Rows { len } => grid(s.len.div_ceil(len), max_dim),
+                    Segments::Cols { cols } => {
+                        grid(cols.div_ceil(16) * (s.len / cols).div_ceil(256), max_dim)
                     }
-                    Segments::Cols { cols } => grid(cols.div_ceil(16), max_dim),
                 };
                 Ok((Some(aux.clone()), groups))
             },
@@ -1186,20 +1197,16 @@ impl Backend for Gpu {
                     }
                 }
             }
-            Segments::Rows { len } => {
-                for (t, s) in st.tiles.iter().enumerate() {
-                    for row in s.start / len..=(s.start + s.len - 1) / len {
-                        for p in 0..np {
-                            out[row * np + p] += parts[(row + t) * np + p] as f64;
-                        }
-                    }
+            Segments::Rows { .. } => {
+                for (o, v) in out.iter_mut().zip(parts) {
+                    *o = *v as f64;
                 }
             }
             Segments::Cols { cols } => {
-                for t in 0..ntiles {
+                for h in 0..(n / cols).div_ceil(256) {
                     for c in 0..cols {
                         for p in 0..np {
-                            out[c * np + p] += parts[(t * cols + c) * np + p] as f64;
+                            out[c * np + p] += parts[(h * cols + c) * np + p] as f64;
                         }
                     }
                 }
