@@ -58,6 +58,26 @@ pub enum Error {
     #[error("output {path}: {msg}")]
     Output { path: PathBuf, msg: String },
 
+    /// An input holds NaN or infinity.
+    #[error("tensor {tensor} of model {model} holds {value} at element {index}; merging would spread it (pass --allow-nonfinite to merge anyway)")]
+    NonFinite {
+        model: String,
+        tensor: String,
+        index: usize,
+        value: String,
+    },
+
+    /// A stop was requested (internal: turned into `Stopped` with what was kept).
+    #[error("interrupted")]
+    Interrupted,
+
+    #[error("stopped: {done} of {total} shards are finished and kept in {path}; run the same command with --resume to continue")]
+    Stopped {
+        path: PathBuf,
+        done: usize,
+        total: usize,
+    },
+
     /// The GPU could not be used, or failed while working.
     #[error("GPU: {0}")]
     Gpu(String),

@@ -1,39 +1,64 @@
-//! Walks the plan tensor by tensor: read (memory-mapped), merge on the backend, write.
+//! Walks the plan tensor by tensor: read (memory-mapped), check, merge on the backend, check,
+//! write.
 //!
 //! Memory stays bounded by a few output tensors: the inputs are file-backed mappings the
 //! kernel pages in on demand (with read-ahead asked for the next tensor while this one
 //! computes), and finished tensors go to a writer thread through a queue of two, whose
 //! buffers come back for reuse. Reading, computing and writing overlap.
+//!
+//! A stop request (Ctrl-C, SIGTERM) is honoured between tensors: what is written stays in the
+//! partial folder with its journal, and `--resume` carries on from the finished shards.
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Mutex};
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
+use rayon::prelude::*;
 
 use crate::backend::{Backend, Input, Job};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::io::output;
-use crate::io::writer::{free_space, Layout, OutTensor, StagedOutput};
+use crate::io::writer::{free_space, hex, Layout, OutTensor, StagedOutput, Start};
 use crate::methods::{self, Ctx};
 use crate::plan::{Plan, TensorTask};
 
-pub struct ExecOptions {
+pub struct ExecOptions<'a> {
     pub out_dir: PathBuf,
-    pub force: bool,
+    pub start: Start,
     pub max_shard_bytes: u64,
     pub progress: bool,
+    /// Merge inputs that hold NaN or infinity instead of refusing them.
+    pub allow_nonfinite: bool,
+    /// Where to go on when the backend fails with a GPU error (`--device auto`): the tensor is
+    /// merged again there, and so is every tensor after it.
+    pub fallback: Option<&'a dyn Backend>,
 }
 
 #[derive(Debug)]
 pub struct Report {
     pub out_dir: PathBuf,
     pub tensors: usize,
+    /// Tensors taken over from an interrupted run (`--resume`).
+    pub reused: usize,
     pub bytes_read: u64,
     pub bytes_written: u64,
     pub seconds: f64,
     pub shards: usize,
     pub backend: String,
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Asks a running merge to stop after the tensor in hand (signal handlers call this).
+pub fn request_stop() {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+pub fn stop_requested() -> bool {
+    STOP.load(Ordering::SeqCst)
 }
 
 pub fn layout(plan: &Plan, max_shard_bytes: u64) -> Layout {
@@ -47,6 +72,25 @@ pub fn layout(plan: &Plan, max_shard_bytes: u64) -> Layout {
         })
         .collect();
     Layout::new(&ts, max_shard_bytes)
+}
+
+/// Identifies a merge for `--resume`: the smelt version, the recipe, the seed, the output
+/// layout and a digest of every input. Any change makes an interrupted run unusable.
+pub fn fingerprint(plan: &Plan, layout: &Layout) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(env!("CARGO_PKG_VERSION").as_bytes());
+    h.update(plan.recipe.text.as_bytes());
+    h.update(plan.seed.to_le_bytes());
+    h.update(plan.load_dtype.st_name().as_bytes());
+    for s in &layout.shards {
+        h.update(s.file_name.as_bytes());
+        h.update(&s.header);
+    }
+    for m in &plan.models {
+        h.update(output::input_digest(m).as_bytes());
+    }
+    hex(&h.finalize())
 }
 
 fn inputs_of<'p>(plan: &'p Plan, t: &TensorTask) -> (Option<Input<'p>>, Vec<Input<'p>>) {
@@ -68,6 +112,49 @@ fn advise(plan: &Plan, t: &TensorTask, will_need: bool) {
             r.file.advise(r.info, will_need);
         }
     }
+}
+
+/// Index and value of the first NaN or infinity in little-endian `bytes` of `dtype`.
+pub fn first_nonfinite(dtype: DType, bytes: &[u8]) -> Option<(usize, f32)> {
+    const BLOCK: usize = 1 << 16;
+    let s = dtype.size();
+    let (mask, bits): (u32, fn(&[u8]) -> u32) = match dtype {
+        DType::F32 => (0x7f80_0000, |b| {
+            u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+        }),
+        DType::BF16 => (0x7f80, |b| u16::from_le_bytes([b[0], b[1]]) as u32),
+        DType::F16 => (0x7c00, |b| u16::from_le_bytes([b[0], b[1]]) as u32),
+        _ => return None,
+    };
+    // all-ones exponent: infinity or NaN
+    let hit = bytes
+        .par_chunks(BLOCK * s)
+        .enumerate()
+        .find_map_first(|(c, chunk)| {
+            chunk
+                .chunks_exact(s)
+                .position(|e| bits(e) & mask == mask)
+                .map(|j| c * BLOCK + j)
+        })?;
+    let mut v = [0f32; 1];
+    crate::dtype::decode(dtype, &bytes[hit * s..(hit + 1) * s], &mut v);
+    Some((hit, v[0]))
+}
+
+/// Refuses inputs holding NaN or infinity, naming the model and tensor.
+fn check_inputs(plan: &Plan, t: &TensorTask) -> Result<()> {
+    for ti in t.base.iter().chain(&t.models) {
+        let r = plan.models[ti.model].get(&ti.tensor).expect("planned");
+        if let Some((index, value)) = first_nonfinite(r.dtype(), r.bytes()) {
+            return Err(Error::NonFinite {
+                model: plan.models[ti.model].label.clone(),
+                tensor: ti.tensor.clone(),
+                index,
+                value: value.to_string(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Merges one planned tensor into `out` (its output bytes).
@@ -98,29 +185,41 @@ pub fn merge_tensor(
 pub fn execute(plan: &Plan, backend: &dyn Backend, opts: &ExecOptions) -> Result<Report> {
     let start = Instant::now();
     let layout = layout(plan, opts.max_shard_bytes);
+    let fp = fingerprint(plan, &layout);
     let need = layout.file_bytes();
     let parent = opts
         .out_dir
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    if let Some(free) = free_space(parent) {
-        // the old folder stays until the new one is complete under --force
-        if free < need + (1 << 20) {
-            return Err(Error::Output {
-                path: opts.out_dir.clone(),
-                msg: format!(
-                    "needs {:.2} GB but only {:.2} GB are free on its filesystem",
-                    need as f64 / 1e9,
-                    free as f64 / 1e9
-                ),
-            });
+    if opts.start != Start::Resume {
+        if let Some(free) = free_space(parent) {
+            // the old folder stays until the new one is complete under --force
+            if free < need + (1 << 20) {
+                return Err(Error::Output {
+                    path: opts.out_dir.clone(),
+                    msg: format!(
+                        "needs {} but only {} are free on its filesystem",
+                        crate::units::bytes(need),
+                        crate::units::bytes(free)
+                    ),
+                });
+            }
         }
     }
     let shards = layout.shards.len();
-    let staged = StagedOutput::create(&opts.out_dir, opts.force, layout)?;
+    let mut staged = StagedOutput::create(&opts.out_dir, opts.start, layout, fp)?;
 
-    let total: u64 = plan.out_bytes();
+    // Tensors still to merge, and how many each unfinished shard waits for.
+    let todo: Vec<usize> = (0..plan.tasks.len())
+        .filter(|&i| !staged.shard_done(staged.layout().slots[i].shard))
+        .collect();
+    let reused = plan.tasks.len() - todo.len();
+    let mut waiting = vec![0usize; shards];
+    for &i in &todo {
+        waiting[staged.layout().slots[i].shard] += 1;
+    }
+    let total: u64 = todo.iter().map(|&i| plan.tasks[i].out_bytes()).sum();
     let pb = if opts.progress {
         let pb = ProgressBar::new(total);
         pb.set_style(
@@ -135,49 +234,31 @@ pub fn execute(plan: &Plan, backend: &dyn Backend, opts: &ExecOptions) -> Result
     };
 
     let mut bytes_read = 0u64;
-    // Finished tensors travel to the writer; their buffers come back for reuse.
-    let (to_writer, from_exec) = mpsc::sync_channel::<(usize, Vec<u8>)>(2);
-    let (recycle, recycled) = mpsc::channel::<Vec<u8>>();
-    let result: Result<()> = std::thread::scope(|scope| {
-        let staged = &staged;
-        let writer = scope.spawn(move || -> Result<()> {
-            for (i, buf) in from_exec {
-                staged.write_tensor(i, &buf)?;
-                let _ = recycle.send(buf);
-            }
-            Ok(())
-        });
-        let mut run = || -> Result<()> {
-            for (i, t) in plan.tasks.iter().enumerate() {
-                if let Some(next) = plan.tasks.get(i + 1) {
-                    advise(plan, next, true);
-                }
-                let mut buf = recycled.try_recv().unwrap_or_default();
-                buf.clear();
-                buf.resize(t.out_bytes() as usize, 0);
-                merge_tensor(plan, backend, t, &mut buf)?;
-                advise(plan, t, false);
-                bytes_read += t
-                    .base
-                    .iter()
-                    .chain(&t.models)
-                    .map(|ti| plan.models[ti.model].get(&ti.tensor).unwrap().bytes().len() as u64)
-                    .sum::<u64>();
-                pb.set_message(format!("{}/{} {}", i + 1, plan.tasks.len(), t.name));
-                pb.inc(buf.len() as u64);
-                if to_writer.send((i, buf)).is_err() {
-                    break; // the writer failed; its error is reported below
-                }
-            }
-            Ok(())
-        };
-        let r = run();
-        drop(to_writer);
-        let w = writer.join().expect("writer thread panicked");
-        r.and(w)
-    });
-    result?;
+    let mut current: &dyn Backend = backend;
+    let staged_m = Mutex::new(&mut staged);
+    let result = run_tasks(
+        plan,
+        opts,
+        &todo,
+        &mut waiting,
+        &staged_m,
+        &pb,
+        &mut current,
+        &mut bytes_read,
+    );
     pb.finish_and_clear();
+    if let Err(e) = result {
+        if matches!(e, Error::Interrupted) {
+            staged.keep();
+            let done = (0..shards).filter(|&s| staged.shard_done(s)).count();
+            return Err(Error::Stopped {
+                path: staged.tmp_dir.clone(),
+                done,
+                total: shards,
+            });
+        }
+        return Err(e);
+    }
     let name = opts
         .out_dir
         .file_name()
@@ -188,10 +269,127 @@ pub fn execute(plan: &Plan, backend: &dyn Backend, opts: &ExecOptions) -> Result
     Ok(Report {
         out_dir,
         tensors: plan.tasks.len(),
+        reused,
         bytes_read,
         bytes_written: total,
         seconds: start.elapsed().as_secs_f64(),
         shards,
-        backend: backend.name(),
+        backend: current.name(),
     })
+}
+
+/// The merge loop and the writer thread.
+#[allow(clippy::too_many_arguments)]
+fn run_tasks<'b>(
+    plan: &Plan,
+    opts: &ExecOptions<'b>,
+    todo: &[usize],
+    waiting: &mut [usize],
+    staged_m: &Mutex<&mut StagedOutput>,
+    pb: &ProgressBar,
+    current: &mut &'b dyn Backend,
+    bytes_read: &mut u64,
+) -> Result<()> {
+    // Finished tensors travel to the writer; their buffers come back for reuse.
+    let (to_writer, from_exec) = mpsc::sync_channel::<(usize, Vec<u8>)>(2);
+    let (recycle, recycled) = mpsc::channel::<Vec<u8>>();
+    let result: Result<()> = std::thread::scope(|scope| {
+        let waiting = &mut *waiting;
+        let writer = scope.spawn(move || -> Result<()> {
+            for (i, buf) in from_exec {
+                let mut st = staged_m.lock().unwrap();
+                st.write_tensor(i, &buf)?;
+                let si = st.layout().slots[i].shard;
+                waiting[si] -= 1;
+                if waiting[si] == 0 {
+                    st.finish_shard(si)?;
+                }
+                drop(st);
+                let _ = recycle.send(buf);
+            }
+            Ok(())
+        });
+        let mut run = || -> Result<()> {
+            for (n, &i) in todo.iter().enumerate() {
+                if stop_requested() {
+                    return Err(Error::Interrupted);
+                }
+                let t = &plan.tasks[i];
+                if let Some(&next) = todo.get(n + 1) {
+                    advise(plan, &plan.tasks[next], true);
+                }
+                if !opts.allow_nonfinite && !t.copy_only {
+                    check_inputs(plan, t)?;
+                }
+                let mut buf = recycled.try_recv().unwrap_or_default();
+                buf.clear();
+                buf.resize(t.out_bytes() as usize, 0);
+                match merge_tensor(plan, *current, t, &mut buf) {
+                    Err(Error::Gpu(e))
+                        if opts
+                            .fallback
+                            .is_some_and(|f| !std::ptr::addr_eq(*current, f)) =>
+                    {
+                        let cpu = opts.fallback.unwrap();
+                        log::warn!(
+                            "the GPU failed on {} ({e}); merging it and the rest on {}",
+                            t.name,
+                            cpu.name()
+                        );
+                        *current = cpu;
+                        merge_tensor(plan, *current, t, &mut buf)?;
+                    }
+                    r => r?,
+                }
+                if !t.copy_only {
+                    if let Some((index, value)) = first_nonfinite(t.out_dtype, &buf) {
+                        let inputs_finite = opts.allow_nonfinite && check_inputs(plan, t).is_ok();
+                        if !opts.allow_nonfinite || inputs_finite {
+                            return Err(Error::Param {
+                                tensor: t.name.clone(),
+                                msg: format!(
+                                    "the merge produced {value} at element {index} from finite inputs{}",
+                                    if t.out_dtype == DType::F16 {
+                                        " (beyond ±65504 for float16: write bfloat16 or float32 instead)"
+                                    } else {
+                                        ""
+                                    }
+                                ),
+                            });
+                        }
+                    }
+                }
+                advise(plan, t, false);
+                *bytes_read += t
+                    .base
+                    .iter()
+                    .chain(&t.models)
+                    .map(|ti| plan.models[ti.model].get(&ti.tensor).unwrap().bytes().len() as u64)
+                    .sum::<u64>();
+                pb.set_message(format!("{}/{} {}", n + 1, todo.len(), t.name));
+                pb.inc(buf.len() as u64);
+                if to_writer.send((i, buf)).is_err() {
+                    break; // the writer failed; its error is reported below
+                }
+                if let Some(ms) = throttle_ms() {
+                    std::thread::sleep(std::time::Duration::from_millis(ms));
+                }
+            }
+            Ok(())
+        };
+        let r = run();
+        drop(to_writer);
+        let w = writer.join().expect("writer thread panicked");
+        // A writer error is the cause of a stop in the loop; report it first.
+        w.and(r)
+    });
+    result
+}
+
+/// Test hook: `SMELT_THROTTLE_MS` slows the merge down after each tensor, so that tests can
+/// interrupt it at a known point.
+fn throttle_ms() -> Option<u64> {
+    std::env::var("SMELT_THROTTLE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
 }

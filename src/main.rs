@@ -12,7 +12,8 @@ use smelt::backend::gpu::{list_adapters, Gpu, GpuOptions};
 use smelt::backend::Backend;
 use smelt::exec::{self, ExecOptions};
 use smelt::io::model::ModelFolder;
-use smelt::io::writer::parse_size;
+use smelt::io::verify::verify;
+use smelt::io::writer::{parse_size, Start};
 use smelt::methods::{self, Default, Scope};
 use smelt::plan::Plan;
 use smelt::recipe::Recipe;
@@ -117,6 +118,13 @@ enum Cmd {
         /// Replace OUT if it exists (the old folder is removed only after the new one is complete).
         #[arg(long)]
         force: bool,
+        /// Continue an interrupted merge of the same recipe into OUT, reusing every shard that
+        /// was finished and still verifies (the result is the same, byte for byte).
+        #[arg(long, conflicts_with = "force")]
+        resume: bool,
+        /// Merge inputs that hold NaN or infinity instead of stopping at the first one.
+        #[arg(long)]
+        allow_nonfinite: bool,
         /// List every tensor in --dry-run output.
         #[arg(short, long)]
         verbose: bool,
@@ -125,6 +133,12 @@ enum Cmd {
     },
     /// List the GPU adapters smelt can use (name, vendor, backend, type, driver, limits).
     Devices,
+    /// Check a merged folder: re-hash every file against its manifest, and the shards
+    /// against the index.
+    Verify {
+        /// A folder written by `smelt merge`.
+        dir: PathBuf,
+    },
     /// List the merge methods with their parameters and defaults.
     Methods {
         /// Show only this method.
@@ -155,7 +169,11 @@ fn main() -> ExitCode {
                 msg.push_str(&format!("\n  caused by: {cause}"));
             }
             eprintln!("{msg}");
-            ExitCode::FAILURE
+            // 130: stopped by a signal, as shells report it
+            match e.downcast_ref::<smelt::Error>() {
+                Some(smelt::Error::Stopped { .. }) => ExitCode::from(130),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }
@@ -171,6 +189,19 @@ fn quiet_wayland() {
     }
 }
 
+/// Ctrl-C or SIGTERM: stop after the tensor in hand, keeping what is finished for --resume.
+/// A second one ends the process at once.
+fn install_stop_handler() {
+    let _ = ctrlc::set_handler(|| {
+        if smelt::exec::stop_requested() {
+            eprintln!("\nstopped at once; the partial output stays hidden and is not resumable past its last finished shard");
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping after the current tensor (press Ctrl-C again to stop at once)…");
+        smelt::exec::request_stop();
+    });
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Merge {
@@ -181,6 +212,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             threads,
             out_shard_size,
             force,
+            resume,
+            allow_nonfinite,
             verbose,
             device,
         } => {
@@ -207,6 +240,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 log::warn!("{w}");
             }
             let backend = make_backend(&device)?;
+            let cpu = Cpu::new();
+            // Under --device auto a GPU failure mid-merge finishes the merge on the CPU.
+            let fallback: Option<&dyn Backend> =
+                (device.device == DeviceChoice::Auto).then_some(&cpu);
+            install_stop_handler();
             log::info!(
                 "merging {} tensors with {} on {}",
                 plan.tasks.len(),
@@ -218,12 +256,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 backend.as_ref(),
                 &ExecOptions {
                     out_dir: out,
-                    force,
+                    start: if resume {
+                        Start::Resume
+                    } else {
+                        Start::Fresh { force }
+                    },
                     max_shard_bytes: shard,
                     progress: true,
+                    allow_nonfinite,
+                    fallback,
                 },
             )?;
             let moved = report.bytes_read + report.bytes_written;
+            if report.reused > 0 {
+                println!("resumed: {} tensors were already merged", report.reused);
+            }
             println!(
                 "merged {} tensors into {} ({} shard{}, {}) in {:.2} s, {}/s read+written, on {}",
                 report.tensors,
@@ -234,6 +281,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 report.seconds,
                 units::bytes((moved as f64 / report.seconds.max(1e-9)) as u64),
                 report.backend
+            );
+            Ok(())
+        }
+        Cmd::Verify { dir } => {
+            let r = verify(&dir)?;
+            println!(
+                "{}: {} files verified ({} shard{}, {} tensors, {}): every hash matches its manifest",
+                dir.display(),
+                r.files,
+                r.shards,
+                if r.shards == 1 { "" } else { "s" },
+                r.tensors,
+                units::bytes(r.bytes)
             );
             Ok(())
         }

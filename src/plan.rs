@@ -128,24 +128,35 @@ impl OpenModels {
     }
 }
 
+/// The layers a model has: the tensors are the truth (config.json is only compared with
+/// them, never trusted for a count: a hostile or stale config must not make the plan loop
+/// over layers that do not exist). Layers without tensors in the middle are an error.
 fn num_layers(m: &ModelFolder) -> Result<usize> {
-    let from_names = m
+    let present: BTreeSet<usize> = m
         .names()
         .iter()
-        .filter_map(|n| layer_of(n).map(|l| l.2 + 1))
-        .max()
-        .unwrap_or(0);
-    match m.config_usize(&["num_hidden_layers", "n_layer", "num_layers"]) {
-        Some(c) if c < from_names => Err(Error::BadModel {
+        .filter_map(|n| layer_of(n).map(|l| l.2))
+        .collect();
+    let count = present.iter().next_back().map(|l| l + 1).unwrap_or(0);
+    if present.len() != count {
+        let missing = (0..count).find(|l| !present.contains(l)).unwrap();
+        return Err(Error::BadModel {
             path: m.path.clone(),
             msg: format!(
-                "config.json says {c} layers but tensors go up to layer {}",
-                from_names - 1
+                "has tensors up to layer {} but none for layer {missing}",
+                count - 1
             ),
-        }),
-        Some(c) => Ok(c),
-        None => Ok(from_names),
+        });
     }
+    if let Some(c) = m.config_usize(&["num_hidden_layers", "n_layer", "num_layers"]) {
+        if c != count {
+            log::warn!(
+                "{}: config.json says {c} layers, the tensors have {count}; going by the tensors",
+                m.label
+            );
+        }
+    }
+    Ok(count)
 }
 
 impl Plan {

@@ -4,4 +4,5 @@
 pub mod model;
 pub mod output;
 pub mod safetensors;
+pub mod verify;
 pub mod writer;

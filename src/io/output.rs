@@ -155,7 +155,7 @@ fn hub_id(m: &ModelFolder) -> Option<String> {
 
 /// SHA-256 over each shard's header and 16 samples of 64 KiB spread over its data: tells
 /// inputs apart (fine-tunes share a header layout) without reading their gigabytes again.
-fn input_digest(m: &ModelFolder) -> String {
+pub fn input_digest(m: &ModelFolder) -> String {
     use sha2::{Digest, Sha256};
     const SAMPLES: usize = 16;
     const SAMPLE: usize = 64 * 1024;

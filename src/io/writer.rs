@@ -149,15 +149,30 @@ impl Layout {
     }
 }
 
-/// An output folder being written. Dropping it without [`StagedOutput::commit`] removes the
-/// temporary folder.
+/// An output folder being written: the hidden folder `.NAME.smelt-partial` beside the target.
+///
+/// Each shard is hashed (SHA-256) once its last tensor is on disk, and the hash recorded in
+/// a journal (`progress.json`, replaced atomically) with a fingerprint of the whole plan. An
+/// interrupted merge keeps the folder ([`StagedOutput::keep`]); `--resume` reopens it and
+/// reuses every shard whose hash still verifies. At the end a manifest of every file's hash
+/// is written and the folder is renamed into place. Dropped otherwise, it is removed.
 pub struct StagedOutput {
     pub final_dir: PathBuf,
     pub tmp_dir: PathBuf,
     files: Vec<File>,
     layout: Layout,
+    fingerprint: String,
+    /// sha256 of each finished shard.
+    hashes: Vec<Option<String>>,
     committed: bool,
+    keep: bool,
+    /// Test hook: fail writes with "no space left" once this many tensor bytes are written.
+    fault_limit: Option<u64>,
+    written: std::sync::atomic::AtomicU64,
 }
+
+pub const JOURNAL: &str = "progress.json";
+pub const MANIFEST: &str = "smelt-manifest.json";
 
 /// Parses sizes such as `5GB`, `500MB`, `2GiB`, `1000000` (bytes).
 pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
@@ -192,7 +207,7 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     Ok(v as u64)
 }
 
-fn tmp_path_for(final_dir: &Path) -> PathBuf {
+fn sibling(final_dir: &Path, suffix: &str) -> PathBuf {
     let name = final_dir
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
@@ -201,43 +216,125 @@ fn tmp_path_for(final_dir: &Path) -> PathBuf {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    parent.join(format!(".{name}.smelt-tmp-{}", std::process::id()))
+    parent.join(format!(".{name}.{suffix}"))
+}
+
+/// The partial folder of an output (stable across runs, so `--resume` can find it).
+pub fn partial_path_for(final_dir: &Path) -> PathBuf {
+    sibling(final_dir, "smelt-partial")
 }
 
 /// Where `--force` parks the folder it replaces until the new one is in place.
 fn aside_path_for(final_dir: &Path) -> PathBuf {
-    let mut p = tmp_path_for(final_dir).into_os_string();
-    p.push(".old");
-    PathBuf::from(p)
+    sibling(final_dir, &format!("smelt-old-{}", std::process::id()))
+}
+
+/// SHA-256 of a file, hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut f = File::open(path).at(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 4 << 20];
+    loop {
+        let n = f.read(&mut buf).at(path)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex(&h.finalize()))
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// How to open the output folder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// A new merge; an existing output (or partial) is refused unless `force`.
+    Fresh { force: bool },
+    /// Continue an interrupted merge of the same plan.
+    Resume,
 }
 
 impl StagedOutput {
-    /// Creates the temporary folder and every shard with its header and final length.
-    pub fn create(final_dir: &Path, force: bool, layout: Layout) -> Result<Self> {
+    /// Opens the partial folder: a fresh one with every shard's header and final length, or,
+    /// resuming, the existing one with the shards whose journal hashes still verify.
+    pub fn create(
+        final_dir: &Path,
+        start: Start,
+        layout: Layout,
+        fingerprint: String,
+    ) -> Result<Self> {
         let out_err = |msg: String| Error::Output {
             path: final_dir.to_path_buf(),
             msg,
         };
-        if final_dir.exists() && !force {
-            return Err(out_err("already exists; pass --force to replace it".into()));
-        }
+        let force = matches!(start, Start::Fresh { force: true });
         if final_dir.exists() && !final_dir.is_dir() {
             return Err(out_err("exists and is not a folder".into()));
         }
-        let tmp_dir = tmp_path_for(final_dir);
-        if tmp_dir.exists() {
-            std::fs::remove_dir_all(&tmp_dir).at(&tmp_dir)?;
+        if final_dir.exists() && !force {
+            return Err(out_err(if start == Start::Resume {
+                "already exists, so there is nothing to resume; pass --force to merge it again"
+                    .into()
+            } else {
+                "already exists; pass --force to replace it".into()
+            }));
         }
-        std::fs::create_dir_all(&tmp_dir).at(&tmp_dir)?;
+        let tmp_dir = partial_path_for(final_dir);
+        let mut reuse: Vec<Option<String>> = vec![None; layout.shards.len()];
+        match start {
+            Start::Resume => {
+                if !tmp_dir.is_dir() {
+                    return Err(out_err(format!(
+                        "no interrupted merge to resume ({} does not exist)",
+                        tmp_dir.display()
+                    )));
+                }
+                reuse = verified_shards(&tmp_dir, &layout, &fingerprint).map_err(out_err)?;
+            }
+            Start::Fresh { force } => {
+                if tmp_dir.exists() {
+                    if !force {
+                        return Err(out_err(format!(
+                            "an interrupted merge of it is in {}; pass --resume to continue it or --force to start over",
+                            tmp_dir.display()
+                        )));
+                    }
+                    std::fs::remove_dir_all(&tmp_dir).at(&tmp_dir)?;
+                }
+                std::fs::create_dir_all(&tmp_dir).at(&tmp_dir)?;
+            }
+        }
+        let fault_limit = std::env::var("SMELT_FAULT_WRITE_LIMIT")
+            .ok()
+            .and_then(|v| v.parse().ok());
         let mut staged = StagedOutput {
             final_dir: final_dir.to_path_buf(),
             tmp_dir,
             files: Vec::new(),
             layout,
+            fingerprint,
+            hashes: reuse,
             committed: false,
+            keep: false,
+            fault_limit,
+            written: Default::default(),
         };
-        for s in &staged.layout.shards {
+        for (si, s) in staged.layout.shards.iter().enumerate() {
             let p = staged.tmp_dir.join(&s.file_name);
+            if staged.hashes[si].is_some() {
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&p)
+                    .at(&p)?;
+                staged.files.push(f);
+                continue;
+            }
             let f = File::create(&p).at(&p)?;
             write_all_at(&f, &s.header, 0)
                 .map_err(|e| write_error(&p, e, s.header.len() as u64))?;
@@ -245,11 +342,22 @@ impl StagedOutput {
                 .map_err(|e| write_error(&p, e, s.file_len))?;
             staged.files.push(f);
         }
+        staged.save_journal()?;
         Ok(staged)
     }
 
     pub fn layout(&self) -> &Layout {
         &self.layout
+    }
+
+    /// Whether shard `si` was reused from an interrupted run.
+    pub fn shard_done(&self, si: usize) -> bool {
+        self.hashes[si].is_some()
+    }
+
+    /// Keep the partial folder when dropped (an interrupted merge, to resume).
+    pub fn keep(&mut self) {
+        self.keep = true;
     }
 
     /// Writes the bytes of plan tensor `i`.
@@ -260,14 +368,44 @@ impl StagedOutput {
             bytes.len() as u64,
             "tensor byte count differs from its slot"
         );
+        let path = || self.tmp_dir.join(&self.layout.shards[slot.shard].file_name);
+        if let Some(limit) = self.fault_limit {
+            let before = self
+                .written
+                .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::SeqCst);
+            if before + bytes.len() as u64 > limit {
+                let e = std::io::Error::from_raw_os_error(libc::ENOSPC);
+                return Err(write_error(&path(), e, bytes.len() as u64));
+            }
+        }
         let f = &self.files[slot.shard];
-        write_all_at(f, bytes, slot.offset).map_err(|e| {
-            write_error(
-                &self.tmp_dir.join(&self.layout.shards[slot.shard].file_name),
-                e,
-                bytes.len() as u64,
-            )
-        })
+        write_all_at(f, bytes, slot.offset).map_err(|e| write_error(&path(), e, bytes.len() as u64))
+    }
+
+    /// Records that every tensor of shard `si` is written: flushes it to disk, hashes it,
+    /// and notes the hash in the journal.
+    pub fn finish_shard(&mut self, si: usize) -> Result<()> {
+        let p = self.tmp_dir.join(&self.layout.shards[si].file_name);
+        self.files[si].sync_all().at(&p)?;
+        self.hashes[si] = Some(sha256_file(&p)?);
+        self.save_journal()
+    }
+
+    fn save_journal(&self) -> Result<()> {
+        let shards: BTreeMap<&str, &str> = self
+            .layout
+            .shards
+            .iter()
+            .zip(&self.hashes)
+            .filter_map(|(s, h)| h.as_deref().map(|h| (s.file_name.as_str(), h)))
+            .collect();
+        let v = serde_json::json!({"fingerprint": self.fingerprint, "shards": shards});
+        let p = self.tmp_dir.join(JOURNAL);
+        let tmp = self.tmp_dir.join(format!("{JOURNAL}.new"));
+        let text = serde_json::to_string_pretty(&v).unwrap();
+        std::fs::write(&tmp, text.as_bytes())
+            .map_err(|e| write_error(&tmp, e, text.len() as u64))?;
+        std::fs::rename(&tmp, &p).at(&p)
     }
 
     /// Writes an extra file (config, card, tokenizer) into the staged folder.
@@ -282,16 +420,48 @@ impl StagedOutput {
         Ok(())
     }
 
-    /// Flushes everything, writes the index, and moves the folder into place.
+    /// Writes the index and the manifest (every file's size and SHA-256), and moves the
+    /// folder into place.
     pub fn commit(mut self) -> Result<PathBuf> {
         if self.layout.shards.len() > 1 {
             let idx = self.layout.index_json();
             self.write_file(INDEX_NAME, idx.as_bytes())?;
         }
-        for (f, s) in self.files.iter().zip(&self.layout.shards) {
-            f.sync_all().at(self.tmp_dir.join(&s.file_name))?;
+        for si in 0..self.layout.shards.len() {
+            if self.hashes[si].is_none() {
+                self.finish_shard(si)?;
+            }
         }
         self.files.clear();
+        let _ = std::fs::remove_file(self.tmp_dir.join(JOURNAL));
+        let mut files = BTreeMap::new();
+        let mut names: Vec<String> = std::fs::read_dir(&self.tmp_dir)
+            .at(&self.tmp_dir)?
+            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().to_string()))
+            .collect();
+        names.sort();
+        for name in names {
+            let p = self.tmp_dir.join(&name);
+            let shard = self.layout.shards.iter().position(|s| s.file_name == name);
+            let sha = match shard {
+                Some(si) => self.hashes[si].clone().unwrap(),
+                None => sha256_file(&p)?,
+            };
+            let bytes = std::fs::metadata(&p).at(&p)?.len();
+            files.insert(name, serde_json::json!({"bytes": bytes, "sha256": sha}));
+        }
+        let manifest = serde_json::json!({
+            "format": "smelt-manifest/1",
+            "smelt_version": env!("CARGO_PKG_VERSION"),
+            "files": files,
+        });
+        self.write_file(
+            MANIFEST,
+            (serde_json::to_string_pretty(&manifest).unwrap() + "\n").as_bytes(),
+        )?;
+        if let Ok(d) = File::open(&self.tmp_dir) {
+            let _ = d.sync_all();
+        }
         if self.final_dir.exists() {
             // --force: move the old folder aside first so that a failure here loses nothing.
             let old = aside_path_for(&self.final_dir);
@@ -309,9 +479,53 @@ impl StagedOutput {
     }
 }
 
+/// The shards of an interrupted run that can be reused: same plan fingerprint, and the file
+/// still hashes to what the journal recorded.
+fn verified_shards(
+    dir: &Path,
+    layout: &Layout,
+    fingerprint: &str,
+) -> std::result::Result<Vec<Option<String>>, String> {
+    let jp = dir.join(JOURNAL);
+    let text = std::fs::read_to_string(&jp).map_err(|e| format!("{}: {e}", jp.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| format!("{}: not valid JSON: {e}", jp.display()))?;
+    if v.get("fingerprint").and_then(|f| f.as_str()) != Some(fingerprint) {
+        return Err(format!(
+            "the interrupted merge in {} was made from a different recipe, seed, inputs or smelt version; pass --force to start over",
+            dir.display()
+        ));
+    }
+    let shards = v
+        .get("shards")
+        .and_then(|s| s.as_object())
+        .cloned()
+        .unwrap_or_default();
+    let mut out = vec![None; layout.shards.len()];
+    for (si, s) in layout.shards.iter().enumerate() {
+        let Some(want) = shards.get(&s.file_name).and_then(|h| h.as_str()) else {
+            continue;
+        };
+        let p = dir.join(&s.file_name);
+        let ok = std::fs::metadata(&p)
+            .map(|m| m.len() == s.file_len)
+            .unwrap_or(false)
+            && sha256_file(&p).map(|h| h == want).unwrap_or(false);
+        if ok {
+            out[si] = Some(want.to_string());
+        } else {
+            log::warn!(
+                "{}: does not match its recorded hash; merging it again",
+                p.display()
+            );
+        }
+    }
+    Ok(out)
+}
+
 impl Drop for StagedOutput {
     fn drop(&mut self) {
-        if !self.committed {
+        if !self.committed && !self.keep {
             self.files.clear();
             let _ = std::fs::remove_dir_all(&self.tmp_dir);
         }

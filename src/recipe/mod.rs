@@ -224,7 +224,7 @@ impl Recipe {
                     let setting =
                         Setting::from_yaml(v).map_err(|e| err(format!("{what}.{k}: {e}")))?;
                     if let Some(s) = setting {
-                        check_setting_kind(&s, spec.kind)
+                        check_setting_kind(&s, k, spec.kind)
                             .map_err(|e| err(format!("{what}.{k}: {e}")))?;
                         out.insert(k.clone(), s);
                     }
@@ -355,24 +355,51 @@ impl Recipe {
 
 /// Rejects settings whose plain values can never evaluate to the parameter's kind, so a
 /// typo such as `density: high` fails at load time rather than at the first tensor.
-fn check_setting_kind(s: &Setting, kind: Kind) -> std::result::Result<(), String> {
+fn check_setting_kind(s: &Setting, name: &str, kind: Kind) -> std::result::Result<(), String> {
     match s {
-        Setting::Scalar(_) | Setting::List(_) => s.eval("", 0.0, kind).map(|_| ()).and_then(|_| {
-            if let Setting::List(items) = s {
-                for (i, _) in items.iter().enumerate() {
-                    let t = if items.len() > 1 {
-                        i as f64 / (items.len() - 1) as f64
-                    } else {
-                        0.0
-                    };
-                    s.eval("", t, kind)?;
+        Setting::Scalar(_) | Setting::List(_) => {
+            // every value a gradient can take lies between its list entries: check those
+            let n = match s {
+                Setting::List(items) => items.len(),
+                _ => 1,
+            };
+            for i in 0..n {
+                let t = if n > 1 {
+                    i as f64 / (n - 1) as f64
+                } else {
+                    0.0
+                };
+                if let Some(Value1::Float(x)) = s.eval("", t, kind)? {
+                    check_range(name, x)?;
                 }
             }
             Ok(())
-        }),
+        }
         Setting::Cond(cs) => cs
             .iter()
-            .try_for_each(|c| check_setting_kind(&c.value, kind)),
+            .try_for_each(|c| check_setting_kind(&c.value, name, kind)),
+    }
+}
+
+/// The values a parameter may take (the same names mean the same thing in every method).
+pub fn check_range(name: &str, x: f64) -> std::result::Result<(), String> {
+    if !x.is_finite() {
+        return Err(format!("{x} is not a finite number"));
+    }
+    let ok = match name {
+        "density" | "gamma" | "select_topk" | "epsilon" => (0.0..=1.0).contains(&x),
+        "tol" | "eps" => x > 0.0,
+        "max_iter" => x >= 0.0 && x.fract() == 0.0 && x <= 1e6,
+        _ => true,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(match name {
+            "tol" | "eps" => format!("{x} must be positive"),
+            "max_iter" => format!("{x} must be a whole number of iterations"),
+            _ => format!("{x} is not a fraction between 0 and 1"),
+        })
     }
 }
 

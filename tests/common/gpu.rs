@@ -15,10 +15,19 @@ fn unavailable(e: &smelt::Error) -> Option<Arc<GpuContext>> {
     None
 }
 
+/// libwayland, probed by the Vulkan loader, complains on stderr when XDG_RUNTIME_DIR is unset
+/// (the binary sets it at start-up for the same reason).
+fn quiet_wayland() {
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir());
+    }
+}
+
 /// The device shared by every test of this binary.
 pub fn gpu_context() -> Option<Arc<GpuContext>> {
     static CTX: OnceLock<Result<Arc<GpuContext>, String>> = OnceLock::new();
     match CTX.get_or_init(|| {
+        quiet_wayland();
         GpuContext::new(None)
             .map(Arc::new)
             .map_err(|e| e.to_string())
@@ -30,6 +39,7 @@ pub fn gpu_context() -> Option<Arc<GpuContext>> {
 
 /// A device of its own, for tests that count what a context does (pipelines built).
 pub fn fresh_gpu_context() -> Option<Arc<GpuContext>> {
+    quiet_wayland();
     match GpuContext::new(None) {
         Ok(c) => Some(Arc::new(c)),
         Err(e) => unavailable(&e),

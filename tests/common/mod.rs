@@ -422,9 +422,11 @@ pub fn execute_to(plan: &Plan, backend: &dyn Backend, out_dir: &Path, shard: u64
         backend,
         &ExecOptions {
             out_dir: out_dir.to_path_buf(),
-            force: false,
+            start: smelt::io::writer::Start::Fresh { force: false },
             max_shard_bytes: shard,
             progress: false,
+            allow_nonfinite: false,
+            fallback: None,
         },
     )
     .unwrap_or_else(|e| panic!("execute into {}: {e}", out_dir.display()))

@@ -172,6 +172,10 @@ pub struct Gpu {
     tile_cap: usize,
     budget: u64,
     state: Mutex<Option<JobState>>,
+    /// Test hook (`SMELT_FAULT_GPU_AFTER=N`): every job after the N-th fails as if the device
+    /// were lost, to exercise the fallback to the CPU.
+    fault_after: Option<u64>,
+    jobs: std::sync::atomic::AtomicU64,
 }
 
 fn align4(x: usize) -> usize {
@@ -211,6 +215,10 @@ impl Gpu {
             tile_cap: opts.tile_elems.unwrap_or(usize::MAX).max(4),
             budget: opts.vram_budget.unwrap_or(2 << 30),
             state: Mutex::new(None),
+            fault_after: std::env::var("SMELT_FAULT_GPU_AFTER")
+                .ok()
+                .and_then(|v| v.parse().ok()),
+            jobs: Default::default(),
         }
     }
 
@@ -300,6 +308,13 @@ impl Gpu {
     fn state(&self, job: &Job) -> Result<MutexGuard<'_, Option<JobState>>> {
         let mut g = self.state.lock().unwrap();
         if g.as_ref().map(|s| s.id) != Some(job.id) {
+            let seen = self.jobs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if self.fault_after.is_some_and(|n| seen >= n) {
+                return Err(Error::Gpu(format!(
+                    "{}: device lost (injected by SMELT_FAULT_GPU_AFTER)",
+                    self.ctx.info.name
+                )));
+            }
             *g = Some(self.plan_job(job)?);
         }
         Ok(g)

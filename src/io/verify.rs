@@ -1,0 +1,158 @@
+//! `smelt verify OUT`: re-hash every file of a merged folder against the manifest written
+//! last, and check the shards and the index against each other.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::io::model::{INDEX_NAME, SINGLE_NAME};
+use crate::io::safetensors::SafetensorsFile;
+use crate::io::writer::{sha256_file, MANIFEST};
+
+#[derive(Debug)]
+pub struct VerifyReport {
+    pub files: usize,
+    pub shards: usize,
+    pub tensors: usize,
+    pub bytes: u64,
+}
+
+/// Checks `dir`; every problem found is listed in the error.
+pub fn verify(dir: &Path) -> Result<VerifyReport> {
+    let mut problems: Vec<String> = Vec::new();
+    let mp = dir.join(MANIFEST);
+    let text = std::fs::read_to_string(&mp).map_err(|e| Error::Output {
+        path: dir.to_path_buf(),
+        msg: format!("has no readable {MANIFEST} ({e}); was it written by smelt, and completely?"),
+    })?;
+    let manifest: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Output {
+        path: mp.clone(),
+        msg: format!("is not valid JSON: {e}"),
+    })?;
+    let listed = manifest
+        .get("files")
+        .and_then(|f| f.as_object())
+        .cloned()
+        .ok_or_else(|| Error::Output {
+            path: mp.clone(),
+            msg: "has no \"files\" object".into(),
+        })?;
+
+    let mut bytes = 0u64;
+    for (name, entry) in &listed {
+        let p = dir.join(name);
+        if name.contains('/') || name.contains('\\') || name.starts_with('.') {
+            problems.push(format!("{name}: not a plain file name"));
+            continue;
+        }
+        let (Some(want_len), Some(want_sha)) = (
+            entry.get("bytes").and_then(|b| b.as_u64()),
+            entry.get("sha256").and_then(|h| h.as_str()),
+        ) else {
+            problems.push(format!("{name}: manifest entry lacks bytes or sha256"));
+            continue;
+        };
+        match std::fs::metadata(&p) {
+            Err(e) => problems.push(format!("{name}: {e}")),
+            Ok(m) if m.len() != want_len => problems.push(format!(
+                "{name}: {} bytes, the manifest says {want_len}",
+                m.len()
+            )),
+            Ok(m) => {
+                bytes += m.len();
+                match sha256_file(&p) {
+                    Ok(h) if h == want_sha => {}
+                    Ok(h) => problems.push(format!(
+                        "{name}: sha256 {h} differs from the manifest's {want_sha}"
+                    )),
+                    Err(e) => problems.push(format!("{name}: {e}")),
+                }
+            }
+        }
+    }
+    let present: BTreeSet<String> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().to_string()))
+        .filter(|n| n != MANIFEST)
+        .collect();
+    for extra in present.iter().filter(|n| !listed.contains_key(*n)) {
+        problems.push(format!(
+            "{extra}: not in the manifest (added after the merge?)"
+        ));
+    }
+
+    // The shards parse, and the index (when there is one) matches them exactly.
+    let shard_names: Vec<&String> = listed
+        .keys()
+        .filter(|n| n.ends_with(".safetensors"))
+        .collect();
+    let mut tensors: BTreeMap<String, String> = BTreeMap::new();
+    let mut tensor_bytes = 0u64;
+    for name in &shard_names {
+        match SafetensorsFile::open(&dir.join(name)) {
+            Err(e) => problems.push(e.to_string()),
+            Ok(f) => {
+                for t in f.tensors() {
+                    tensor_bytes += (t.end - t.begin) as u64;
+                    if let Some(other) = tensors.insert(t.name.clone(), name.to_string()) {
+                        problems.push(format!("tensor {} is in both {other} and {name}", t.name));
+                    }
+                }
+            }
+        }
+    }
+    if listed.contains_key(INDEX_NAME) {
+        let ip = dir.join(INDEX_NAME);
+        match std::fs::read_to_string(&ip)
+            .map_err(|e| e.to_string())
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).map_err(|e| e.to_string()))
+        {
+            Err(e) => problems.push(format!("{INDEX_NAME}: {e}")),
+            Ok(v) => {
+                let map = v
+                    .get("weight_map")
+                    .and_then(|m| m.as_object())
+                    .cloned()
+                    .unwrap_or_default();
+                for (t, shard) in &map {
+                    match (tensors.get(t), shard.as_str()) {
+                        (Some(actual), Some(s)) if actual == s => {}
+                        (Some(actual), s) => problems.push(format!(
+                            "{INDEX_NAME}: {t} is in {actual}, the index says {s:?}"
+                        )),
+                        (None, _) => {
+                            problems.push(format!("{INDEX_NAME}: lists {t}, which no shard holds"))
+                        }
+                    }
+                }
+                for t in tensors.keys().filter(|t| !map.contains_key(*t)) {
+                    problems.push(format!("{INDEX_NAME}: does not list tensor {t}"));
+                }
+                let total = v
+                    .get("metadata")
+                    .and_then(|m| m.get("total_size"))
+                    .and_then(|t| t.as_u64());
+                if total != Some(tensor_bytes) {
+                    problems.push(format!("{INDEX_NAME}: total_size {total:?} but the tensors hold {tensor_bytes} bytes"));
+                }
+            }
+        }
+    } else if shard_names.len() != 1 || shard_names[0] != SINGLE_NAME {
+        problems.push(format!(
+            "{} safetensors files without a {INDEX_NAME}",
+            shard_names.len()
+        ));
+    }
+    if !problems.is_empty() {
+        return Err(Error::Output {
+            path: dir.to_path_buf(),
+            msg: format!("failed verification:\n  {}", problems.join("\n  ")),
+        });
+    }
+    Ok(VerifyReport {
+        files: listed.len(),
+        shards: shard_names.len(),
+        tensors: tensors.len(),
+        bytes,
+    })
+}
