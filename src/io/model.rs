@@ -161,34 +161,9 @@ impl ModelFolder {
     fn open_index(&mut self, dir: &Path) -> Result<()> {
         let ipath = dir.join(INDEX_NAME);
         let text = std::fs::read_to_string(&ipath).at(&ipath)?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| bad(&ipath, format!("not valid JSON: {e}")))?;
-        let map = v
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| bad(&ipath, "has no \"weight_map\" object"))?;
-        // shard file name -> tensors it should hold
-        let mut shards: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for (tensor, shard) in map {
-            let shard = shard.as_str().ok_or_else(|| {
-                bad(
-                    &ipath,
-                    format!("weight_map entry for {tensor} is not a string"),
-                )
-            })?;
-            shards
-                .entry(shard.to_string())
-                .or_default()
-                .push(tensor.clone());
-        }
+        let shards = parse_index(&text).map_err(|m| bad(&ipath, m))?;
         let canon_dir = dir.canonicalize().at(dir)?;
         for (shard, expected) in shards {
-            if !is_contained(&shard) {
-                return Err(bad(
-                    &ipath,
-                    format!("shard path {shard:?} escapes the model folder; refusing to read it"),
-                ));
-            }
             let spath = dir.join(&shard);
             if !spath.is_file() {
                 return Err(bad(
@@ -303,6 +278,33 @@ impl ModelFolder {
             .map(|t| (t.end - t.begin) as u64)
             .sum()
     }
+}
+
+/// Reads `model.safetensors.index.json`: shard file name -> the tensors it should hold.
+/// Shard paths that would leave the model folder are refused here, before any is opened.
+pub fn parse_index(text: &str) -> std::result::Result<BTreeMap<String, Vec<String>>, String> {
+    let v: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or("has no \"weight_map\" object")?;
+    let mut shards: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (tensor, shard) in map {
+        let shard = shard
+            .as_str()
+            .ok_or_else(|| format!("weight_map entry for {tensor} is not a string"))?;
+        if !is_contained(shard) {
+            return Err(format!(
+                "shard path {shard:?} (for {tensor}) escapes the model folder; refusing to read it"
+            ));
+        }
+        shards
+            .entry(shard.to_string())
+            .or_default()
+            .push(tensor.clone());
+    }
+    Ok(shards)
 }
 
 /// Compares strings with runs of digits compared by value.
