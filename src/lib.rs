@@ -10,6 +10,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod backend;
+pub mod bench;
 pub mod dtype;
 pub mod error;
 pub mod exec;

@@ -8,7 +8,8 @@ use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 
 use smelt::backend::cpu::Cpu;
-use smelt::backend::gpu::{list_adapters, Gpu, GpuOptions};
+use smelt::backend::gpu::{list_adapters, Gpu, GpuContext, GpuOptions};
+use smelt::bench;
 use smelt::backend::Backend;
 use smelt::exec::{self, ExecOptions};
 use smelt::io::model::ModelFolder;
@@ -133,6 +134,29 @@ enum Cmd {
     },
     /// List the GPU adapters smelt can use (name, vendor, backend, type, driver, limits).
     Devices,
+    /// Measure every primitive and method on generated data, on the CPU and every usable
+    /// GPU, against this machine's memory-copy (and host-device copy) bandwidth.
+    #[command(after_help = "Example:\n  smelt bench --elements 64M --json bench.json")]
+    Bench {
+        /// Elements per input tensor (e.g. 16M, 64M).
+        #[arg(long, default_value = "16M")]
+        elements: String,
+        /// Fine-tuned models besides the base.
+        #[arg(long, default_value_t = 3)]
+        models: usize,
+        /// Runs per measurement (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Which backends: all (CPU and every GPU adapter), cpu, or gpu.
+        #[arg(long, default_value = "all", value_parser = ["all", "cpu", "gpu"])]
+        device: String,
+        /// Only primitives or only methods.
+        #[arg(long, value_parser = ["primitives", "methods"])]
+        only: Option<String>,
+        /// Also write the report as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Check a merged folder: re-hash every file against its manifest, and the shards
     /// against the index.
     Verify {
@@ -282,6 +306,75 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 units::bytes((moved as f64 / report.seconds.max(1e-9)) as u64),
                 report.backend
             );
+            Ok(())
+        }
+        Cmd::Bench {
+            elements,
+            models,
+            repeats,
+            device,
+            only,
+            json,
+        } => {
+            let elements = parse_size(&elements).map_err(anyhow::Error::msg).context("--elements")? as usize;
+            let mut backends: Vec<(Box<dyn Backend>, bench::Device)> = Vec::new();
+            if device != "gpu" {
+                backends.push((
+                    Box::new(Cpu::new()),
+                    bench::Device {
+                        backend: "cpu".into(),
+                        adapter: "-".into(),
+                        vendor: "-".into(),
+                        api: "rayon".into(),
+                        driver: "-".into(),
+                        device_type: format!("{} threads", rayon::current_num_threads()),
+                        upload_gbps: None,
+                        download_gbps: None,
+                    },
+                ));
+            }
+            if device != "cpu" {
+                for a in list_adapters() {
+                    let ctx = match GpuContext::new(Some(&a.index.to_string())) {
+                        Ok(c) => std::sync::Arc::new(c),
+                        Err(e) => {
+                            log::warn!("skipping {}: {e}", a.name);
+                            continue;
+                        }
+                    };
+                    let (up, down) = ctx.transfer_bandwidth(256 << 20)?;
+                    backends.push((
+                        Box::new(Gpu::with_context(ctx, &GpuOptions::default())),
+                        bench::Device {
+                            backend: format!("gpu{}", a.index),
+                            adapter: a.name.clone(),
+                            vendor: format!("{:#06x}", a.vendor),
+                            api: a.backend.clone(),
+                            driver: format!("{} {}", a.driver, a.driver_info),
+                            device_type: a.device_type.clone(),
+                            upload_gbps: Some(up),
+                            download_gbps: Some(down),
+                        },
+                    ));
+                }
+                if device == "gpu" && backends.is_empty() {
+                    bail!("no usable GPU adapter");
+                }
+            }
+            let report = bench::run(
+                &bench::BenchOptions {
+                    elements,
+                    models,
+                    repeats,
+                    primitives: only.as_deref() != Some("methods"),
+                    methods: only.as_deref() != Some("primitives"),
+                },
+                &backends,
+            )?;
+            print!("{}", bench::table(&report));
+            if let Some(p) = json {
+                std::fs::write(&p, serde_json::to_string_pretty(&report)? + "\n").with_context(|| p.display().to_string())?;
+            }
             Ok(())
         }
         Cmd::Verify { dir } => {

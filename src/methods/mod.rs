@@ -185,6 +185,36 @@ pub struct Params {
 }
 
 impl Params {
+    /// Every parameter of `method` at its default for `inputs` merged inputs, with `set`
+    /// overriding by name (benchmarks and tests build parameters without a recipe).
+    pub fn for_method(method: &MethodInfo, inputs: usize, set: &[(&str, Value1)]) -> Params {
+        let value = |p: &ParamSpec| {
+            set.iter().find(|(n, _)| *n == p.name).map(|(_, v)| *v).or(match p.default {
+                Default::Float(x) => Some(Value1::Float(x)),
+                Default::Bool(b) => Some(Value1::Bool(b)),
+                Default::Required | Default::Unset => None,
+            })
+        };
+        Params {
+            shared: method
+                .params
+                .iter()
+                .filter(|p| p.scope == Scope::Shared)
+                .map(|p| (p.name, value(p)))
+                .collect(),
+            per_input: (0..inputs)
+                .map(|_| {
+                    method
+                        .params
+                        .iter()
+                        .filter(|p| p.scope != Scope::Shared)
+                        .map(|p| (p.name, value(p)))
+                        .collect()
+                })
+                .collect(),
+        }
+    }
+
     pub fn shared_f(&self, name: &str) -> f64 {
         match self.shared.iter().find(|(n, _)| *n == name) {
             Some((_, Some(Value1::Float(x)))) => *x,

@@ -337,6 +337,54 @@ impl GpuContext {
         Ok(())
     }
 
+    /// Host-to-device and device-to-host copy bandwidth (GB/s) for buffers of `bytes`, the
+    /// way the engine moves data (queue writes up, copies to a mapped buffer down).
+    pub fn transfer_bandwidth(&self, bytes: u64) -> Result<(f64, f64)> {
+        let bytes = bytes.min(self.limits.max_buffer_size).max(4) / 4 * 4;
+        let dev = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("bandwidth"),
+            size: bytes,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let rb = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("bandwidth readback"),
+            size: bytes,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let host = vec![1u8; bytes as usize];
+        // warm up once, then time
+        let mut up = f64::MAX;
+        let mut down = f64::MAX;
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            self.queue.write_buffer(&dev, 0, &host);
+            self.queue.submit([]);
+            self.wait()?;
+            up = up.min(t.elapsed().as_secs_f64());
+            let t = std::time::Instant::now();
+            let mut enc = self.device.create_command_encoder(&Default::default());
+            enc.copy_buffer_to_buffer(&dev, 0, &rb, 0, bytes);
+            self.queue.submit([enc.finish()]);
+            let (tx, rx) = std::sync::mpsc::channel();
+            rb.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+                let _ = tx.send(r);
+            });
+            self.wait()?;
+            rx.recv()
+                .map_err(|_| Error::Gpu("readback abandoned".into()))?
+                .map_err(|e| Error::Gpu(e.to_string()))?;
+            {
+                let view = rb.slice(..).get_mapped_range().map_err(|e| Error::Gpu(e.to_string()))?;
+                std::hint::black_box(view[0]);
+            }
+            rb.unmap();
+            down = down.min(t.elapsed().as_secs_f64());
+        }
+        Ok((bytes as f64 / up / 1e9, bytes as f64 / down / 1e9))
+    }
+
     /// Waits for all submitted work.
     pub fn wait(&self) -> Result<()> {
         self.device
