@@ -13,7 +13,8 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::backend::{
-    Backend, Consensus, GtaSpec, Input, Job, Keep, Query, RowLayout, Segments, Source, Sparsity, Vector, Vote,
+    Backend, Consensus, GtaSpec, Input, Job, Keep, Query, RowLayout, Segments, Source, Sparsity,
+    Vector, Vote,
 };
 use crate::dtype::{self, DType};
 use crate::error::Result;
@@ -106,7 +107,8 @@ fn generate(n: usize, models: usize) -> (Vec<u8>, Vec<Vec<u8>>) {
         (0..n)
             .into_par_iter()
             .map(|i| {
-                let mut z = (i as u64 ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_add(0xD1B5_4A32_D192_ED03);
+                let mut z = (i as u64 ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+                    .wrapping_add(0xD1B5_4A32_D192_ED03);
                 z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
                 z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
                 ((z >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
@@ -125,7 +127,10 @@ fn generate(n: usize, models: usize) -> (Vec<u8>, Vec<Vec<u8>>) {
     let fts = (0..models)
         .map(|m| {
             let own = values(10 + m as u64, 0.006);
-            let v: Vec<f32> = (0..n).into_par_iter().map(|i| base[i] + shared[i] + own[i]).collect();
+            let v: Vec<f32> = (0..n)
+                .into_par_iter()
+                .map(|i| base[i] + shared[i] + own[i])
+                .collect();
             to_bf16(&v)
         })
         .collect();
@@ -212,8 +217,15 @@ pub fn run(opts: &BenchOptions, backends: &[(Box<dyn Backend>, Device)]) -> Resu
             let t = time(r, || b.convert(&job(false, 1, DType::BF16), &mut out))?;
             push("primitive", "convert bf16".into(), inb + outb, t);
             let w: Vec<f32> = vec![1.0 / k as f32; k];
-            let t = time(r, || b.weighted_sum(&job(false, k, DType::BF16), &w, Some(1.0), &mut out))?;
-            push("primitive", format!("weighted_sum x{k}"), k as u64 * inb + outb, t);
+            let t = time(r, || {
+                b.weighted_sum(&job(false, k, DType::BF16), &w, Some(1.0), &mut out)
+            })?;
+            push(
+                "primitive",
+                format!("weighted_sum x{k}"),
+                k as u64 * inb + outb,
+                t,
+            );
             let qs: Vec<Query> = (0..k)
                 .map(|i| Query {
                     source: Source::Delta(i),
@@ -224,8 +236,16 @@ pub fn run(opts: &BenchOptions, backends: &[(Box<dyn Backend>, Device)]) -> Resu
             push("primitive", format!("select x{k}"), (k as u64 + 1) * inb, t);
             let cuts = b.select(&job(true, k, DType::BF16), &qs)?;
             let random = Sparsity::new(vec![Keep::Random { p: 0.5 }; k], 1);
-            let t = time(r, || b.masked_sums(&job(true, k, DType::BF16), &random).map(|_| ()))?;
-            push("primitive", format!("masked_sums x{k}"), (k as u64 + 1) * inb, t);
+            let t = time(r, || {
+                b.masked_sums(&job(true, k, DType::BF16), &random)
+                    .map(|_| ())
+            })?;
+            push(
+                "primitive",
+                format!("masked_sums x{k}"),
+                (k as u64 + 1) * inb,
+                t,
+            );
             let gta = |sp: Sparsity, consensus| GtaSpec {
                 weights: vec![1.0; k],
                 sparsity: sp,
@@ -236,12 +256,25 @@ pub fn run(opts: &BenchOptions, backends: &[(Box<dyn Backend>, Device)]) -> Resu
                 div_floor: None,
                 lambda: 1.0,
             };
-            let ties = gta(Sparsity::new(cuts.iter().map(|c| Keep::top(*c)).collect(), 1), Consensus::Sum);
+            let ties = gta(
+                Sparsity::new(cuts.iter().map(|c| Keep::top(*c)).collect(), 1),
+                Consensus::Sum,
+            );
             let t = time(r, || b.gta(&job(true, k, DType::BF16), &ties, &mut out))?;
-            push("primitive", "gta (ties keep)".into(), (k as u64 + 1) * inb + outb, t);
+            push(
+                "primitive",
+                "gta (ties keep)".into(),
+                (k as u64 + 1) * inb + outb,
+                t,
+            );
             let dare = gta(random.clone(), Consensus::None);
             let t = time(r, || b.gta(&job(true, k, DType::BF16), &dare, &mut out))?;
-            push("primitive", "gta (random keep)".into(), (k as u64 + 1) * inb + outb, t);
+            push(
+                "primitive",
+                "gta (random keep)".into(),
+                (k as u64 + 1) * inb + outb,
+                t,
+            );
             let della = gta(
                 Sparsity {
                     keep: vec![Keep::Della { rows, table: 0 }; k],
@@ -250,25 +283,60 @@ pub fn run(opts: &BenchOptions, backends: &[(Box<dyn Backend>, Device)]) -> Resu
                 },
                 Consensus::Sum,
             );
-            let t = time(r, || b.gta(&job(true, k, DType::BF16).with_align(rows.slab()), &della, &mut out))?;
-            push("primitive", "gta (della keep)".into(), (k as u64 + 1) * inb + outb, t);
+            let t = time(r, || {
+                b.gta(
+                    &job(true, k, DType::BF16).with_align(rows.slab()),
+                    &della,
+                    &mut out,
+                )
+            })?;
+            push(
+                "primitive",
+                "gta (della keep)".into(),
+                (k as u64 + 1) * inb + outb,
+                t,
+            );
             let vecs: Vec<Vector> = (0..k).map(Vector::Delta).collect();
-            let pairs: Vec<(usize, usize)> = (0..k).flat_map(|i| (i..k).map(move |j| (i, j))).collect();
+            let pairs: Vec<(usize, usize)> =
+                (0..k).flat_map(|i| (i..k).map(move |j| (i, j))).collect();
             for seg in [Segments::Whole, Segments::Rows { len: 4096 }] {
                 let t = time(r, || {
-                    b.dots(&job(true, k, DType::BF16).with_align(seg.align()), &vecs, &pairs, seg)
-                        .map(|_| ())
+                    b.dots(
+                        &job(true, k, DType::BF16).with_align(seg.align()),
+                        &vecs,
+                        &pairs,
+                        seg,
+                    )
+                    .map(|_| ())
                 })?;
-                push("primitive", format!("dots {seg:?}"), (k as u64 + 1) * inb, t);
+                push(
+                    "primitive",
+                    format!("dots {seg:?}"),
+                    (k as u64 + 1) * inb,
+                    t,
+                );
             }
             let mut terms: Vec<Vector> = (0..k).map(Vector::Model).collect();
             terms.push(Vector::Base);
             let coefs = vec![0.25f32; k + 1];
             let t = time(r, || {
-                b.combine(&job(true, k, DType::BF16), &terms, Segments::Whole, &coefs, &mut out)
+                b.combine(
+                    &job(true, k, DType::BF16),
+                    &terms,
+                    Segments::Whole,
+                    &coefs,
+                    &mut out,
+                )
             })?;
-            push("primitive", format!("combine x{}", k + 1), (k as u64 + 1) * inb + outb, t);
-            let t = time(r, || b.nearswap(&job(true, 1, DType::BF16), 0.001, &mut out))?;
+            push(
+                "primitive",
+                format!("combine x{}", k + 1),
+                (k as u64 + 1) * inb + outb,
+                t,
+            );
+            let t = time(r, || {
+                b.nearswap(&job(true, 1, DType::BF16), 0.001, &mut out)
+            })?;
             push("primitive", "nearswap".into(), 2 * inb + outb, t);
         }
         if opts.methods {
@@ -331,7 +399,11 @@ pub fn table(r: &Report) -> String {
     );
     let _ = writeln!(s, "memory copy: {:.2} GB/s (read + written)", r.memcpy_gbps);
     for d in &r.devices {
-        let _ = write!(s, "{}: {} ({} {}, {})", d.backend, d.adapter, d.api, d.device_type, d.driver);
+        let _ = write!(
+            s,
+            "{}: {} ({} {}, {})",
+            d.backend, d.adapter, d.api, d.device_type, d.driver
+        );
         if let (Some(u), Some(dn)) = (d.upload_gbps, d.download_gbps) {
             let _ = write!(s, "; host->device {u:.2} GB/s, device->host {dn:.2} GB/s");
         }
@@ -352,7 +424,9 @@ pub fn table(r: &Report) -> String {
             row.seconds * 1e3,
             row.gbps,
             row.of_memcpy * 100.0,
-            row.of_transfer.map(|x| format!("{:.0}%", x * 100.0)).unwrap_or_default()
+            row.of_transfer
+                .map(|x| format!("{:.0}%", x * 100.0))
+                .unwrap_or_default()
         );
     }
     s

@@ -21,7 +21,7 @@ use crate::backend::{Backend, Input, Job};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::io::output;
-use crate::io::writer::{free_space, hex, Layout, OutTensor, StagedOutput, Start};
+use crate::io::writer::{free_space, hex, HashAlgo, Layout, OutTensor, StagedOutput, Start};
 use crate::methods::{self, Ctx};
 use crate::plan::{Plan, TensorTask};
 
@@ -35,6 +35,10 @@ pub struct ExecOptions<'a> {
     /// Where to go on when the backend fails with a GPU error (`--device auto`): the tensor is
     /// merged again there, and so is every tensor after it.
     pub fallback: Option<&'a dyn Backend>,
+    /// The hash the manifest records.
+    pub hash: HashAlgo,
+    /// fsync the output before it is renamed into place.
+    pub fsync: bool,
 }
 
 #[derive(Debug)]
@@ -208,7 +212,8 @@ pub fn execute(plan: &Plan, backend: &dyn Backend, opts: &ExecOptions) -> Result
         }
     }
     let shards = layout.shards.len();
-    let mut staged = StagedOutput::create(&opts.out_dir, opts.start, layout, fp)?;
+    let mut staged = StagedOutput::create(&opts.out_dir, opts.start, layout, fp, opts.hash)?;
+    staged.set_durable(opts.fsync);
 
     // Tensors still to merge, and how many each unfinished shard waits for.
     let todo: Vec<usize> = (0..plan.tasks.len())

@@ -9,12 +9,12 @@ use clap::{Parser, Subcommand};
 
 use smelt::backend::cpu::Cpu;
 use smelt::backend::gpu::{list_adapters, Gpu, GpuContext, GpuOptions};
-use smelt::bench;
 use smelt::backend::Backend;
+use smelt::bench;
 use smelt::exec::{self, ExecOptions};
 use smelt::io::model::ModelFolder;
 use smelt::io::verify::verify;
-use smelt::io::writer::{parse_size, Start};
+use smelt::io::writer::{parse_size, HashAlgo, Start};
 use smelt::methods::{self, Default, Scope};
 use smelt::plan::Plan;
 use smelt::recipe::Recipe;
@@ -126,6 +126,14 @@ enum Cmd {
         /// Merge inputs that hold NaN or infinity instead of stopping at the first one.
         #[arg(long)]
         allow_nonfinite: bool,
+        /// The hash the manifest records for each file: blake3 (fast, on every core) or sha256
+        /// (what `sha256sum` checks; about 20x slower here).
+        #[arg(long, default_value = "blake3", value_parser = ["blake3", "sha256"])]
+        hash: String,
+        /// Flush the output to disk (fsync) before renaming it into place, so that it survives
+        /// a power cut, not only a crash of smelt.
+        #[arg(long)]
+        fsync: bool,
         /// List every tensor in --dry-run output.
         #[arg(short, long)]
         verbose: bool,
@@ -238,6 +246,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             force,
             resume,
             allow_nonfinite,
+            hash,
+            fsync,
             verbose,
             device,
         } => {
@@ -289,6 +299,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     progress: true,
                     allow_nonfinite,
                     fallback,
+                    hash: HashAlgo::from_name(&hash).expect("clap checked it"),
+                    fsync,
                 },
             )?;
             let moved = report.bytes_read + report.bytes_written;
@@ -316,7 +328,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             only,
             json,
         } => {
-            let elements = parse_size(&elements).map_err(anyhow::Error::msg).context("--elements")? as usize;
+            let elements = parse_size(&elements)
+                .map_err(anyhow::Error::msg)
+                .context("--elements")? as usize;
             let mut backends: Vec<(Box<dyn Backend>, bench::Device)> = Vec::new();
             if device != "gpu" {
                 backends.push((
@@ -373,7 +387,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             )?;
             print!("{}", bench::table(&report));
             if let Some(p) = json {
-                std::fs::write(&p, serde_json::to_string_pretty(&report)? + "\n").with_context(|| p.display().to_string())?;
+                std::fs::write(&p, serde_json::to_string_pretty(&report)? + "\n")
+                    .with_context(|| p.display().to_string())?;
             }
             Ok(())
         }

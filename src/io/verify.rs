@@ -7,7 +7,7 @@ use std::path::Path;
 use crate::error::{Error, Result};
 use crate::io::model::{INDEX_NAME, SINGLE_NAME};
 use crate::io::safetensors::SafetensorsFile;
-use crate::io::writer::{sha256_file, MANIFEST};
+use crate::io::writer::{hash_file, HashAlgo, MANIFEST};
 
 #[derive(Debug)]
 pub struct VerifyReport {
@@ -45,11 +45,17 @@ pub fn verify(dir: &Path) -> Result<VerifyReport> {
             problems.push(format!("{name}: not a plain file name"));
             continue;
         }
-        let (Some(want_len), Some(want_sha)) = (
-            entry.get("bytes").and_then(|b| b.as_u64()),
-            entry.get("sha256").and_then(|h| h.as_str()),
-        ) else {
-            problems.push(format!("{name}: manifest entry lacks bytes or sha256"));
+        let want_len = entry.get("bytes").and_then(|b| b.as_u64());
+        let want = ["blake3", "sha256"].into_iter().find_map(|a| {
+            entry
+                .get(a)
+                .and_then(|h| h.as_str())
+                .map(|h| (HashAlgo::from_name(a).unwrap(), h.to_string()))
+        });
+        let (Some(want_len), Some((algo, want_hash))) = (want_len, want) else {
+            problems.push(format!(
+                "{name}: manifest entry lacks bytes or a blake3/sha256 hash"
+            ));
             continue;
         };
         match std::fs::metadata(&p) {
@@ -60,10 +66,11 @@ pub fn verify(dir: &Path) -> Result<VerifyReport> {
             )),
             Ok(m) => {
                 bytes += m.len();
-                match sha256_file(&p) {
-                    Ok(h) if h == want_sha => {}
+                match hash_file(&p, algo) {
+                    Ok(h) if h == want_hash => {}
                     Ok(h) => problems.push(format!(
-                        "{name}: sha256 {h} differs from the manifest's {want_sha}"
+                        "{name}: {} {h} differs from the manifest's {want_hash}",
+                        algo.name()
                     )),
                     Err(e) => problems.push(format!("{name}: {e}")),
                 }

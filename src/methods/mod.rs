@@ -189,11 +189,14 @@ impl Params {
     /// overriding by name (benchmarks and tests build parameters without a recipe).
     pub fn for_method(method: &MethodInfo, inputs: usize, set: &[(&str, Value1)]) -> Params {
         let value = |p: &ParamSpec| {
-            set.iter().find(|(n, _)| *n == p.name).map(|(_, v)| *v).or(match p.default {
-                Default::Float(x) => Some(Value1::Float(x)),
-                Default::Bool(b) => Some(Value1::Bool(b)),
-                Default::Required | Default::Unset => None,
-            })
+            set.iter()
+                .find(|(n, _)| *n == p.name)
+                .map(|(_, v)| *v)
+                .or(match p.default {
+                    Default::Float(x) => Some(Value1::Float(x)),
+                    Default::Bool(b) => Some(Value1::Bool(b)),
+                    Default::Required | Default::Unset => None,
+                })
         };
         Params {
             shared: method

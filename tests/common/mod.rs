@@ -427,6 +427,8 @@ pub fn execute_to(plan: &Plan, backend: &dyn Backend, out_dir: &Path, shard: u64
             progress: false,
             allow_nonfinite: false,
             fallback: None,
+            hash: Default::default(),
+            fsync: false,
         },
     )
     .unwrap_or_else(|e| panic!("execute into {}: {e}", out_dir.display()))

@@ -344,7 +344,9 @@ impl GpuContext {
         let dev = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("bandwidth"),
             size: bytes,
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_DST
+                | wgpu::BufferUsages::COPY_SRC,
             mapped_at_creation: false,
         });
         let rb = self.device.create_buffer(&wgpu::BufferDescriptor {
@@ -376,7 +378,10 @@ impl GpuContext {
                 .map_err(|_| Error::Gpu("readback abandoned".into()))?
                 .map_err(|e| Error::Gpu(e.to_string()))?;
             {
-                let view = rb.slice(..).get_mapped_range().map_err(|e| Error::Gpu(e.to_string()))?;
+                let view = rb
+                    .slice(..)
+                    .get_mapped_range()
+                    .map_err(|e| Error::Gpu(e.to_string()))?;
                 std::hint::black_box(view[0]);
             }
             rb.unmap();
