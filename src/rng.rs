@@ -114,6 +114,44 @@ impl Stream {
     }
 }
 
+/// Blocks computed together by [`Stream::blocks`]: wide enough for the compiler to spread the
+/// lanes over SIMD registers.
+pub const LANES: usize = 16;
+
+impl Stream {
+    /// The words of blocks `first .. first + LANES`, lane-major: `out[w][l]` is word `w` of
+    /// block `first + l` (so element `4·(first + l) + w`). Same bits as [`Stream::block`].
+    #[inline]
+    pub fn blocks(&self, first: u64) -> [[u32; LANES]; 4] {
+        let mut c = [[0u32; LANES]; 4];
+        for l in 0..LANES {
+            let b = first + l as u64;
+            c[0][l] = b as u32;
+            c[1][l] = (b >> 32) as u32;
+            c[2][l] = self.name_hash;
+            c[3][l] = self.model;
+        }
+        let mut key = self.key;
+        for r in 0..10 {
+            if r > 0 {
+                key[0] = key[0].wrapping_add(PHILOX_W0);
+                key[1] = key[1].wrapping_add(PHILOX_W1);
+            }
+            let mut n = [[0u32; LANES]; 4];
+            for l in 0..LANES {
+                let p0 = PHILOX_M0 as u64 * c[0][l] as u64;
+                let p1 = PHILOX_M1 as u64 * c[2][l] as u64;
+                n[0][l] = (p1 >> 32) as u32 ^ c[1][l] ^ key[0];
+                n[1][l] = p1 as u32;
+                n[2][l] = (p0 >> 32) as u32 ^ c[3][l] ^ key[1];
+                n[3][l] = p0 as u32;
+            }
+            c = n;
+        }
+        c
+    }
+}
+
 /// Top 24 bits as a float in [0, 1): exact in f32, the same on every device.
 #[inline(always)]
 pub fn to_uniform(x: u32) -> f32 {
@@ -175,6 +213,22 @@ mod tests {
             ),
             [0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1]
         );
+    }
+
+    #[test]
+    fn lane_blocks_match_single_blocks() {
+        let s = Stream::new(0x1234_5678_9abc_def0, "x", 3);
+        for first in [0u64, 5, 1 << 32, u64::MAX - 100] {
+            let b = s.blocks(first);
+            for l in 0..LANES {
+                let one = s.block(first.wrapping_add(l as u64));
+                assert_eq!(
+                    [b[0][l], b[1][l], b[2][l], b[3][l]],
+                    one,
+                    "block {first} + {l}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -126,13 +126,14 @@ fn keep_factors(keep: &Keep, cx: &KeepCtx, start: usize, d: &[f32], m: &mut [f32
         Keep::All => m.fill(1.0),
         Keep::Nothing => m.fill(0.0),
         Keep::Ranks { lo, hi, key } => {
-            for (j, mv) in m.iter_mut().enumerate() {
-                let a = match key {
-                    Key::Delta => d[j].abs().to_bits(),
-                    Key::Variance => cx.var[j].abs().to_bits(),
-                };
+            let keys = match key {
+                Key::Delta => d,
+                Key::Variance => cx.var,
+            };
+            for (j, (mv, k)) in m.iter_mut().zip(keys).enumerate() {
+                let a = k.abs().to_bits();
                 let idx = (start + j) as u32;
-                *mv = (hi.below(a, idx) && !lo.below(a, idx)) as u32 as f32;
+                *mv = (hi.below(a, idx) & !lo.below(a, idx)) as u32 as f32;
             }
         }
         Keep::Random { p } => {
@@ -152,11 +153,23 @@ fn keep_factors(keep: &Keep, cx: &KeepCtx, start: usize, d: &[f32], m: &mut [f32
 /// 1.0 where the element's random word (top 24 bits) is below `threshold(global index)`.
 #[inline]
 fn random_factors(stream: &Stream, start: usize, m: &mut [f32], threshold: impl Fn(usize) -> u32) {
-    // start is a multiple of 4 (CHUNK is), so blocks line up with chunks.
-    for (bj, mb) in m.chunks_mut(4).enumerate() {
-        let w = stream.block(((start / 4) + bj) as u64);
+    use crate::rng::LANES;
+    // start is a multiple of 4 (CHUNK is), so blocks line up with chunks; LANES blocks
+    // (4·LANES elements) are drawn at a time.
+    let group = 4 * LANES;
+    let mut groups = m.chunks_exact_mut(group);
+    let mut at = start;
+    for mg in &mut groups {
+        let w = stream.blocks((at / 4) as u64);
+        for (e, mv) in mg.iter_mut().enumerate() {
+            *mv = ((w[e % 4][e / 4] >> 8) < threshold(at + e)) as u32 as f32;
+        }
+        at += group;
+    }
+    for (bj, mb) in groups.into_remainder().chunks_mut(4).enumerate() {
+        let w = stream.block((at / 4 + bj) as u64);
         for (l, mv) in mb.iter_mut().enumerate() {
-            *mv = ((w[l] >> 8) < threshold(start + 4 * bj + l)) as u32 as f32;
+            *mv = ((w[l] >> 8) < threshold(at + 4 * bj + l)) as u32 as f32;
         }
     }
 }
@@ -173,20 +186,52 @@ pub fn row_ranks(job: &Job, model: usize, rows: RowLayout) -> Vec<u32> {
         let mut v = vec![0f32; slab];
         load(base, start, job.load_dtype, &mut b);
         load(x, start, job.load_dtype, &mut v);
-        let mut keys: Vec<(u32, u32)> = Vec::with_capacity(rows.len);
+        // (key, position) packed into one u64: sorting integers beats sorting pairs
+        let mut keys: Vec<u64> = Vec::with_capacity(rows.len);
+        let mut tmp: Vec<u64> = Vec::with_capacity(rows.len);
         for i in 0..rows.inner {
             keys.clear();
             keys.extend((0..rows.len).map(|j| {
                 let e = j * rows.inner + i;
-                ((v[e] - b[e]).abs().to_bits(), j as u32)
+                ((v[e] - b[e]).abs().to_bits() as u64) << 32 | j as u64
             }));
-            keys.sort_unstable();
-            for (pos, &(_, j)) in keys.iter().enumerate() {
-                out[j as usize * rows.inner + i] = pos as u32;
+            radix_sort_keys(&mut keys, &mut tmp);
+            for (pos, &k) in keys.iter().enumerate() {
+                out[(k as u32) as usize * rows.inner + i] = pos as u32;
             }
         }
     });
     ranks
+}
+
+/// Sorts (key << 32 | position) values by key, stably, so equal keys stay in position order
+/// (which is the order they were pushed in): LSD radix on the key's 32 bits, 11 + 11 + 10.
+fn radix_sort_keys(v: &mut Vec<u64>, tmp: &mut Vec<u64>) {
+    if v.len() <= 64 {
+        v.sort_unstable();
+        return;
+    }
+    tmp.clear();
+    tmp.resize(v.len(), 0);
+    for (shift, bits) in [(32u32, 11u32), (43, 11), (54, 10)] {
+        let mask = (1u64 << bits) - 1;
+        let mut count = [0usize; 2048];
+        for &x in v.iter() {
+            count[((x >> shift) & mask) as usize] += 1;
+        }
+        let mut sum = 0;
+        for c in count.iter_mut() {
+            let t = *c;
+            *c = sum;
+            sum += t;
+        }
+        for &x in v.iter() {
+            let d = ((x >> shift) & mask) as usize;
+            tmp[count[d]] = x;
+            count[d] += 1;
+        }
+        std::mem::swap(v, tmp);
+    }
 }
 
 /// Rank arrays of every DELLA model of a sparsity (None for the others).
@@ -262,9 +307,156 @@ fn bucket_for(h: &[u64], k: u64, above: u64) -> (u32, u64) {
     unreachable!("rank {k} beyond the histogram's total {acc}")
 }
 
+/// Sample size of [`bracket_select`].
+const SAMPLE: usize = 1 << 16;
+
+/// Exact rank selection in one pass over the data, for large tensors: a deterministic sample
+/// of the keys brackets each wanted threshold; one pass counts the keys above each bracket
+/// and collects those inside it; the answer is found among the collected few percent. When a
+/// bracket misses (the sample was unlucky), returns None and the caller runs the two-pass
+/// histogram selection instead. Either way the answer is the same exact cut.
+fn bracket_select(job: &Job, queries: &[Query]) -> Option<Vec<RankCut>> {
+    let n = job.numel;
+    let m = job.models.len();
+    let mut srcs: Vec<Source> = Vec::new();
+    for q in queries {
+        if !srcs.contains(&q.source) {
+            srcs.push(q.source);
+        }
+    }
+    // the sampled keys of each source, largest first
+    let stride = n / SAMPLE;
+    let samples: Vec<Vec<u32>> = srcs
+        .iter()
+        .map(|&src| {
+            let mut s = Scratch::new(m);
+            let mut keys: Vec<u32> = (0..SAMPLE)
+                .map(|j| {
+                    s.load_all(job, j * stride, 1, false);
+                    source_bits(src, &mut s, 1);
+                    s.bits[0]
+                })
+                .collect();
+            keys.sort_unstable_by(|a, b| b.cmp(a));
+            keys
+        })
+        .collect();
+    // bracket [lo, hi] of key bits per query
+    let brackets: Vec<(usize, u32, u32)> = queries
+        .iter()
+        .map(|q| {
+            let si = srcs.iter().position(|s| *s == q.source).unwrap();
+            let r = q.k as f64 / n as f64;
+            let margin = (5.0 * (r * (1.0 - r) * SAMPLE as f64).sqrt()) as usize + 32;
+            let at = (r * SAMPLE as f64) as usize;
+            let hi = samples[si][at.saturating_sub(margin).min(SAMPLE - 1)];
+            let lo = samples[si][(at + margin).min(SAMPLE - 1)];
+            let lo = if at + margin >= SAMPLE { 0 } else { lo };
+            let hi = if at < margin { u32::MAX } else { hi };
+            (si, lo, hi)
+        })
+        .collect();
+    // one pass: per query the count above its bracket and the (key, index) inside it
+    let per_chunk: Vec<(Vec<u64>, Vec<Vec<(u32, u32)>>)> = (0..chunks(n))
+        .into_par_iter()
+        .map_init(
+            || Scratch::new(m),
+            |s, c| {
+                let (start, len) = chunk_range(n, c);
+                s.load_all(job, start, len, false);
+                let mut above = vec![0u64; queries.len()];
+                let mut inside = vec![Vec::new(); queries.len()];
+                for (si, src) in srcs.iter().enumerate() {
+                    source_bits(*src, s, len);
+                    for (qi, &(qs, lo, hi)) in brackets.iter().enumerate() {
+                        if qs != si {
+                            continue;
+                        }
+                        let mut count = 0u64;
+                        for (j, &a) in s.bits.iter().enumerate() {
+                            let gt = a > hi;
+                            count += gt as u64;
+                            // rare (a few percent): a predictable branch
+                            if !gt && a >= lo {
+                                inside[qi].push((a, (start + j) as u32));
+                            }
+                        }
+                        above[qi] += count;
+                    }
+                }
+                (above, inside)
+            },
+        )
+        .collect();
+    let mut out = Vec::with_capacity(queries.len());
+    for (qi, q) in queries.iter().enumerate() {
+        let above: u64 = per_chunk.iter().map(|c| c.0[qi]).sum();
+        // (key descending, index ascending) is the order that defines ranks: as one u64 with
+        // the key complemented it is plain ascending order
+        let mut cand: Vec<u64> = per_chunk
+            .iter()
+            .flat_map(|c| c.1[qi].iter().map(|&(a, i)| ((!a as u64) << 32) | i as u64))
+            .collect();
+        if q.k <= above || q.k > above + cand.len() as u64 {
+            return None;
+        }
+        let want = (q.k - above - 1) as usize;
+        let (_, &mut kth, _) = cand.select_nth_unstable(want);
+        let t = !((kth >> 32) as u32);
+        let gt = above + cand.iter().filter(|&&c| !((c >> 32) as u32) > t).count() as u64;
+        let mut equal: Vec<u32> = cand
+            .iter()
+            .filter(|&&c| !((c >> 32) as u32) == t)
+            .map(|&c| c as u32)
+            .collect();
+        let quota = (q.k - gt) as usize;
+        out.push(if quota == equal.len() {
+            RankCut {
+                bits: t,
+                index: u32::MAX,
+            }
+        } else {
+            equal.sort_unstable();
+            RankCut {
+                bits: t,
+                index: equal[quota - 1] + 1,
+            }
+        });
+    }
+    Some(out)
+}
+
 impl Backend for Cpu {
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn select(&self, job: &Job, queries: &[Query]) -> Result<Vec<RankCut>> {
+        let n = job.numel as u64;
+        let hard: Vec<Query> = queries
+            .iter()
+            .copied()
+            .filter(|q| q.k > 0 && q.k < n)
+            .collect();
+        if job.numel >= 64 * SAMPLE && !hard.is_empty() {
+            if let Some(cuts) = bracket_select(job, &hard) {
+                let mut it = cuts.into_iter();
+                return Ok(queries
+                    .iter()
+                    .map(|q| match q.k {
+                        0 => RankCut::NONE,
+                        k if k >= n => RankCut::ALL,
+                        _ => it.next().unwrap(),
+                    })
+                    .collect());
+            }
+        }
+        select_with(
+            job,
+            queries,
+            |j, s| self.histogram(j, s),
+            |j, s, t, q| self.nth_equal(j, s, t, q),
+        )
     }
 
     fn histogram(&self, job: &Job, sources: &[(Source, Option<u32>)]) -> Result<Vec<Vec<u64>>> {
@@ -365,15 +557,20 @@ impl Backend for Cpu {
                     for (i, o) in out.iter_mut().enumerate() {
                         let cx = keep_ctx(job, sp, &ranks, i, &s.var[..len]);
                         keep_factors(&sp.keep[i], &cx, start, &s.x[i][..len], &mut s.acc[..len]);
-                        let mut t = [0.0f64; 3];
-                        for (d, k) in s.x[i][..len].iter().zip(&s.acc[..len]) {
-                            let a = d.abs() as f64;
-                            let kd = (*d * *k) as f64;
-                            t[0] += a;
-                            t[1] += a * *k as f64;
-                            t[2] += kd * kd;
+                        // eight independent f64 lanes (in a fixed order): vectorised, and
+                        // the same sums whatever the thread count
+                        let mut t = [[0.0f64; 8]; 3];
+                        let (d8, k8) = (s.x[i][..len].chunks(8), s.acc[..len].chunks(8));
+                        for (d, k) in d8.zip(k8) {
+                            for l in 0..d.len() {
+                                let a = d[l].abs() as f64;
+                                let kd = (d[l] * k[l]) as f64;
+                                t[0][l] += a;
+                                t[1][l] += a * k[l] as f64;
+                                t[2][l] += kd * kd;
+                            }
                         }
-                        *o = t;
+                        *o = t.map(|lanes| lanes.iter().sum());
                     }
                     out
                 },
@@ -560,10 +757,36 @@ impl Backend for Cpu {
                         Segments::Cols { .. } => (0, nseg - 1),
                     };
                     let mut acc = vec![0.0f64; (last - first + 1) * np];
-                    for e in 0..len {
-                        let sg = seg.of(start + e) - first;
-                        for (p, &(a, b)) in pairs.iter().enumerate() {
-                            acc[sg * np + p] += vals[a][e] as f64 * vals[b][e] as f64;
+                    match seg {
+                        Segments::Cols { .. } => {
+                            for e in 0..len {
+                                let sg = seg.of(start + e) - first;
+                                for (p, &(a, b)) in pairs.iter().enumerate() {
+                                    acc[sg * np + p] += vals[a][e] as f64 * vals[b][e] as f64;
+                                }
+                            }
+                        }
+                        _ => {
+                            // runs of one segment, each summed in eight f64 lanes
+                            let mut e = 0;
+                            while e < len {
+                                let sg = seg.of(start + e);
+                                let end = match seg {
+                                    Segments::Rows { len: l } => ((sg + 1) * l - start).min(len),
+                                    _ => len,
+                                };
+                                for (p, &(a, b)) in pairs.iter().enumerate() {
+                                    let mut lanes = [0.0f64; 8];
+                                    let (va, vb) = (&vals[a][e..end], &vals[b][e..end]);
+                                    for (x, y) in va.chunks(8).zip(vb.chunks(8)) {
+                                        for l in 0..x.len() {
+                                            lanes[l] += x[l] as f64 * y[l] as f64;
+                                        }
+                                    }
+                                    acc[(sg - first) * np + p] += lanes.iter().sum::<f64>();
+                                }
+                                e = end;
+                            }
                         }
                     }
                     (first, acc)
@@ -791,6 +1014,69 @@ mod tests {
         assert_eq!(kept(cuts[3]), vec![0, 2, 3, 4, 6]); // all four 2s exactly
         assert_eq!(kept(cuts[4]), (0..7).collect::<Vec<_>>());
         assert_eq!(kept(cuts[5]), (0..7).collect::<Vec<_>>());
+    }
+
+    /// The one-pass bracket selection (large tensors) gives exactly the cuts of the two-pass
+    /// histogram selection, ties included, for ranks across the whole range.
+    #[test]
+    fn bracket_select_equals_histogram_select() {
+        let n = 64 * SAMPLE + 12345;
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        // coarse values: many ties at any threshold; and a few huge outliers
+        let base: Vec<f32> = (0..n).map(|_| (next() % 1000) as f32 / 512.0).collect();
+        let x: Vec<f32> = base
+            .iter()
+            .map(|b| {
+                b + ((next() % 4001) as f32 - 2000.0) / 256.0
+                    + if next() % 100_000 == 0 { 1e6 } else { 0.0 }
+            })
+            .collect();
+        let (bb, xb) = (f32_input(&base), f32_input(&x));
+        let job = Job::new(
+            "b",
+            Some(Input {
+                bytes: &bb,
+                dtype: DType::F32,
+            }),
+            vec![Input {
+                bytes: &xb,
+                dtype: DType::F32,
+            }],
+            DType::F32,
+            DType::F32,
+        );
+        let nq = n as u64;
+        let ks = [
+            1,
+            2,
+            37,
+            nq / 1000,
+            nq / 10,
+            nq / 3,
+            nq / 2,
+            nq - nq / 7,
+            nq - 5,
+            nq - 1,
+        ];
+        let qs: Vec<Query> = ks
+            .iter()
+            .flat_map(|&k| [Source::Delta(0), Source::Model(0)].map(|source| Query { source, k }))
+            .collect();
+        let fast = bracket_select(&job, &qs).expect("brackets hold on this data");
+        let slow = select_with(
+            &job,
+            &qs,
+            |j, s| Cpu.histogram(j, s),
+            |j, s, t, q| Cpu.nth_equal(j, s, t, q),
+        )
+        .unwrap();
+        assert_eq!(fast, slow);
     }
 
     #[test]

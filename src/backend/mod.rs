@@ -134,7 +134,8 @@ impl RankCut {
 
     #[inline(always)]
     pub fn below(&self, a: u32, index: u32) -> bool {
-        a > self.bits || (a == self.bits && index < self.index)
+        // bitwise, not short-circuit: no branch to mispredict in the element loops
+        (a > self.bits) | ((a == self.bits) & (index < self.index))
     }
 }
 
