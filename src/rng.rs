@@ -122,6 +122,7 @@ impl Stream {
     /// The words of blocks `first .. first + LANES`, lane-major: `out[w][l]` is word `w` of
     /// block `first + l` (so element `4·(first + l) + w`). Same bits as [`Stream::block`].
     #[inline]
+    #[allow(clippy::needless_range_loop)] // lane loops the compiler turns into SIMD
     pub fn blocks(&self, first: u64) -> [[u32; LANES]; 4] {
         let mut c = [[0u32; LANES]; 4];
         for l in 0..LANES {

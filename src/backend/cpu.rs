@@ -357,7 +357,9 @@ fn bracket_select(job: &Job, queries: &[Query]) -> Option<Vec<RankCut>> {
         })
         .collect();
     // one pass: per query the count above its bracket and the (key, index) inside it
-    let per_chunk: Vec<(Vec<u64>, Vec<Vec<(u32, u32)>>)> = (0..chunks(n))
+    // per chunk: the count above each bracket, and the (key, index) pairs inside it
+    type Found = (Vec<u64>, Vec<Vec<(u32, u32)>>);
+    let per_chunk: Vec<Found> = (0..chunks(n))
         .into_par_iter()
         .map_init(
             || Scratch::new(m),
