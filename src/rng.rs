@@ -217,6 +217,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::needless_range_loop)]
     fn lane_blocks_match_single_blocks() {
         let s = Stream::new(0x1234_5678_9abc_def0, "x", 3);
         for first in [0u64, 5, 1 << 32, u64::MAX - 100] {
