@@ -15,6 +15,7 @@ pub mod dtype;
 pub mod error;
 pub mod exec;
 pub mod io;
+pub mod linalg;
 pub mod methods;
 pub mod plan;
 pub mod recipe;

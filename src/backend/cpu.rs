@@ -18,6 +18,7 @@ use super::{
 };
 use crate::dtype::{self, DType};
 use crate::error::Result;
+use crate::linalg::{Mat, Svd};
 use crate::rng::Stream;
 
 /// Elements per unit of work: 16 Ki f32 = 64 KiB per input, a few inputs fit in L2.
@@ -842,6 +843,14 @@ impl Backend for Cpu {
             },
         );
         Ok(())
+    }
+
+    fn matmul(&self, a: &Mat, b: &Mat, ta: bool, tb: bool) -> Result<Mat> {
+        crate::linalg::matmul(a, b, ta, tb)
+    }
+
+    fn svd(&self, a: &Mat, rank: Option<usize>) -> Result<Svd> {
+        crate::linalg::svd(a, rank)
     }
 
     fn nearswap(&self, job: &Job, t: f32, out: &mut [u8]) -> Result<()> {

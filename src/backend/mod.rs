@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::dtype::DType;
 use crate::error::Result;
+use crate::linalg::{Mat, Svd};
 
 /// One input tensor as stored: little-endian bytes and their dtype.
 #[derive(Clone, Copy)]
@@ -411,6 +412,13 @@ pub trait Backend: Send + Sync {
     /// NearSwap: `w = clamp(t / max(|b - x|, 1e-6), 0, 1)`, `out = w·x + (1 - w)·b` with
     /// x = models[0], b = base.
     fn nearswap(&self, job: &Job, t: f32, out: &mut [u8]) -> Result<()>;
+
+    /// `op(a) · op(b)`, op transposing when asked.
+    fn matmul(&self, a: &Mat, b: &Mat, ta: bool, tb: bool) -> Result<Mat>;
+
+    /// The singular value decomposition of `a`, truncated to `rank` singular triplets when
+    /// given (all min(m, n) otherwise), singular values descending.
+    fn svd(&self, a: &Mat, rank: Option<usize>) -> Result<Svd>;
 
     /// Releases whatever the backend kept for this job (resident buffers).
     fn end_job(&self, _job: &Job) {}

@@ -316,6 +316,7 @@ pub fn write_vec_model(dir: &Path, values: &[f32]) {
 pub struct Lcg(pub u64);
 
 impl Lcg {
+    /// 31 random bits.
     pub fn next_u32(&mut self) -> u32 {
         self.0 = self
             .0
@@ -325,7 +326,7 @@ impl Lcg {
     }
     /// Uniform in [-1, 1).
     pub fn sym(&mut self) -> f32 {
-        (self.next_u32() as f64 / (1u64 << 31) as f64 - 1.0) as f32
+        (self.next_u32() as f64 / (1u64 << 30) as f64 - 1.0) as f32
     }
 }
 

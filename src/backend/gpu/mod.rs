@@ -21,6 +21,7 @@ use super::{
     Vector, Vote,
 };
 use crate::error::{Error, Result};
+use crate::linalg::{Mat, Svd};
 use crate::rng::fnv1a32;
 pub use context::{list_adapters, AdapterDesc, GpuContext};
 use shaders::Shader;
@@ -195,6 +196,19 @@ fn grid(groups: usize, max_dim: u32) -> (u32, u32) {
     let groups = groups.max(1) as u32;
     let x = groups.min(max_dim.max(1));
     (x, groups.div_ceil(x))
+}
+
+/// Little-endian words of downloaded bytes (a byte vector need not be 4-aligned for a cast).
+fn words(b: &[u8]) -> Vec<u32> {
+    b.chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn floats(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 fn gpu_err(e: impl std::fmt::Display) -> Error {
@@ -843,6 +857,86 @@ impl Gpu {
     }
 }
 
+impl Gpu {
+    /// The tiled product kernel; problems larger than one storage binding go to the CPU.
+    fn gpu_matmul(&self, a: &Mat, b: &Mat, ta: bool, tb: bool) -> Result<Mat> {
+        let (m, k1) = if ta {
+            (a.cols, a.rows)
+        } else {
+            (a.rows, a.cols)
+        };
+        let (k2, n) = if tb {
+            (b.cols, b.rows)
+        } else {
+            (b.rows, b.cols)
+        };
+        if k1 != k2 {
+            return Err(Error::Other(format!(
+                "matrix product of {m}x{k1} and {k2}x{n}: inner dimensions differ"
+            )));
+        }
+        if m == 0 || n == 0 || k1 == 0 {
+            return Ok(Mat::zeros(m, n));
+        }
+        let limit = self.ctx.limits.max_storage_buffer_binding_size as usize;
+        let max_dim = self.max_dim() as usize;
+        if (a.data.len() + b.data.len()) * 4 > limit
+            || m * n * 4 > limit
+            || n.div_ceil(16) > max_dim
+            || m.div_ceil(16) > max_dim
+        {
+            log::debug!(
+                "{m}x{k1}x{n} product is larger than a GPU binding; computing it on the CPU"
+            );
+            return crate::linalg::matmul(a, b, ta, tb);
+        }
+        let words: Vec<u32> = a.data.iter().chain(&b.data).map(|x| x.to_bits()).collect();
+        let src = self.storage_init("matmul inputs", &words);
+        let ubo = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("unused tile"),
+            size: std::mem::size_of::<TileUbo>() as u64,
+            usage: wgpu::BufferUsages::UNIFORM,
+            mapped_at_creation: false,
+        });
+        let tg = TileGpu { src, ubo };
+        let h = MetaHeader {
+            n_items: m as u32,
+            n_pairs: n as u32,
+            row_len: k1 as u32,
+            row_pad: a.cols as u32,
+            n_entries: b.cols as u32,
+            out_offset: a.data.len() as u32,
+            row_inner: ta as u32 | (tb as u32) << 1,
+            ..Default::default()
+        };
+        let meta = self.meta_buffer(&h, &[]);
+        let dst = self.storage("matmul output", (m * n * 4) as u64);
+        let pipe = self.ctx.pipeline(Shader::Matmul, "matmul")?;
+        let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+        let binding = Binding {
+            dst: &dst,
+            aux: None,
+            src: None,
+            step: None,
+        };
+        self.encode(
+            &mut enc,
+            &pipe,
+            &tg,
+            &meta,
+            &binding,
+            (n.div_ceil(16) as u32, m.div_ceil(16) as u32),
+        );
+        self.ctx.queue.submit([enc.finish()]);
+        let bytes = self.download(&dst, (m * n * 4) as u64)?;
+        Ok(Mat {
+            rows: m,
+            cols: n,
+            data: floats(&bytes),
+        })
+    }
+}
+
 /// DELLA's aux buffer (threshold tables, then one tile of ranks per DELLA model) and which
 /// models need ranks: (model, rows, word offset of its ranks).
 struct Della {
@@ -901,7 +995,7 @@ impl Backend for Gpu {
                 None,
                 |_, st, t| Ok((None, Self::quad_grid(st, t))),
             )?;
-            let words: &[u32] = bytemuck::cast_slice(&bytes);
+            let words = words(&bytes);
             for q in 0..group.len() {
                 out.push(
                     words[q * 65536..(q + 1) * 65536]
@@ -946,7 +1040,7 @@ impl Backend for Gpu {
             None,
             |_, st, t| Ok((None, Self::quad_grid(st, t))),
         )?;
-        let counts: &[u32] = bytemuck::cast_slice(&bytes);
+        let counts = words(&bytes);
         let mut before = 0u64;
         let mut found = None;
         for (w, &c) in counts.iter().enumerate() {
@@ -979,7 +1073,7 @@ impl Backend for Gpu {
             Some(ti),
             |_, st, t| Ok((None, Self::quad_grid(st, t))),
         )?;
-        let mask: &[u32] = bytemuck::cast_slice(&bytes);
+        let mask = words(&bytes);
         let j = (0..WG_ELEMS)
             .filter(|j| mask[j / 32] >> (j % 32) & 1 == 1)
             .nth(rem as usize)
@@ -1026,7 +1120,7 @@ impl Backend for Gpu {
                 ))
             },
         )?;
-        let parts: &[f32] = bytemuck::cast_slice(&bytes);
+        let parts = floats(&bytes);
         let mut out = vec![[0.0f64; 3]; m];
         for w in 0..st.total_groups as usize {
             for (i, o) in out.iter_mut().enumerate() {
@@ -1202,7 +1296,7 @@ impl Backend for Gpu {
                 Ok((Some(aux.clone()), groups))
             },
         )?;
-        let parts: &[f32] = bytemuck::cast_slice(&bytes);
+        let parts = floats(&bytes);
         let mut out = vec![0.0f64; nseg * np];
         match seg {
             Segments::Whole => {
@@ -1214,7 +1308,7 @@ impl Backend for Gpu {
             }
             Segments::Rows { .. } => {
                 for (o, v) in out.iter_mut().zip(parts) {
-                    *o = *v as f64;
+                    *o = v as f64;
                 }
             }
             Segments::Cols { cols } => {
@@ -1282,6 +1376,39 @@ impl Backend for Gpu {
             None,
             out,
         )
+    }
+
+    fn matmul(&self, a: &Mat, b: &Mat, ta: bool, tb: bool) -> Result<Mat> {
+        self.gpu_matmul(a, b, ta, tb)
+    }
+
+    /// Randomised range finder (Halko, Martinsson & Tropp 2011) with the products on the GPU:
+    /// Y = A·Ω for a Gaussian-like Ω of rank + 10 columns, two power iterations, then the
+    /// small dense SVD of Qᵀ·A on the host. Small or nearly full-rank problems go straight
+    /// to the dense SVD.
+    fn svd(&self, a: &Mat, rank: Option<usize>) -> Result<Svd> {
+        let full = a.rows.min(a.cols);
+        let k = rank.unwrap_or(full).min(full);
+        let l = (k + 10).min(full);
+        if full <= 64 || 2 * l >= full {
+            return crate::linalg::svd(a, Some(k));
+        }
+        let stream = crate::rng::Stream::new(0x5eed_5eed, "svd", 0);
+        let omega = Mat::from_fn(a.cols, l, |i, j| {
+            stream.uniform_at((i * l + j) as u64) - 0.5
+        });
+        let mut q = crate::linalg::orthonormal_basis(&self.gpu_matmul(a, &omega, false, false)?);
+        for _ in 0..2 {
+            let z = crate::linalg::orthonormal_basis(&self.gpu_matmul(a, &q, true, false)?);
+            q = crate::linalg::orthonormal_basis(&self.gpu_matmul(a, &z, false, false)?);
+        }
+        let small = self.gpu_matmul(&q, a, true, false)?;
+        let d = crate::linalg::svd(&small, Some(k))?;
+        Ok(Svd {
+            u: crate::linalg::matmul(&q, &d.u, false, false)?,
+            s: d.s,
+            vt: d.vt,
+        })
     }
 
     fn end_job(&self, job: &Job) {

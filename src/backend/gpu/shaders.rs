@@ -9,6 +9,7 @@ pub enum Shader {
     Select,
     Reduce,
     Rank,
+    Matmul,
 }
 
 pub const COMMON: &str = include_str!("../../../shaders/common.wgsl");
@@ -19,14 +20,16 @@ pub const GTA: &str = include_str!("../../../shaders/gta.wgsl");
 pub const SELECT: &str = include_str!("../../../shaders/select.wgsl");
 pub const REDUCE: &str = include_str!("../../../shaders/reduce.wgsl");
 pub const RANK: &str = include_str!("../../../shaders/rank.wgsl");
+pub const MATMUL: &str = include_str!("../../../shaders/matmul.wgsl");
 
 impl Shader {
-    pub const ALL: [Shader; 5] = [
+    pub const ALL: [Shader; 6] = [
         Shader::Convert,
         Shader::Gta,
         Shader::Select,
         Shader::Reduce,
         Shader::Rank,
+        Shader::Matmul,
     ];
 
     pub fn name(self) -> &'static str {
@@ -36,6 +39,7 @@ impl Shader {
             Shader::Select => "select.wgsl",
             Shader::Reduce => "reduce.wgsl",
             Shader::Rank => "rank.wgsl",
+            Shader::Matmul => "matmul.wgsl",
         }
     }
 
@@ -47,6 +51,7 @@ impl Shader {
             Shader::Select => &[COMMON, SELECT],
             Shader::Reduce => &[COMMON, STORE, REDUCE],
             Shader::Rank => &[COMMON, RANK],
+            Shader::Matmul => &[COMMON, MATMUL],
         };
         parts.join("\n")
     }
@@ -58,6 +63,7 @@ impl Shader {
             Shader::Select => &["histogram", "count_equal", "equal_bits"],
             Shader::Reduce => &["dots_whole", "dots_rows", "dots_cols", "combine"],
             Shader::Rank => &["rank_init", "bitonic", "rank_scatter"],
+            Shader::Matmul => &["matmul"],
         }
     }
 }
