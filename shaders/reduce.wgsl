@@ -6,9 +6,10 @@
 // term and segment from `aux` (f32 bits, segment-major).
 //
 // Segments: 0 the whole tensor, 1 rows of seg_len contiguous elements, 2 columns (element e
-// belongs to column e % seg_len). Partial sums are f32 per 1024-element block (whole), per
-// row (tiles hold whole rows), or per 256-row chunk and column (tiles start on chunks); the
-// host adds them up in f64 in a fixed order, so results do not depend on the tile size.
+// belongs to column e % seg_len). Partial sums are per 1024-element block (whole, as
+// compensated high/low f32 pairs), per row (tiles hold whole rows), or per 256-row chunk and
+// column (tiles start on chunks), in f32; the host adds them up in f64 in a fixed order, so
+// results do not depend on the tile size.
 
 fn vec_entry(k: u32) -> ModelMeta {
     return job.models[job.n_models + k];
@@ -29,26 +30,62 @@ fn reduce_part(lid: u32) -> f32 {
     return r;
 }
 
-// dst[((wg_base + wg) * n_pairs + p)]
+var<workgroup> part_lo: array<f32, 256>;
+
+// Error-free addition (Knuth's TwoSum): a + b = s + e exactly, with s = fl(a + b). Shader
+// compilers may simplify (a + b) - a to b, which would spoil e (lavapipe does): the factor
+// `opaque_one`, 1.0 at run time but unknown to the compiler (dot products always have pairs),
+// hides the sum's origin.
+fn two_sum(a: f32, b: f32) -> vec2<f32> {
+    let opaque_one = select(0.0, 1.0, job.n_pairs > 0u);
+    let s = (a + b) * opaque_one;
+    let bb = s - a;
+    let e = (a - (s - bb)) + (b - bb);
+    return vec2<f32>(s, e);
+}
+
+// Compensated tree sum of (part, part_lo) over the workgroup: the result's two words add up
+// to the sum with about f64 accuracy, so Gram matrices of nearly cancelling vectors (the
+// SLERP family near antipodal inputs) keep their small differences.
+fn reduce_pair(lid: u32) -> vec2<f32> {
+    workgroupBarrier();
+    for (var w = WG / 2u; w > 0u; w = w / 2u) {
+        if lid < w {
+            let t = two_sum(part[lid], part[lid + w]);
+            part[lid] = t.x;
+            part_lo[lid] = part_lo[lid] + part_lo[lid + w] + t.y;
+        }
+        workgroupBarrier();
+    }
+    let r = vec2<f32>(part[0], part_lo[0]);
+    workgroupBarrier();
+    return r;
+}
+
+// dst[2 * ((wg_base + wg) * n_pairs + p) + {0, 1}]: the high and low words of the partial
 @compute @workgroup_size(256)
 fn dots_whole(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32, @builtin(num_workgroups) nwg: vec3<u32>) {
     let q = quad_index(wid, nwg, lid);
     let inside = 4u * q < tile.n;
     for (var p = 0u; p < job.n_pairs; p++) {
-        var s = 0.0;
+        var s = vec2<f32>(0.0, 0.0);
         if inside {
             let a = vector4(vec_entry(aux[2u * p]), q);
             let b = vector4(vec_entry(aux[2u * p + 1u]), q);
             for (var l = 0u; l < 4u; l++) {
                 if 4u * q + l < tile.n {
-                    s = s + a[l] * b[l];
+                    let t = two_sum(s.x, a[l] * b[l]);
+                    s = vec2<f32>(t.x, s.y + t.y);
                 }
             }
         }
-        part[lid] = s;
-        let r = reduce_part(lid);
+        part[lid] = s.x;
+        part_lo[lid] = s.y;
+        let r = reduce_pair(lid);
         if lid == 0u {
-            dst[(tile.wg_base + wg_linear(wid, nwg)) * job.n_pairs + p] = bitcast<u32>(r);
+            let o = 2u * ((tile.wg_base + wg_linear(wid, nwg)) * job.n_pairs + p);
+            dst[o] = bitcast<u32>(r.x);
+            dst[o + 1u] = bitcast<u32>(r.y);
         }
     }
 }

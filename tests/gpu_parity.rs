@@ -659,3 +659,38 @@ fn ci_runs_on_vulkan() {
     let ctx = common::gpu_context().expect("SMELT_REQUIRE_GPU is set but no GPU adapter works");
     assert_eq!(ctx.info.backend, "Vulkan", "adapter {:?}", ctx.info);
 }
+
+/// Whole-tensor dot products keep differences far below f32's resolution of their terms:
+/// |x1|² = 1 + 1e-6 and x0·x1 = -1 must come out so that |x0 + x1|² = 2 - 2 + 1e-6 keeps its
+/// digits, as the SLERP family needs near antipodal inputs. Every backend must give the
+/// Gram matrix to about f64 accuracy (computed here by hand: 1e-3 is 0x3a83126f in f32).
+#[test]
+fn whole_dot_products_are_compensated() {
+    let y = 1e-3f32;
+    let x0 = [1.0f32, 0.0];
+    let x1 = [-1.0f32, y];
+    let enc = |v: &[f32]| common::encode(DType::F32, v);
+    let models = vec![enc(&x0), enc(&x1)];
+    let base = enc(&[0.0, 0.0]);
+    let j = job("cancel", &base, &models, DType::F32, DType::F32, DType::F32);
+    let vecs = [Vector::Model(0), Vector::Model(1)];
+    let pairs = [(0, 0), (0, 1), (1, 1)];
+    let yy = y as f64 * y as f64;
+    let want = [1.0, -1.0, 1.0 + yy];
+    let mut backends: Vec<(&str, Box<dyn Backend>)> = vec![("cpu", Box::new(Cpu))];
+    if let Some(ctx) = common::gpu_context() {
+        backends.push((
+            "gpu",
+            Box::new(Gpu::with_context(ctx, &GpuOptions::default())),
+        ));
+    }
+    for (name, be) in backends {
+        let g = be.dots(&j, &vecs, &pairs, Segments::Whole).unwrap();
+        for (k, (got, w)) in g.iter().zip(&want).enumerate() {
+            assert!(
+                (got - w).abs() <= 1e-12,
+                "{name}: pair {k}: {got:e} vs {w:e}"
+            );
+        }
+    }
+}

@@ -1273,7 +1273,8 @@ impl Backend for Gpu {
         let aux = self.storage_init("pairs", &pair_words);
         let max_dim = self.max_dim();
         let (entry, slots) = match seg {
-            Segments::Whole => ("dots_whole", st.total_groups as usize),
+            // two words (compensated high and low parts) per partial
+            Segments::Whole => ("dots_whole", 2 * st.total_groups as usize),
             Segments::Rows { .. } => ("dots_rows", nseg),
             Segments::Cols { cols } => ("dots_cols", (n / cols).div_ceil(256) * cols),
         };
@@ -1300,9 +1301,9 @@ impl Backend for Gpu {
         let mut out = vec![0.0f64; nseg * np];
         match seg {
             Segments::Whole => {
-                for w in 0..slots {
-                    for p in 0..np {
-                        out[p] += parts[w * np + p] as f64;
+                for group in parts.chunks_exact(2 * np) {
+                    for (o, hl) in out.iter_mut().zip(group.chunks_exact(2)) {
+                        *o += hl[0] as f64 + hl[1] as f64;
                     }
                 }
             }
