@@ -131,13 +131,36 @@ impl OpenModels {
 /// The layers a model has: the tensors are the truth (config.json is only compared with
 /// them, never trusted for a count: a hostile or stale config must not make the plan loop
 /// over layers that do not exist). Layers without tensors in the middle are an error.
+/// Layer numbers at or above this are refused as implausible (the largest models have a few
+/// hundred layers).
+const MAX_LAYERS: usize = 1 << 20;
+
 fn num_layers(m: &ModelFolder) -> Result<usize> {
     let present: BTreeSet<usize> = m
         .names()
         .iter()
         .filter_map(|n| layer_of(n).map(|l| l.2))
         .collect();
-    let count = present.iter().next_back().map(|l| l + 1).unwrap_or(0);
+    let last = present.iter().next_back().copied();
+    // A layer number beyond what any model has (a hostile name such as layers.18446744073709551615)
+    let count = match last {
+        None => 0,
+        Some(l) if l < MAX_LAYERS => l + 1,
+        Some(l) => {
+            let name = m
+                .names()
+                .iter()
+                .find(|n| layer_of(n).map(|x| x.2) == Some(l))
+                .cloned();
+            return Err(Error::BadModel {
+                path: m.path.clone(),
+                msg: format!(
+                    "tensor {} has layer number {l}; smelt accepts layers below {MAX_LAYERS}",
+                    name.unwrap_or_default()
+                ),
+            });
+        }
+    };
     if present.len() != count {
         let missing = (0..count).find(|l| !present.contains(l)).unwrap();
         return Err(Error::BadModel {

@@ -137,6 +137,55 @@ struct RawSlice {
     residual_weight: Option<Value>,
 }
 
+/// The largest recipe text accepted, and the deepest nesting of flow collections (`[`, `{`).
+/// Real recipes are a few KiB deep 3 or 4; the YAML parser takes seconds to minutes on
+/// hostile nesting tens of thousands deep, so such text is refused before it is parsed.
+const MAX_RECIPE_BYTES: usize = 1 << 20;
+const MAX_NESTING: usize = 64;
+
+/// Refuses recipe text that is too large or nested too deeply, before the YAML parser sees
+/// it. Quoted strings and comments are skipped; block nesting by indentation is bounded by
+/// the size limit.
+fn check_shape(text: &str) -> std::result::Result<(), String> {
+    if text.len() > MAX_RECIPE_BYTES {
+        return Err(format!(
+            "is {} bytes; a recipe may be at most {MAX_RECIPE_BYTES} bytes",
+            text.len()
+        ));
+    }
+    let (mut depth, mut line) = (0usize, 1usize);
+    let mut quote: Option<char> = None;
+    let mut comment = false;
+    let mut prev = '\n';
+    for c in text.chars() {
+        if c == '\n' {
+            line += 1;
+            comment = false;
+        }
+        match quote {
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None if comment => {}
+            None => match c {
+                '#' if prev.is_whitespace() => comment = true,
+                '"' | '\'' if !prev.is_alphanumeric() => quote = Some(c),
+                '[' | '{' => {
+                    depth += 1;
+                    if depth > MAX_NESTING {
+                        return Err(format!(
+                            "line {line}: lists or maps nested more than {MAX_NESTING} deep"
+                        ));
+                    }
+                }
+                ']' | '}' => depth = depth.saturating_sub(1),
+                _ => {}
+            },
+        }
+        prev = c;
+    }
+    Ok(())
+}
+
 impl Recipe {
     pub fn load(path: &Path) -> Result<Recipe> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::Recipe {
@@ -152,6 +201,7 @@ impl Recipe {
             path: path.to_path_buf(),
             msg,
         };
+        check_shape(text).map_err(err)?;
         let raw: RawRecipe =
             serde_norway::from_str(text).map_err(|e| err(yaml_msg(&e.to_string())))?;
         let dir = path
@@ -417,4 +467,26 @@ fn yaml_msg(m: &str) -> String {
             "struct RawSource",
             "a {model, layer_range, parameters} mapping",
         )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_shape;
+
+    #[test]
+    fn nesting_is_counted_outside_strings_and_comments() {
+        let deep = |n: usize| format!("a: {}1{}\n", "[".repeat(n), "]".repeat(n));
+        assert!(check_shape(&deep(64)).is_ok());
+        let e = check_shape(&format!("x: 1\n{}", deep(65))).unwrap_err();
+        assert!(e.contains("line 2") && e.contains("64 deep"), "{e}");
+        let quoted = format!("a: '{}'\nb: \"{}\"\n", "[".repeat(100), "{".repeat(100));
+        assert!(check_shape(&quoted).is_ok());
+        let commented = format!("a: 1 # {}\nb: [2]\n", "[".repeat(100));
+        assert!(check_shape(&commented).is_ok());
+        // an apostrophe inside a word does not open a string
+        assert!(check_shape(&format!("name: it's\nc: {}", deep(65))).is_err());
+        assert!(check_shape(&" ".repeat((1 << 20) + 1))
+            .unwrap_err()
+            .contains("at most"));
+    }
 }
