@@ -358,6 +358,7 @@ pub fn run(opts: &BenchOptions, backends: &[(Box<dyn Backend>, Device)]) -> Resu
                         shape: &shape,
                         params: &params,
                         seed: 1,
+                        depth: None,
                     };
                     let r = methods::run(m, b.as_ref(), &cx, &mut out);
                     b.end_job(&j);

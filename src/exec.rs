@@ -180,6 +180,10 @@ pub fn merge_tensor(
         shape: &t.shape,
         params: &t.params,
         seed: plan.seed,
+        depth: t.layer.map(|l| match plan.out_layers {
+            Some(n) if n > 1 => l as f64 / (n - 1) as f64,
+            _ => 0.0,
+        }),
     };
     let r = methods::run(plan.method, backend, &cx, out);
     backend.end_job(&job);

@@ -224,6 +224,16 @@ impl Params {
             other => panic!("shared float parameter {name} not resolved: {other:?}"),
         }
     }
+    /// A shared float parameter that may be unset.
+    pub fn shared_opt(&self, name: &str) -> Option<f64> {
+        self.shared
+            .iter()
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, v)| match v {
+                Some(Value1::Float(x)) => Some(*x),
+                _ => None,
+            })
+    }
     pub fn shared_b(&self, name: &str) -> bool {
         match self.shared.iter().find(|(n, _)| *n == name) {
             Some((_, Some(Value1::Bool(x)))) => *x,
@@ -249,6 +259,10 @@ pub struct Ctx<'a> {
     /// `per_input[i]` belongs to `job.models[i]`.
     pub params: &'a Params,
     pub seed: u64,
+    /// Position of the tensor's output layer among all output layers, `layer / (L - 1)` in
+    /// [0, 1] (0 for a one-layer model); None for tensors outside the layers (embeddings,
+    /// final norm, heads). LiNeS scales by it.
+    pub depth: Option<f64>,
 }
 
 impl Ctx<'_> {
