@@ -153,3 +153,176 @@ fn lines_alpha_without_beta_is_refused() {
         .to_string();
     assert!(e.contains("lines_alpha") && e.contains("lines_beta"), "{e}");
 }
+
+// ---- TSV-M -------------------------------------------------------------------------------
+
+#[test]
+fn tsv_fixture() {
+    let r = ref_recipe("tsv", Some("base"), &["ft1", "ft2", "ft3"], "");
+    ref_case("tsvm", &r, REF_TOL);
+}
+
+#[test]
+fn tsv_fixture_per_task_alpha() {
+    let mut r = format!(
+        "merge_method: tsv\ndtype: float32\nbase_model: {}\nmodels:\n",
+        ref_model("base")
+    );
+    for (m, w) in [("ft1", "1.0"), ("ft2", "0.5"), ("ft3", "0.25")] {
+        r += &format!(
+            "  - model: {}\n    parameters:\n      weight: {w}\n",
+            ref_model(m)
+        );
+    }
+    ref_case("tsvm_alpha_list", &r, REF_TOL);
+}
+
+/// Writes `base` and one model per task vector (each `rows × cols`, tensor `w`).
+fn matrix_models(dir: &Path, base: &[f32], taus: &[Vec<f32>], shape: &[usize]) {
+    write_model(
+        &dir.join("base"),
+        0,
+        &[("w", &T::f32(shape, base.to_vec()))],
+    );
+    for (i, tau) in taus.iter().enumerate() {
+        let x: Vec<f32> = base.iter().zip(tau).map(|(b, d)| b + d).collect();
+        write_model(&dir.join(format!("m{i}")), 0, &[("w", &T::f32(shape, x))]);
+    }
+}
+
+fn tsv_recipe(n: usize, extra: &str) -> String {
+    let mut r = "merge_method: tsv\nbase_model: base\nmodels:\n".to_string();
+    for i in 0..n {
+        r += &format!("  - model: m{i}\n");
+    }
+    r + extra
+}
+
+#[test]
+fn tsv_orthogonal_low_rank_tasks_add_up_exactly() {
+    // 6×4, T = 2 → k = int(4·0.5) = 2. τ0 = 3·e0·f0ᵀ + 1·e1·f1ᵀ, τ1 = 2·e2·f2ᵀ + 0.5·e3·f3ᵀ: rank k with
+    // mutually orthogonal singular vectors, so the polar factors change nothing and TSV-M is
+    // exactly τ0 + τ1 (the interference it removes is zero), times alpha = 0.5.
+    let (rows, cols) = (6, 4);
+    let mut t0 = vec![0f32; rows * cols];
+    let mut t1 = vec![0f32; rows * cols];
+    t0[0] = 3.0; // (0, 0)
+    t0[cols + 1] = 1.0; // (1, 1)
+    t1[2 * cols + 2] = 2.0; // (2, 2)
+    t1[3 * cols + 3] = 0.5; // (3, 3)
+    let base: Vec<f32> = (0..rows * cols).map(|i| i as f32 * 0.5).collect();
+    let tmp = tempfile::tempdir().unwrap();
+    matrix_models(tmp.path(), &base, &[t0.clone(), t1.clone()], &[rows, cols]);
+    for (bname, backend) in backends() {
+        let got = merge_text(
+            tmp.path(),
+            &tsv_recipe(2, "parameters:\n  alpha: 0.5\n"),
+            backend.as_ref(),
+        );
+        let exp: Vec<f32> = (0..rows * cols)
+            .map(|i| base[i] + 0.5 * (t0[i] + t1[i]))
+            .collect();
+        assert_close(
+            &bname,
+            &got["w"].data,
+            &exp,
+            got["w"].dtype,
+            Tol::abs_rel(1e-6, 1e-6),
+        );
+    }
+}
+
+#[test]
+fn tsv_keeps_top_singular_directions_of_each_task() {
+    // One task, 5×3, k = 3: the whole task vector comes back. Two tasks of 5×3 (k = 1) with
+    // overlapping subspaces: the result has rank ≤ 2, and its singular values are exactly
+    // the two tasks' top singular values (polar factors are orthonormal).
+    let mut rng = Lcg(11);
+    let (rows, cols) = (5, 3);
+    let base: Vec<f32> = (0..rows * cols).map(|_| rng.sym()).collect();
+    let taus: Vec<Vec<f32>> = (0..2)
+        .map(|_| (0..rows * cols).map(|_| rng.sym()).collect())
+        .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    matrix_models(tmp.path(), &base, &taus, &[rows, cols]);
+    let one = tempfile::tempdir().unwrap();
+    matrix_models(one.path(), &base, &taus[..1], &[rows, cols]);
+    let top = |t: &[f32]| {
+        let m = smelt::linalg::Mat {
+            rows,
+            cols,
+            data: t.to_vec(),
+        };
+        smelt::linalg::svd(&m, None).unwrap().s[0]
+    };
+    for (bname, backend) in backends() {
+        let got = merge_text(one.path(), &tsv_recipe(1, ""), backend.as_ref());
+        let exp: Vec<f32> = base.iter().zip(&taus[0]).map(|(b, d)| b + d).collect();
+        assert_close(
+            &format!("{bname}: one task"),
+            &got["w"].data,
+            &exp,
+            got["w"].dtype,
+            Tol::abs_rel(1e-6, 1e-5),
+        );
+
+        let got = merge_text(tmp.path(), &tsv_recipe(2, ""), backend.as_ref());
+        let tau: Vec<f32> = got["w"]
+            .data
+            .iter()
+            .zip(&base)
+            .map(|(x, b)| x - b)
+            .collect();
+        let s = smelt::linalg::svd(
+            &smelt::linalg::Mat {
+                rows,
+                cols,
+                data: tau,
+            },
+            None,
+        )
+        .unwrap()
+        .s;
+        let mut want = [top(&taus[0]), top(&taus[1])];
+        want.sort_by(|a, b| b.total_cmp(a));
+        assert!(
+            (s[0] - want[0]).abs() < 1e-5 && (s[1] - want[1]).abs() < 1e-5,
+            "{bname}: {s:?} vs {want:?}"
+        );
+        assert!(s[2].abs() < 1e-5, "{bname}: rank > 2: {s:?}");
+    }
+}
+
+#[test]
+fn tsv_more_tasks_than_rank_leaves_the_matrix_alone() {
+    // 2×2 with 3 tasks: k = int(2/3) = 0, no update (fusion_bench's behaviour); the 1-D
+    // tensor is the mean of the task vectors.
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let mk = |name: &str, add: f32| {
+        let w = T::f32(&[2, 2], vec![1.0 + add, 2.0, 3.0, 4.0 - add]);
+        let n = T::f32(&[2], vec![add, 2.0 * add]);
+        write_model(&d.join(name), 0, &[("w", &w), ("n", &n)]);
+    };
+    mk("base", 0.0);
+    mk("m0", 1.0);
+    mk("m1", 2.0);
+    mk("m2", 6.0);
+    for (bname, backend) in backends() {
+        let got = merge_text(d, &tsv_recipe(3, ""), backend.as_ref());
+        assert_close(
+            &format!("{bname} w"),
+            &got["w"].data,
+            &[1.0, 2.0, 3.0, 4.0],
+            got["w"].dtype,
+            Tol::EXACT,
+        );
+        assert_close(
+            &format!("{bname} n"),
+            &got["n"].data,
+            &[3.0, 6.0],
+            got["n"].dtype,
+            Tol::ulps(1),
+        );
+    }
+}

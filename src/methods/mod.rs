@@ -1,6 +1,7 @@
 //! The merge methods: their parameters (names, scopes, defaults, help) and their math,
 //! written once against the [`Backend`] primitives.
 
+mod dense;
 mod gta;
 mod linear;
 mod model_stock;
@@ -8,6 +9,7 @@ mod nearswap;
 mod passthrough;
 mod sce;
 mod sphere;
+mod tsvm;
 
 pub use gta::della_table;
 
@@ -66,6 +68,7 @@ pub enum Algo {
     MultiSlerp,
     Karcher,
     NearSwap,
+    Tsv,
 }
 
 #[derive(Debug)]
@@ -136,6 +139,7 @@ fn registry() -> &'static [MethodInfo] {
         v.push(model_stock::method());
         v.extend(sphere::methods());
         v.push(nearswap::method());
+        v.push(tsvm::method());
         v
     })
 }
@@ -334,6 +338,7 @@ pub fn run(method: &MethodInfo, backend: &dyn Backend, cx: &Ctx, out: &mut [u8])
         Algo::MultiSlerp => sphere::multislerp(backend, cx, out),
         Algo::Karcher => sphere::karcher(backend, cx, out),
         Algo::NearSwap => nearswap::run(backend, cx, out),
+        Algo::Tsv => tsvm::run(backend, cx, out),
     }
 }
 
