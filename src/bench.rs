@@ -160,6 +160,8 @@ fn method_params(m: &methods::MethodInfo, k: usize) -> Params {
         "nearswap" => vec![("t", f(0.001))],
         "slerp" => vec![("t", f(0.3))],
         "sce" => vec![("select_topk", f(0.5))],
+        // the whole-model norms come from a plan; a bench job is one tensor
+        "fisher" => vec![("normalize_fisher_weight", Value1::Bool(false))],
         _ => vec![("weight", f(1.0 / k as f64)), ("density", f(0.5))],
     };
     Params::for_method(m, k, &set)
@@ -349,9 +351,12 @@ pub fn run(opts: &BenchOptions, backends: &[(Box<dyn Backend>, Device)]) -> Resu
                     (lo, Some(hi)) => count.clamp(lo, hi),
                     (lo, None) => count.max(lo),
                 };
+                // Fisher merging reads a Fisher tensor per model besides its weights
+                let per = methods::inputs_per_model(m);
+                let count = if per > 1 { (count / per).max(1) } else { count };
                 let params = method_params(m, count);
                 let t = time(opts.repeats, || {
-                    let j = job(with_base, count, DType::BF16)
+                    let j = job(with_base, count * per, DType::BF16)
                         .with_align(methods::job_align(m, &params, &shape));
                     let cx = Ctx {
                         job: &j,
@@ -359,12 +364,13 @@ pub fn run(opts: &BenchOptions, backends: &[(Box<dyn Backend>, Device)]) -> Resu
                         params: &params,
                         seed: 1,
                         depth: None,
+                        globals: &[],
                     };
                     let r = methods::run(m, b.as_ref(), &cx, &mut out);
                     b.end_job(&j);
                     r
                 })?;
-                let inputs = count as u64 + with_base as u64;
+                let inputs = (count * per) as u64 + with_base as u64;
                 push("method", m.name.to_string(), inputs * inb + outb, t);
             }
         }

@@ -161,6 +161,32 @@ fn check_inputs(plan: &Plan, t: &TensorTask) -> Result<()> {
     Ok(())
 }
 
+/// The whole-model sums the plan's method needs ([`methods::whole_model_dots`]), computed
+/// on the backend over every merged tensor the first time they are asked for (a pass that
+/// reads the inputs once more), then kept in the plan.
+pub fn whole_model_sums(plan: &Plan, backend: &dyn Backend) -> Result<Vec<f64>> {
+    let mut cached = plan.globals.lock().unwrap();
+    if let Some(v) = &*cached {
+        return Ok(v.clone());
+    }
+    let mut acc: Vec<f64> = Vec::new();
+    for t in plan.tasks.iter().filter(|t| !t.copy_only) {
+        let Some((vecs, pairs)) = methods::whole_model_dots(plan.method, t.params.per_input.len())
+        else {
+            break;
+        };
+        let (base, models) = inputs_of(plan, t);
+        let job = Job::new(&t.name, base, models, plan.load_dtype, t.out_dtype);
+        let d = backend.dots(&job, &vecs, &pairs, crate::backend::Segments::Whole);
+        backend.end_job(&job);
+        let d = d?;
+        acc.resize(d.len(), 0.0);
+        acc.iter_mut().zip(&d).for_each(|(a, x)| *a += x);
+    }
+    *cached = Some(acc.clone());
+    Ok(acc)
+}
+
 /// Merges one planned tensor into `out` (its output bytes).
 pub fn merge_tensor(
     plan: &Plan,
@@ -173,6 +199,7 @@ pub fn merge_tensor(
         out.copy_from_slice(models[0].bytes);
         return Ok(());
     }
+    let globals = whole_model_sums(plan, backend)?;
     let job = Job::new(&t.name, base, models, plan.load_dtype, t.out_dtype)
         .with_align(methods::job_align(plan.method, &t.params, &t.shape));
     let cx = Ctx {
@@ -184,6 +211,7 @@ pub fn merge_tensor(
             Some(n) if n > 1 => l as f64 / (n - 1) as f64,
             _ => 0.0,
         }),
+        globals: &globals,
     };
     let r = methods::run(plan.method, backend, &cx, out);
     backend.end_job(&job);

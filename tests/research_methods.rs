@@ -326,3 +326,176 @@ fn tsv_more_tasks_than_rank_leaves_the_matrix_alone() {
         );
     }
 }
+
+// ---- Fisher ------------------------------------------------------------------------------
+
+#[test]
+fn fisher_fixture() {
+    ref_case(
+        "fisher",
+        &ref_recipe("fisher", None, &["ft1", "ft2", "ft3"], ""),
+        REF_TOL,
+    );
+}
+
+/// Two one-tensor models with their Fisher files.
+fn fisher_models(dir: &Path, x: [&[f32]; 2], f: [&[f32]; 2]) {
+    for i in 0..2 {
+        let d = dir.join(format!("m{i}"));
+        write_model(&d, 0, &[("w", &T::f32(&[x[i].len()], x[i].to_vec()))]);
+        write_st(
+            &d.join("fisher.safetensors"),
+            &[("w", &T::f32(&[f[i].len()], f[i].to_vec()))],
+        );
+    }
+}
+
+#[test]
+fn fisher_hand_computed() {
+    // F0 = (1, 3, 0), F1 = (3, 1, 0), θ0 = (0, 0, 2), θ1 = (4, 8, 6), floor 1e-6 → the third
+    // element has equal weights (the floor) and averages.
+    // Unnormalised, c = (1/2, 1/2): (1·0 + 3·4)/4 = 3, (3·0 + 1·8)/4 = 2, 4.
+    // Normalised: g0 = g1 = ‖(1, 3, 0)‖ = √10, so c stays equal: the same numbers.
+    // Weights 3 and 1, unnormalised: (3·1·0 + 1·3·4)/(3 + 3) = 2, (3·3·0 + 8)/(9 + 1) = 0.8, 3.
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    fisher_models(
+        d,
+        [&[0.0, 0.0, 2.0], &[4.0, 8.0, 6.0]],
+        [&[1.0, 3.0, 0.0], &[3.0, 1.0, 0.0]],
+    );
+    let base = "merge_method: fisher\nmodels:\n  - model: m0\n  - model: m1\n";
+    let weighted = "merge_method: fisher\nmodels:\n  - model: m0\n    parameters:\n      weight: 3\n  - model: m1\n    parameters:\n      weight: 1\nparameters:\n  normalize_fisher_weight: false\n";
+    for (bname, backend) in backends() {
+        for (recipe, exp) in [
+            (base.to_string(), [3.0, 2.0, 4.0]),
+            (
+                format!("{base}parameters:\n  normalize_fisher_weight: false\n"),
+                [3.0, 2.0, 4.0],
+            ),
+            (weighted.to_string(), [2.0, 0.8, 3.0]),
+        ] {
+            let got = merge_text(d, &recipe, backend.as_ref());
+            assert_close(
+                &format!("{bname}: {recipe}"),
+                &got["w"].data,
+                &exp,
+                got["w"].dtype,
+                Tol::abs_rel(1e-6, 1e-6),
+            );
+        }
+    }
+}
+
+#[test]
+fn fisher_normalisation_uses_whole_model_norms() {
+    // Model 1's Fisher is 10× model 0's everywhere: normalised, both get the same effective
+    // weight (c_i ∝ 1/g_i cancels the factor), so the result is the plain mean; unnormalised
+    // it leans 10:1 toward model 1.
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    fisher_models(d, [&[0.0, 1.0], &[11.0, 12.0]], [&[0.5, 2.0], &[5.0, 20.0]]);
+    for (bname, backend) in backends() {
+        let got = merge_text(
+            d,
+            "merge_method: fisher\nmodels:\n  - model: m0\n  - model: m1\n",
+            backend.as_ref(),
+        );
+        assert_close(
+            &format!("{bname} normalised"),
+            &got["w"].data,
+            &[5.5, 6.5],
+            got["w"].dtype,
+            Tol::abs_rel(1e-5, 1e-5),
+        );
+        let got = merge_text(
+            d,
+            "merge_method: fisher\nmodels:\n  - model: m0\n  - model: m1\nparameters:\n  normalize_fisher_weight: false\n",
+            backend.as_ref(),
+        );
+        assert_close(
+            &format!("{bname} raw"),
+            &got["w"].data,
+            &[10.0, 11.0],
+            got["w"].dtype,
+            Tol::abs_rel(1e-5, 1e-5),
+        );
+    }
+}
+
+#[test]
+fn fisher_primitive_cpu_gpu_parity() {
+    use smelt::backend::{Input, Job};
+    use smelt::dtype::DType;
+    let n = 65_537;
+    let mut rng = Lcg(5);
+    let xs: Vec<Vec<u8>> = (0..3)
+        .map(|_| encode(DType::BF16, &(0..n).map(|_| rng.sym()).collect::<Vec<_>>()))
+        .collect();
+    let fs: Vec<Vec<u8>> = (0..3)
+        .map(|_| {
+            encode(
+                DType::F32,
+                &(0..n).map(|_| rng.sym().abs() * 1e-3).collect::<Vec<_>>(),
+            )
+        })
+        .collect();
+    let mut inputs: Vec<Input> = xs
+        .iter()
+        .map(|b| Input {
+            bytes: b,
+            dtype: DType::BF16,
+        })
+        .collect();
+    inputs.extend(fs.iter().map(|b| Input {
+        bytes: b,
+        dtype: DType::F32,
+    }));
+    let coefs = [0.2f32, 0.5, 0.3];
+    let mut outs = Vec::new();
+    for (bname, backend) in backends() {
+        let job = Job::new("p.w", None, inputs.clone(), DType::F32, DType::F32);
+        let mut out = vec![0u8; n * 4];
+        backend.fisher(&job, &coefs, 1e-6, &mut out).unwrap();
+        backend.end_job(&job);
+        let mut v = vec![0f32; n];
+        smelt::dtype::decode(DType::F32, &out, &mut v);
+        outs.push((bname, v));
+    }
+    for (bname, v) in &outs[1..] {
+        assert_close(
+            &format!("{bname} vs cpu"),
+            v,
+            &outs[0].1,
+            DType::F32,
+            Tol::ulps(4),
+        );
+    }
+}
+
+#[test]
+fn fisher_missing_or_misshapen_file_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    fisher_models(
+        d,
+        [&[0.0, 1.0], &[1.0, 2.0]],
+        [&[1.0, 1.0], &[1.0, 1.0, 1.0]],
+    );
+    let plan_err = |text: &str| {
+        std::fs::write(d.join("r.yml"), text).unwrap();
+        let r = smelt::recipe::Recipe::load(&d.join("r.yml")).unwrap();
+        smelt::plan::Plan::build(r, None)
+            .err()
+            .expect("refused")
+            .to_string()
+    };
+    let e = plan_err("merge_method: fisher\nmodels:\n  - model: m0\n  - model: m1\n");
+    assert!(
+        e.contains("m1") && e.contains("[3]") && e.contains("[2]") && e.contains('w'),
+        "{e}"
+    );
+    std::fs::remove_file(d.join("m0/fisher.safetensors")).unwrap();
+    let e = plan_err("merge_method: fisher\nmodels:\n  - model: m0\n  - model: m1\n");
+    assert!(e.contains("m0") && e.contains("fisher.safetensors"), "{e}");
+}

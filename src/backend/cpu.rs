@@ -853,6 +853,36 @@ impl Backend for Cpu {
         crate::linalg::svd(a, rank)
     }
 
+    fn fisher(&self, job: &Job, coefs: &[f32], floor: f32, out: &mut [u8]) -> Result<()> {
+        let m = coefs.len();
+        assert_eq!(job.models.len(), 2 * m, "fisher: a Fisher input per model");
+        let osz = job.out_dtype.size();
+        out.par_chunks_mut(CHUNK * osz).enumerate().for_each_init(
+            || Scratch::new(2),
+            |s, (c, oc)| {
+                let start = c * CHUNK;
+                let len = oc.len() / osz;
+                let (num, den) = (&mut s.acc[..len], &mut s.acc2[..len]);
+                num.fill(0.0);
+                den.fill(0.0);
+                for (i, &ci) in coefs.iter().enumerate() {
+                    let (x, f) = s.x.split_at_mut(1);
+                    let (x, f) = (&mut x[0][..len], &mut f[0][..len]);
+                    load(&job.models[i], start, job.load_dtype, x);
+                    load(&job.models[m + i], start, job.load_dtype, f);
+                    for e in 0..len {
+                        let w = ci * (f[e] + floor);
+                        num[e] += w * x[e];
+                        den[e] += w;
+                    }
+                }
+                num.iter_mut().zip(den.iter()).for_each(|(n, d)| *n /= *d);
+                dtype::encode(job.out_dtype, num, oc);
+            },
+        );
+        Ok(())
+    }
+
     fn nearswap(&self, job: &Job, t: f32, out: &mut [u8]) -> Result<()> {
         let osz = job.out_dtype.size();
         out.par_chunks_mut(CHUNK * osz).enumerate().for_each_init(

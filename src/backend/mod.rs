@@ -413,6 +413,11 @@ pub trait Backend: Send + Sync {
     /// x = models[0], b = base.
     fn nearswap(&self, job: &Job, t: f32, out: &mut [u8]) -> Result<()>;
 
+    /// Fisher-weighted average. With M = `coefs.len()`, models[0..M] are the weights θ_i and
+    /// models[M..2M] their diagonal Fisher F_i; per element, in model order from zero:
+    /// `w_i = coefs[i] · (F_i + floor)`, `out = (Σ w_i·θ_i) / (Σ w_i)`.
+    fn fisher(&self, job: &Job, coefs: &[f32], floor: f32, out: &mut [u8]) -> Result<()>;
+
     /// `op(a) · op(b)`, op transposing when asked.
     fn matmul(&self, a: &Mat, b: &Mat, ta: bool, tb: bool) -> Result<Mat>;
 

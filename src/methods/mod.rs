@@ -2,6 +2,7 @@
 //! written once against the [`Backend`] primitives.
 
 mod dense;
+mod fisher;
 mod gta;
 mod linear;
 mod model_stock;
@@ -11,6 +12,7 @@ mod sce;
 mod sphere;
 mod tsvm;
 
+pub use fisher::FISHER_FILE;
 pub use gta::della_table;
 
 use crate::backend::{Backend, Job};
@@ -69,6 +71,7 @@ pub enum Algo {
     Karcher,
     NearSwap,
     Tsv,
+    Fisher,
 }
 
 #[derive(Debug)]
@@ -140,6 +143,7 @@ fn registry() -> &'static [MethodInfo] {
         v.extend(sphere::methods());
         v.push(nearswap::method());
         v.push(tsvm::method());
+        v.push(fisher::method());
         v
     })
 }
@@ -267,6 +271,9 @@ pub struct Ctx<'a> {
     /// [0, 1] (0 for a one-layer model); None for tensors outside the layers (embeddings,
     /// final norm, heads). LiNeS scales by it.
     pub depth: Option<f64>,
+    /// The whole-model sums the method asked for ([`whole_model_dots`]), added over every
+    /// merged tensor; empty for methods that need none.
+    pub globals: &'a [f64],
 }
 
 impl Ctx<'_> {
@@ -311,7 +318,30 @@ pub fn check(method: &MethodInfo, params: &Params, tensor: &str) -> Result<()> {
         Algo::Linear => linear::check(params).or_else(err),
         Algo::Gta(v) => gta::check(v, params).or_else(err),
         Algo::Karcher => sphere::check_karcher(params).or_else(err),
+        Algo::Fisher => fisher::check(params).or_else(err),
         _ => Ok(()),
+    }
+}
+
+/// Inputs a tensor of the method reads per merged model: Fisher merging reads the model's
+/// weights and its Fisher.
+pub fn inputs_per_model(method: &MethodInfo) -> usize {
+    match method.algo {
+        Algo::Fisher => 2,
+        _ => 1,
+    }
+}
+
+/// Vectors and the pairs of them whose dot products are wanted.
+pub type WholeModelDots = (Vec<crate::backend::Vector>, Vec<(usize, usize)>);
+
+/// Dot products a method needs summed over the whole model before any tensor is merged
+/// (vectors and pairs as [`Backend::dots`] takes them, segments whole), for a tensor with
+/// `models` merged inputs; None for the per-tensor methods.
+pub fn whole_model_dots(method: &MethodInfo, models: usize) -> Option<WholeModelDots> {
+    match method.algo {
+        Algo::Fisher => Some(fisher::whole_model_dots(models)),
+        _ => None,
     }
 }
 
@@ -339,6 +369,7 @@ pub fn run(method: &MethodInfo, backend: &dyn Backend, cx: &Ctx, out: &mut [u8])
         Algo::Karcher => sphere::karcher(backend, cx, out),
         Algo::NearSwap => nearswap::run(backend, cx, out),
         Algo::Tsv => tsvm::run(backend, cx, out),
+        Algo::Fisher => fisher::run(backend, cx, out),
     }
 }
 

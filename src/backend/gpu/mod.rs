@@ -1356,6 +1356,38 @@ impl Backend for Gpu {
         )
     }
 
+    fn fisher(&self, job: &Job, coefs: &[f32], floor: f32, out: &mut [u8]) -> Result<()> {
+        assert_eq!(
+            job.models.len(),
+            2 * coefs.len(),
+            "fisher: a Fisher input per model"
+        );
+        if job.numel == 0 {
+            return Ok(());
+        }
+        let (header, models) = {
+            let mut guard = self.state(job)?;
+            let st = guard.as_mut().unwrap();
+            let mut h = self.header(job, st, 0);
+            h.n_items = coefs.len() as u32;
+            h.t = floor;
+            let mut models = self.models_meta(job, st);
+            for (m, &c) in models.iter_mut().zip(coefs) {
+                m.weight = c;
+            }
+            (h, models)
+        };
+        self.apply(
+            job,
+            (Shader::Gta, "fisher"),
+            header,
+            models,
+            None,
+            None,
+            out,
+        )
+    }
+
     fn nearswap(&self, job: &Job, t: f32, out: &mut [u8]) -> Result<()> {
         if job.numel == 0 {
             return Ok(());
