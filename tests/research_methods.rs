@@ -499,3 +499,143 @@ fn fisher_missing_or_misshapen_file_is_named() {
     let e = plan_err("merge_method: fisher\nmodels:\n  - model: m0\n  - model: m1\n");
     assert!(e.contains("m0") && e.contains("fisher.safetensors"), "{e}");
 }
+
+// ---- WIDEN -------------------------------------------------------------------------------
+
+#[test]
+fn widen_fixture_defaults() {
+    let r = ref_recipe("widen", Some("base"), &["pt1", "ft1", "ft2"], "");
+    ref_case("widen", &r, REF_TOL);
+}
+
+#[test]
+fn widen_fixture_t15_s05() {
+    let r = ref_recipe(
+        "widen",
+        Some("base"),
+        &["pt1", "ft1", "ft2"],
+        "parameters:\n  above_average_value_ratio: 1.5\n  score_calibration_value: 0.5\n",
+    );
+    ref_case("widen_t1.5_s0.5", &r, REF_TOL);
+}
+
+fn three_models(dir: &Path, name: &str, shape: &[usize], base: &[f32], a: &[f32], b: &[f32]) {
+    for (m, v) in [("base", base), ("a", a), ("b", b)] {
+        write_model(&dir.join(m), 0, &[(name, &T::f32(shape, v.to_vec()))]);
+    }
+}
+
+const WIDEN_AB: &str =
+    "merge_method: widen\nbase_model: base\nmodels:\n  - model: a\n  - model: b\n";
+
+#[test]
+fn widen_hand_computed_columns_and_tokens() {
+    // W0 = I (columns are input units). a = [[3, 0], [0, 1.25]]: column 0 grows by 2 (dM 2,
+    // dD 0), column 1 by 0.25 (dM 0.25, dD 0): ranks dM (0.5, 0), dD (0, 0.5) (tie: stable).
+    // b = [[1, 0], [1, 1]]: column 0 turns by 45° (dM √2−1, dD 1−1/√2), column 1 unchanged:
+    // ranks dM (0.5, 0), dD (0.5, 0). Threshold t·mean = 0.25: rank 0.5 is calibrated to s=1.
+    // score(dM): col 0 (1, 1), col 1 softmax(0, 0) = (½, ½).
+    // score(dD): col 0 a = softmax(0, 0.5)_a = q = 1/(1 + e^0.5), b = 1; col 1 a = 1, b = q.
+    // weights: col 0 a = ½(1 + q), b = 1; col 1 a = ¾, b = ½(½ + q).
+    // δa = [[2, 0], [0, 0.25]], δb = [[0, 0], [1, 0]]:
+    // W = [[1 + (1 + q), 0], [1, 1 + ¾·0.25]].
+    let q = (1.0 / (1.0 + 0.5f64.exp())) as f32;
+    let exp = [2.0 + q, 0.0, 1.0, 1.1875];
+    let (base, a, b) = (
+        [1.0, 0.0, 0.0, 1.0],
+        [3.0, 0.0, 0.0, 1.25],
+        [1.0, 0.0, 1.0, 1.0],
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    three_models(tmp.path(), "w", &[2, 2], &base, &a, &b);
+    // the same numbers as an input embedding are stored transposed (tokens are rows)
+    let tr = |m: &[f32; 4]| [m[0], m[2], m[1], m[3]];
+    let emb = tempfile::tempdir().unwrap();
+    three_models(
+        emb.path(),
+        "model.embed_tokens.weight",
+        &[2, 2],
+        &tr(&base),
+        &tr(&a),
+        &tr(&b),
+    );
+    for (bname, backend) in backends() {
+        let got = merge_text(tmp.path(), WIDEN_AB, backend.as_ref());
+        assert_close(
+            &format!("{bname}: linear"),
+            &got["w"].data,
+            &exp,
+            got["w"].dtype,
+            Tol::abs_rel(1e-6, 1e-6),
+        );
+        let got = merge_text(emb.path(), WIDEN_AB, backend.as_ref());
+        let e = &got["model.embed_tokens.weight"];
+        assert_close(
+            &format!("{bname}: embedding"),
+            &e.data,
+            &tr(&exp),
+            e.dtype,
+            Tol::abs_rel(1e-6, 1e-6),
+        );
+    }
+}
+
+#[test]
+fn widen_hand_computed_1d() {
+    // δa = (1, 1), δb = (0.5, 3); G = |δ|, means 1 and 1.75 (t = 1): only b's second element
+    // is above its mean (→ s = 0.5). Element 0: softmax(1, 0.5); element 1: a gets
+    // softmax(1, 3)_a = 1/(1 + e²), b gets s.
+    let p = 1.0 / (1.0 + (-0.5f64).exp());
+    let e0 = p * 1.0 + (1.0 - p) * 0.5;
+    let e1 = 1.0 / (1.0 + 2f64.exp()) + 0.5 * 3.0;
+    let tmp = tempfile::tempdir().unwrap();
+    three_models(tmp.path(), "n", &[2], &[1.0, 2.0], &[2.0, 3.0], &[1.5, 5.0]);
+    let recipe = format!("{WIDEN_AB}parameters:\n  score_calibration_value: 0.5\n");
+    for (bname, backend) in backends() {
+        let got = merge_text(tmp.path(), &recipe, backend.as_ref());
+        let exp = [(1.0 + e0) as f32, (2.0 + e1) as f32];
+        assert_close(
+            &bname,
+            &got["n"].data,
+            &exp,
+            got["n"].dtype,
+            Tol::abs_rel(1e-6, 1e-6),
+        );
+    }
+}
+
+#[test]
+fn widen_uncalibrated_weights_of_a_column_sum_to_one() {
+    // With t so large that nothing is calibrated, each column's weights are two softmaxes
+    // averaged: they sum to 1. With δb = 3·δa the merged column is base + r_c·δa with
+    // r_c = w_a + 3·w_b ∈ (1, 3), the same r_c for every row of the column.
+    let (rows, cols) = (5, 7);
+    let mut rng = Lcg(3);
+    let base: Vec<f32> = (0..rows * cols).map(|_| rng.sym()).collect();
+    let da: Vec<f32> = (0..rows * cols).map(|_| 0.25 * rng.sym()).collect();
+    let a: Vec<f32> = base.iter().zip(&da).map(|(b, d)| b + d).collect();
+    let b: Vec<f32> = base.iter().zip(&da).map(|(b, d)| b + 3.0 * d).collect();
+    let tmp = tempfile::tempdir().unwrap();
+    three_models(tmp.path(), "w", &[rows, cols], &base, &a, &b);
+    let recipe = format!("{WIDEN_AB}parameters:\n  above_average_value_ratio: 1000\n");
+    for (bname, backend) in backends() {
+        let got = merge_text(tmp.path(), &recipe, backend.as_ref());
+        for c in 0..cols {
+            let r: Vec<f64> = (0..rows)
+                .map(|i| {
+                    let e = i * cols + c;
+                    // from the f32 output: (merged − base)/δa
+                    ((got["w"].data[e] as f64) - base[e] as f64) / (a[e] as f64 - base[e] as f64)
+                })
+                .collect();
+            assert!(
+                r.iter().all(|x| *x > 1.0 - 1e-4 && *x < 3.0 + 1e-4),
+                "{bname} col {c}: {r:?}"
+            );
+            assert!(
+                r.iter().all(|x| (x - r[0]).abs() < 1e-3),
+                "{bname} col {c}: {r:?}"
+            );
+        }
+    }
+}

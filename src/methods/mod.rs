@@ -11,6 +11,7 @@ mod passthrough;
 mod sce;
 mod sphere;
 mod tsvm;
+mod widen;
 
 pub use fisher::FISHER_FILE;
 pub use gta::della_table;
@@ -72,6 +73,7 @@ pub enum Algo {
     NearSwap,
     Tsv,
     Fisher,
+    Widen,
 }
 
 #[derive(Debug)]
@@ -144,6 +146,7 @@ fn registry() -> &'static [MethodInfo] {
         v.push(nearswap::method());
         v.push(tsvm::method());
         v.push(fisher::method());
+        v.push(widen::method());
         v
     })
 }
@@ -351,6 +354,7 @@ pub fn job_align(method: &MethodInfo, params: &Params, shape: &[usize]) -> usize
         Algo::Gta(v) => gta::align(v, params, shape),
         Algo::ModelStock => model_stock::segments(params, shape).align(),
         Algo::NuSlerp => sphere::nuslerp_segments(params, shape).align(),
+        Algo::Widen => widen::align(shape),
         _ => 1,
     }
 }
@@ -370,6 +374,7 @@ pub fn run(method: &MethodInfo, backend: &dyn Backend, cx: &Ctx, out: &mut [u8])
         Algo::NearSwap => nearswap::run(backend, cx, out),
         Algo::Tsv => tsvm::run(backend, cx, out),
         Algo::Fisher => fisher::run(backend, cx, out),
+        Algo::Widen => widen::run(backend, cx, out),
     }
 }
 
