@@ -160,8 +160,6 @@ fn method_params(m: &methods::MethodInfo, k: usize) -> Params {
         "nearswap" => vec![("t", f(0.001))],
         "slerp" => vec![("t", f(0.3))],
         "sce" => vec![("select_topk", f(0.5))],
-        // the whole-model norms come from a plan; a bench job is one tensor
-        "fisher" => vec![("normalize_fisher_weight", Value1::Bool(false))],
         _ => vec![("weight", f(1.0 / k as f64)), ("density", f(0.5))],
     };
     Params::for_method(m, k, &set)
@@ -355,6 +353,14 @@ pub fn run(opts: &BenchOptions, backends: &[(Box<dyn Backend>, Device)]) -> Resu
                 let per = methods::inputs_per_model(m);
                 let count = if per > 1 { (count / per).max(1) } else { count };
                 let params = method_params(m, count);
+                // whole-model statistics (Fisher norms, PCB's order statistics) of this
+                // one-tensor model, outside the timing
+                let globals = methods::whole_model(m, b.as_ref(), &|f| {
+                    let j = job(with_base, count * per, DType::F32);
+                    let r = f(&j, &params, &shape);
+                    b.end_job(&j);
+                    r
+                })?;
                 let t = time(opts.repeats, || {
                     let j = job(with_base, count * per, DType::BF16)
                         .with_align(methods::job_align(m, &params, &shape));
@@ -364,7 +370,7 @@ pub fn run(opts: &BenchOptions, backends: &[(Box<dyn Backend>, Device)]) -> Resu
                         params: &params,
                         seed: 1,
                         depth: None,
-                        globals: &[],
+                        globals: &globals,
                     };
                     let r = methods::run(m, b.as_ref(), &cx, &mut out);
                     b.end_job(&j);

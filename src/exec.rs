@@ -161,30 +161,27 @@ fn check_inputs(plan: &Plan, t: &TensorTask) -> Result<()> {
     Ok(())
 }
 
-/// The whole-model sums the plan's method needs ([`methods::whole_model_dots`]), computed
-/// on the backend over every merged tensor the first time they are asked for (a pass that
-/// reads the inputs once more), then kept in the plan.
+/// The whole-model statistics the plan's method needs ([`methods::whole_model`]),
+/// computed on the backend the first time they are asked for (passes that read the inputs
+/// again), then kept in the plan.
 pub fn whole_model_sums(plan: &Plan, backend: &dyn Backend) -> Result<Vec<f64>> {
     let mut cached = plan.globals.lock().unwrap();
     if let Some(v) = &*cached {
         return Ok(v.clone());
     }
-    let mut acc: Vec<f64> = Vec::new();
-    for t in plan.tasks.iter().filter(|t| !t.copy_only) {
-        let Some((vecs, pairs)) = methods::whole_model_dots(plan.method, t.params.per_input.len())
-        else {
-            break;
-        };
-        let (base, models) = inputs_of(plan, t);
-        let job = Job::new(&t.name, base, models, plan.load_dtype, t.out_dtype);
-        let d = backend.dots(&job, &vecs, &pairs, crate::backend::Segments::Whole);
-        backend.end_job(&job);
-        let d = d?;
-        acc.resize(d.len(), 0.0);
-        acc.iter_mut().zip(&d).for_each(|(a, x)| *a += x);
-    }
-    *cached = Some(acc.clone());
-    Ok(acc)
+    let each = |f: &mut methods::JobVisitor| -> Result<()> {
+        for t in plan.tasks.iter().filter(|t| !t.copy_only) {
+            let (base, models) = inputs_of(plan, t);
+            let job = Job::new(&t.name, base, models, plan.load_dtype, DType::F32);
+            let r = f(&job, &t.params, &t.shape);
+            backend.end_job(&job);
+            r?;
+        }
+        Ok(())
+    };
+    let v = methods::whole_model(plan.method, backend, &each)?;
+    *cached = Some(v.clone());
+    Ok(v)
 }
 
 /// Merges one planned tensor into `out` (its output bytes).

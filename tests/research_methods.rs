@@ -639,3 +639,198 @@ fn widen_uncalibrated_weights_of_a_column_sum_to_one() {
         }
     }
 }
+
+// ---- PCB ---------------------------------------------------------------------------------
+
+#[test]
+fn pcb_fixture() {
+    let r = ref_recipe("pcb", Some("base"), &["ft1", "ft2", "ft3"], "");
+    ref_case("pcb", &r, REF_TOL);
+}
+
+#[test]
+fn pcb_fixture_ratio_005() {
+    let r = ref_recipe(
+        "pcb",
+        Some("base"),
+        &["ft1", "ft2", "ft3"],
+        "parameters:\n  pcb_ratio: 0.05\n",
+    );
+    ref_case("pcb_r0.05", &r, REF_TOL);
+}
+
+/// PCB_merge written out in f64 over the flattened model (rows = tasks), with sorts for the
+/// order statistics: the fixture README's semantics.
+fn pcb_f64(taus: &[Vec<f64>], r: f64) -> Vec<f64> {
+    let (n, d) = (taus.len(), taus[0].len());
+    let sorted = |v: &[f64]| {
+        let mut s = v.to_vec();
+        s.sort_by(|a, b| a.total_cmp(b));
+        s
+    };
+    let sum: Vec<f64> = (0..d).map(|e| taus.iter().map(|t| t[e]).sum()).collect();
+    let (mut num, mut den) = (vec![0.0; d], vec![0.0; d]);
+    for t in taus {
+        let mag: Vec<f64> = t.iter().map(|x| x.abs()).collect();
+        let s = sorted(&mag);
+        let (lo, hi) = (
+            s[(d as f64 * 1e-4) as usize],
+            s[(d as f64 * (1.0 - 1e-4) - 1.0) as usize],
+        );
+        let a: Vec<f64> = mag.iter().map(|x| x.clamp(lo, hi)).collect();
+        let beta: Vec<f64> = (0..d)
+            .map(|e| (n as f64 * ((a[e] - lo) / (hi - lo)).powi(2)).exp() * (t[e] * sum[e]).tanh())
+            .collect();
+        let sb = sorted(&beta);
+        let (q, bmax) = (sb[(d as f64 * (1.0 - r)) as usize], sb[d - 1]);
+        for e in 0..d {
+            let sc = (beta[e].clamp(q, bmax) - q) / (bmax - q);
+            num[e] += t[e].signum() * a[e] * sc;
+            den[e] += sc;
+        }
+    }
+    (0..d).map(|e| num[e] / den[e].max(1e-12)).collect()
+}
+
+#[test]
+fn pcb_small_model_against_f64_formulas() {
+    // Two tensors (d = 3 + 4 = 7), three models: the order statistics are over both tensors.
+    // d = 7: lo = smallest |τ|, hi = 2nd largest, q at ascending position int(7·0.5) = 3.
+    let mut rng = Lcg(21);
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let base: Vec<f32> = (0..7).map(|_| rng.sym()).collect();
+    let taus: Vec<Vec<f32>> = (0..3)
+        .map(|_| (0..7).map(|_| 0.5 * rng.sym()).collect())
+        .collect();
+    let save = |name: &str, v: &[f32]| {
+        let a = T::f32(&[3], v[..3].to_vec());
+        let b = T::f32(&[2, 2], v[3..].to_vec());
+        write_model(&d.join(name), 0, &[("a", &a), ("b", &b)]);
+    };
+    save("base", &base);
+    let mut recipe =
+        "merge_method: pcb\nbase_model: base\nparameters:\n  pcb_ratio: 0.5\nmodels:\n".to_string();
+    let mut t64 = Vec::new();
+    for (i, t) in taus.iter().enumerate() {
+        let x: Vec<f32> = base.iter().zip(t).map(|(b, d)| b + d).collect();
+        t64.push(
+            x.iter()
+                .zip(&base)
+                .map(|(x, b)| (x - b) as f64)
+                .collect::<Vec<f64>>(),
+        );
+        save(&format!("m{i}"), &x);
+        recipe += &format!("  - model: m{i}\n");
+    }
+    let merged = pcb_f64(&t64, 0.5);
+    let exp: Vec<f32> = (0..7)
+        .map(|e| (base[e] as f64 + merged[e]) as f32)
+        .collect();
+    for (bname, backend) in backends() {
+        let got = merge_text(d, &recipe, backend.as_ref());
+        let mut all = got["a"].data.clone();
+        all.extend_from_slice(&got["b"].data);
+        assert_close(&bname, &all, &exp, got["a"].dtype, Tol::abs_rel(1e-6, 1e-5));
+    }
+}
+
+#[test]
+fn pcb_ratio_must_be_a_fraction_and_whole_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    layered(&d.join("base"), 2, |_, i| i as f32);
+    layered(&d.join("a"), 2, |_, i| i as f32 * 1.5 + 1.0);
+    let plan_err = |params: &str| {
+        std::fs::write(
+            d.join("r.yml"),
+            format!(
+                "merge_method: pcb\nbase_model: base\nmodels:\n  - model: a\nparameters:\n{params}"
+            ),
+        )
+        .unwrap();
+        let r = smelt::recipe::Recipe::load(&d.join("r.yml")).unwrap();
+        match smelt::plan::Plan::build(r, None) {
+            Err(e) => e.to_string(),
+            Ok(plan) => {
+                let backend = smelt::backend::cpu::Cpu::new();
+                match smelt::exec::whole_model_sums(&plan, &backend) {
+                    Err(e) => e.to_string(),
+                    Ok(_) => panic!("accepted"),
+                }
+            }
+        }
+    };
+    let e = plan_err("  pcb_ratio: 1.5\n");
+    assert!(e.contains("pcb_ratio") && e.contains("1.5"), "{e}");
+    let e = plan_err("  pcb_ratio:\n    - filter: norm\n      value: 0.3\n    - value: 0.1\n");
+    assert!(e.contains("pcb_ratio") && e.contains("whole model"), "{e}");
+}
+
+#[test]
+fn pcb_primitive_cpu_gpu_parity() {
+    use smelt::backend::{Input, Job, PcbSpec};
+    use smelt::dtype::DType;
+    let n = 65_537;
+    let mut rng = Lcg(8);
+    let base = encode(DType::BF16, &(0..n).map(|_| rng.sym()).collect::<Vec<_>>());
+    let xs: Vec<Vec<u8>> = (0..3)
+        .map(|_| encode(DType::BF16, &(0..n).map(|_| rng.sym()).collect::<Vec<_>>()))
+        .collect();
+    let inputs: Vec<Input> = xs
+        .iter()
+        .map(|b| Input {
+            bytes: b,
+            dtype: DType::BF16,
+        })
+        .collect();
+    let spec = PcbSpec {
+        lo: vec![0.01, 0.02, 0.0],
+        hi: vec![1.5, 1.2, 1.9],
+        q: vec![-0.5, 0.1, 0.3],
+        bmax: vec![3.0, 9.0, 20.0],
+        weights: vec![1.0, 0.5, 2.0],
+    };
+    let mut outs = Vec::new();
+    for (bname, backend) in backends() {
+        let mut got = Vec::new();
+        for beta_of in [None, Some(0), Some(2)] {
+            let job = Job::new(
+                "p.w",
+                Some(Input {
+                    bytes: &base,
+                    dtype: DType::BF16,
+                }),
+                inputs.clone(),
+                DType::F32,
+                DType::F32,
+            );
+            let mut out = vec![0u8; n * 4];
+            backend.pcb(&job, &spec, beta_of, &mut out).unwrap();
+            backend.end_job(&job);
+            let mut v = vec![0f32; n];
+            smelt::dtype::decode(DType::F32, &out, &mut v);
+            got.push(v);
+        }
+        outs.push((bname, got));
+    }
+    // β (outputs 1, 2) within a few ulp of exp; the merge (output 0) divides by sums of
+    // S = (β − q)/(bmax − q), whose cancellation near the cut amplifies those ulps (measured
+    // on lavapipe: max 9.3e-6 absolute on values ~0.1), hence the looser bound there.
+    for (bname, got) in &outs[1..] {
+        for (k, v) in got.iter().enumerate() {
+            let tol = if k == 0 {
+                Tol::abs_rel(2e-5, 1e-4)
+            } else {
+                Tol::abs_rel(1e-6, 1e-5)
+            };
+            assert_close(
+                &format!("{bname} vs cpu, output {k}"),
+                v,
+                &outs[0].1[k],
+                DType::F32,
+                tol,
+            );
+        }
+    }
+}

@@ -9,7 +9,7 @@
 //! θ = Σ c_i (F_i + floor) θ_i / Σ c_i (F_i + floor). Raw weights: no base model.
 
 use super::{Algo, BasePolicy, Ctx, Default, MethodInfo, ParamSpec, Params, Scope};
-use crate::backend::{Backend, Vector};
+use crate::backend::{Backend, Segments, Vector};
 use crate::error::Result;
 use crate::recipe::Kind;
 
@@ -51,12 +51,19 @@ pub fn method() -> MethodInfo {
     }
 }
 
-/// The sums the method needs over the whole model: Σ_p ‖F_i[p]‖² per model i.
-pub fn whole_model_dots(models: usize) -> super::WholeModelDots {
-    (
-        (0..models).map(|i| Vector::Model(models + i)).collect(),
-        (0..models).map(|i| (i, i)).collect(),
-    )
+/// Σ_p ‖F_i[p]‖² per model i, over every merged tensor.
+pub fn globals(b: &dyn Backend, each: &super::EachJob) -> Result<Vec<f64>> {
+    let mut acc: Vec<f64> = Vec::new();
+    each(&mut |job, params, _| {
+        let m = params.per_input.len();
+        let vecs: Vec<Vector> = (0..m).map(|i| Vector::Model(m + i)).collect();
+        let pairs: Vec<(usize, usize)> = (0..m).map(|i| (i, i)).collect();
+        let d = b.dots(job, &vecs, &pairs, Segments::Whole)?;
+        acc.resize(d.len(), 0.0);
+        acc.iter_mut().zip(&d).for_each(|(a, x)| *a += x);
+        Ok(())
+    })?;
+    Ok(acc)
 }
 
 fn coefficients(params: &Params) -> Vec<f64> {

@@ -8,6 +8,7 @@ mod linear;
 mod model_stock;
 mod nearswap;
 mod passthrough;
+mod pcb;
 mod sce;
 mod sphere;
 mod tsvm;
@@ -74,6 +75,7 @@ pub enum Algo {
     Tsv,
     Fisher,
     Widen,
+    Pcb,
 }
 
 #[derive(Debug)]
@@ -147,6 +149,7 @@ fn registry() -> &'static [MethodInfo] {
         v.push(tsvm::method());
         v.push(fisher::method());
         v.push(widen::method());
+        v.push(pcb::method());
         v
     })
 }
@@ -274,8 +277,8 @@ pub struct Ctx<'a> {
     /// [0, 1] (0 for a one-layer model); None for tensors outside the layers (embeddings,
     /// final norm, heads). LiNeS scales by it.
     pub depth: Option<f64>,
-    /// The whole-model sums the method asked for ([`whole_model_dots`]), added over every
-    /// merged tensor; empty for methods that need none.
+    /// The whole-model statistics of the method ([`whole_model`]); empty for methods that
+    /// need none.
     pub globals: &'a [f64],
 }
 
@@ -322,6 +325,7 @@ pub fn check(method: &MethodInfo, params: &Params, tensor: &str) -> Result<()> {
         Algo::Gta(v) => gta::check(v, params).or_else(err),
         Algo::Karcher => sphere::check_karcher(params).or_else(err),
         Algo::Fisher => fisher::check(params).or_else(err),
+        Algo::Pcb => pcb::check(params).or_else(err),
         _ => Ok(()),
     }
 }
@@ -335,16 +339,21 @@ pub fn inputs_per_model(method: &MethodInfo) -> usize {
     }
 }
 
-/// Vectors and the pairs of them whose dot products are wanted.
-pub type WholeModelDots = (Vec<crate::backend::Vector>, Vec<(usize, usize)>);
+/// Calls its argument with the job of every merged tensor (inputs as planned, output
+/// f32) and that tensor's parameters and shape.
+pub type EachJob<'a> = dyn Fn(&mut JobVisitor) -> Result<()> + 'a;
 
-/// Dot products a method needs summed over the whole model before any tensor is merged
-/// (vectors and pairs as [`Backend::dots`] takes them, segments whole), for a tensor with
-/// `models` merged inputs; None for the per-tensor methods.
-pub fn whole_model_dots(method: &MethodInfo, models: usize) -> Option<WholeModelDots> {
+/// What [`EachJob`] calls: a tensor's job, parameters and shape.
+pub type JobVisitor<'a> = dyn FnMut(&Job, &Params, &[usize]) -> Result<()> + 'a;
+
+/// Statistics of the whole model a method needs before it merges any tensor (Fisher norms,
+/// PCB's order statistics), computed on the backend in passes over every merged tensor;
+/// empty for the per-tensor methods. They reach the method as [`Ctx::globals`].
+pub fn whole_model(method: &MethodInfo, backend: &dyn Backend, each: &EachJob) -> Result<Vec<f64>> {
     match method.algo {
-        Algo::Fisher => Some(fisher::whole_model_dots(models)),
-        _ => None,
+        Algo::Fisher => fisher::globals(backend, each),
+        Algo::Pcb => pcb::globals(backend, each),
+        _ => Ok(Vec::new()),
     }
 }
 
@@ -375,6 +384,7 @@ pub fn run(method: &MethodInfo, backend: &dyn Backend, cx: &Ctx, out: &mut [u8])
         Algo::Tsv => tsvm::run(backend, cx, out),
         Algo::Fisher => fisher::run(backend, cx, out),
         Algo::Widen => widen::run(backend, cx, out),
+        Algo::Pcb => pcb::run(backend, cx, out),
     }
 }
 
