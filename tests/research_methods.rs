@@ -834,3 +834,86 @@ fn pcb_primitive_cpu_gpu_parity() {
         }
     }
 }
+
+// ---- OPCM --------------------------------------------------------------------------------
+
+#[test]
+fn opcm_fixture() {
+    let r = ref_recipe("opcm", Some("base"), &["ft1", "ft2", "ft3"], "");
+    ref_case("opcm", &r, REF_TOL);
+}
+
+#[test]
+fn opcm_projection_and_norm() {
+    // One 6×5 matrix, two models: the merge is c·(τ1 + U P Vᵀ) with P = Uᵀ τ2 V less its
+    // diagonal and r × r top-left block (U, V of τ1): so uⱼᵀ (merged/c − τ1) vₗ = 0 there,
+    // and the merged task vector's norm is the mean of ‖τ1‖ and ‖τ2‖.
+    let (rows, cols) = (6, 5);
+    let mut rng = Lcg(17);
+    let base: Vec<f32> = (0..rows * cols).map(|_| rng.sym()).collect();
+    let taus: Vec<Vec<f32>> = (0..2)
+        .map(|_| (0..rows * cols).map(|_| 0.3 * rng.sym()).collect())
+        .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    matrix_models(tmp.path(), &base, &taus, &[rows, cols]);
+    let m = |v: &[f32]| smelt::linalg::Mat {
+        rows,
+        cols,
+        data: v.to_vec(),
+    };
+    let d = smelt::linalg::svd(&m(&taus[0]), None).unwrap();
+    let total: f64 = d.s.iter().map(|x| *x as f64).sum();
+    let mut cum = 0.0;
+    let r =
+        d.s.iter()
+            .position(|s| {
+                cum += *s as f64;
+                cum / total > 0.5
+            })
+            .unwrap();
+    let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let mean = (norm(&taus[0]) + norm(&taus[1])) / 2.0;
+    let proj = |x: &[f32], j: usize, l: usize| -> f64 {
+        (0..rows)
+            .flat_map(|a| (0..cols).map(move |c| (a, c)))
+            .map(|(a, c)| d.u.at(a, j) as f64 * x[a * cols + c] as f64 * d.vt.at(l, c) as f64)
+            .sum()
+    };
+    let recipe = "merge_method: opcm\nbase_model: base\nmodels:\n  - model: m0\n  - model: m1\n";
+    for (bname, backend) in backends() {
+        let got = merge_text(tmp.path(), recipe, backend.as_ref());
+        let tau: Vec<f32> = got["w"]
+            .data
+            .iter()
+            .zip(&base)
+            .map(|(x, b)| x - b)
+            .collect();
+        assert!(
+            (norm(&tau) - mean).abs() < 1e-5 * mean,
+            "{bname}: {} vs {mean}",
+            norm(&tau)
+        );
+        let c = proj(&tau, 0, 0) / d.s[0] as f64;
+        let upd: Vec<f32> = tau
+            .iter()
+            .zip(&taus[0])
+            .map(|(t, t1)| (*t as f64 / c - *t1 as f64) as f32)
+            .collect();
+        for j in 0..5 {
+            for l in 0..5 {
+                if j == l || (j < r && l < r) {
+                    assert!(
+                        proj(&upd, j, l).abs() < 1e-5,
+                        "{bname}: ({j}, {l}) = {}",
+                        proj(&upd, j, l)
+                    );
+                }
+            }
+        }
+        // and the rest of τ2 went in: off the zeroed set the update is τ2's projection
+        assert!(
+            (proj(&upd, 4, 0) - proj(&taus[1], 4, 0)).abs() < 1e-5,
+            "{bname}"
+        );
+    }
+}

@@ -51,3 +51,12 @@ pub fn mat(rows: usize, cols: usize, data: Vec<f32>) -> Mat {
     debug_assert_eq!(rows * cols, data.len());
     Mat { rows, cols, data }
 }
+
+/// Input embeddings (`model.embed_tokens.weight`, `wte`, `word_embeddings`): nn.Embedding
+/// in the reference implementations, which treat them apart from linear layers. Output
+/// heads (`lm_head`) are linear layers.
+pub fn is_input_embedding(name: &str) -> bool {
+    let stem = name.strip_suffix(".weight").unwrap_or(name);
+    let last = stem.rsplit('.').next().unwrap_or(stem);
+    last.contains("embed") || last == "wte" || last == "word_embeddings"
+}

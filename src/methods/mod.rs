@@ -7,6 +7,7 @@ mod gta;
 mod linear;
 mod model_stock;
 mod nearswap;
+mod opcm;
 mod passthrough;
 mod pcb;
 mod sce;
@@ -76,6 +77,7 @@ pub enum Algo {
     Fisher,
     Widen,
     Pcb,
+    Opcm,
 }
 
 #[derive(Debug)]
@@ -150,6 +152,7 @@ fn registry() -> &'static [MethodInfo] {
         v.push(fisher::method());
         v.push(widen::method());
         v.push(pcb::method());
+        v.push(opcm::method());
         v
     })
 }
@@ -326,6 +329,7 @@ pub fn check(method: &MethodInfo, params: &Params, tensor: &str) -> Result<()> {
         Algo::Karcher => sphere::check_karcher(params).or_else(err),
         Algo::Fisher => fisher::check(params).or_else(err),
         Algo::Pcb => pcb::check(params).or_else(err),
+        Algo::Opcm => opcm::check(params).or_else(err),
         _ => Ok(()),
     }
 }
@@ -353,6 +357,7 @@ pub fn whole_model(method: &MethodInfo, backend: &dyn Backend, each: &EachJob) -
     match method.algo {
         Algo::Fisher => fisher::globals(backend, each),
         Algo::Pcb => pcb::globals(backend, each),
+        Algo::Opcm => opcm::globals(backend, each),
         _ => Ok(Vec::new()),
     }
 }
@@ -385,6 +390,7 @@ pub fn run(method: &MethodInfo, backend: &dyn Backend, cx: &Ctx, out: &mut [u8])
         Algo::Fisher => fisher::run(backend, cx, out),
         Algo::Widen => widen::run(backend, cx, out),
         Algo::Pcb => pcb::run(backend, cx, out),
+        Algo::Opcm => opcm::run(backend, cx, out),
     }
 }
 

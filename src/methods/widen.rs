@@ -48,9 +48,7 @@ pub fn method() -> MethodInfo {
 /// (vocab × hidden) so that its columns are tokens. Output heads (`lm_head`) are ordinary
 /// linear layers, merged per input unit.
 fn per_row(name: &str) -> bool {
-    let stem = name.strip_suffix(".weight").unwrap_or(name);
-    let last = stem.rsplit('.').next().unwrap_or(stem);
-    last.contains("embed") || last == "wte" || last == "word_embeddings"
+    super::dense::is_input_embedding(name)
 }
 
 /// Elements a GPU tile keeps together: whole 256-row bands of columns for 2-D tensors (a
