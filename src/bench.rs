@@ -349,21 +349,34 @@ pub fn run(opts: &BenchOptions, backends: &[(Box<dyn Backend>, Device)]) -> Resu
                     (lo, Some(hi)) => count.clamp(lo, hi),
                     (lo, None) => count.max(lo),
                 };
+                // Fisher merging reads a Fisher tensor per model besides its weights
+                let per = methods::inputs_per_model(m);
+                let count = if per > 1 { (count / per).max(1) } else { count };
                 let params = method_params(m, count);
+                // whole-model statistics (Fisher norms, PCB's order statistics) of this
+                // one-tensor model, outside the timing
+                let globals = methods::whole_model(m, b.as_ref(), &|f| {
+                    let j = job(with_base, count * per, DType::F32);
+                    let r = f(&j, &params, &shape);
+                    b.end_job(&j);
+                    r
+                })?;
                 let t = time(opts.repeats, || {
-                    let j = job(with_base, count, DType::BF16)
+                    let j = job(with_base, count * per, DType::BF16)
                         .with_align(methods::job_align(m, &params, &shape));
                     let cx = Ctx {
                         job: &j,
                         shape: &shape,
                         params: &params,
                         seed: 1,
+                        depth: None,
+                        globals: &globals,
                     };
                     let r = methods::run(m, b.as_ref(), &cx, &mut out);
                     b.end_job(&j);
                     r
                 })?;
-                let inputs = count as u64 + with_base as u64;
+                let inputs = (count * per) as u64 + with_base as u64;
                 push("method", m.name.to_string(), inputs * inb + outb, t);
             }
         }

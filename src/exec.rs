@@ -175,6 +175,29 @@ fn check_inputs(plan: &Plan, t: &TensorTask) -> Result<()> {
     Ok(())
 }
 
+/// The whole-model statistics the plan's method needs ([`methods::whole_model`]),
+/// computed on the backend the first time they are asked for (passes that read the inputs
+/// again), then kept in the plan.
+pub fn whole_model_sums(plan: &Plan, backend: &dyn Backend) -> Result<Vec<f64>> {
+    let mut cached = plan.globals.lock().unwrap();
+    if let Some(v) = &*cached {
+        return Ok(v.clone());
+    }
+    let each = |f: &mut methods::JobVisitor| -> Result<()> {
+        for t in plan.tasks.iter().filter(|t| !t.copy_only) {
+            let (base, models) = inputs_of(plan, t);
+            let job = Job::new(&t.name, base, models, plan.load_dtype, DType::F32);
+            let r = f(&job, &t.params, &t.shape);
+            backend.end_job(&job);
+            r?;
+        }
+        Ok(())
+    };
+    let v = methods::whole_model(plan.method, backend, &each)?;
+    *cached = Some(v.clone());
+    Ok(v)
+}
+
 /// Merges one planned tensor into `out` (its output bytes).
 pub fn merge_tensor(
     plan: &Plan,
@@ -187,6 +210,7 @@ pub fn merge_tensor(
         out.copy_from_slice(models[0].bytes);
         return Ok(());
     }
+    let globals = whole_model_sums(plan, backend)?;
     let job = Job::new(&t.name, base, models, plan.load_dtype, t.out_dtype)
         .with_align(methods::job_align(plan.method, &t.params, &t.shape));
     let cx = Ctx {
@@ -194,6 +218,11 @@ pub fn merge_tensor(
         shape: &t.shape,
         params: &t.params,
         seed: plan.seed,
+        depth: t.layer.map(|l| match plan.out_layers {
+            Some(n) if n > 1 => l as f64 / (n - 1) as f64,
+            _ => 0.0,
+        }),
+        globals: &globals,
     };
     let r = methods::run(plan.method, backend, &cx, out);
     backend.end_job(&job);

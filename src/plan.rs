@@ -101,6 +101,73 @@ pub struct Plan {
     pub tokenizer_from: Option<usize>,
     pub out_layers: Option<usize>,
     pub warnings: Vec<String>,
+    /// Whole-model sums of the methods that need them ([`methods::whole_model_dots`]),
+    /// computed on first use by the executor.
+    pub globals: std::sync::Mutex<Option<Vec<f64>>>,
+}
+
+/// Fisher merging: opens `fisher.safetensors` in the folder of every merged model and adds
+/// its tensor as input M + i of every task (same name and shape as input i).
+fn attach_fisher(models: &mut Vec<ModelFolder>, tasks: &mut [TensorTask]) -> Result<()> {
+    let mut fisher_of = std::collections::BTreeMap::new();
+    for t in tasks.iter_mut().filter(|t| !t.copy_only) {
+        let mut extra = Vec::with_capacity(t.models.len());
+        for ti in &t.models {
+            let fid = match fisher_of.get(&ti.model) {
+                Some(f) => *f,
+                None => {
+                    let m = &models[ti.model];
+                    let path = m.dir().join(methods::FISHER_FILE);
+                    if !path.is_file() {
+                        return Err(Error::BadModel {
+                            path: m.path.clone(),
+                            msg: format!(
+                                "has no {}: fisher merging reads each model's diagonal Fisher (same tensor names and shapes as its weights) from that file",
+                                methods::FISHER_FILE
+                            ),
+                        });
+                    }
+                    let label = format!("{} (Fisher)", m.label);
+                    let f = ModelFolder::open(&path, &label)?;
+                    models.push(f);
+                    fisher_of.insert(ti.model, models.len() - 1);
+                    models.len() - 1
+                }
+            };
+            let want = models[ti.model].get(&ti.tensor).unwrap().shape().to_vec();
+            let fm = &models[fid];
+            let Some(fr) = fm.get(&ti.tensor) else {
+                return Err(Error::MissingTensor {
+                    model: fm.label.clone(),
+                    tensor: ti.tensor.clone(),
+                    hint: " (the Fisher file needs a tensor for every merged weight)".into(),
+                });
+            };
+            if fr.shape() != want.as_slice() {
+                return Err(Error::ShapeMismatch {
+                    tensor: ti.tensor.clone(),
+                    reference_model: models[ti.model].label.clone(),
+                    expected: want,
+                    model: fm.label.clone(),
+                    got: fr.shape().to_vec(),
+                    hint: " (a Fisher tensor must have its weight's shape)".into(),
+                });
+            }
+            if !fr.dtype().is_mergeable() {
+                return Err(Error::UnsupportedDtype {
+                    model: fm.label.clone(),
+                    tensor: ti.tensor.clone(),
+                    dtype: fr.dtype().to_string(),
+                });
+            }
+            extra.push(TaskInput {
+                model: fid,
+                tensor: ti.tensor.clone(),
+            });
+        }
+        t.models.extend(extra);
+    }
+    Ok(())
 }
 
 /// A slice's source after models are opened.
@@ -281,7 +348,7 @@ impl Plan {
             None | Some(TokenizerSource::Base) => None,
             Some(TokenizerSource::Model(r)) => Some(om.id(r)?),
         };
-        let models = om.folders;
+        let mut models = om.folders;
 
         // Layer counts: a `models:` slice spans every layer of each model.
         let mut slice_len = Vec::new();
@@ -404,6 +471,10 @@ impl Plan {
             )?);
         }
 
+        if method.algo == methods::Algo::Fisher {
+            attach_fisher(&mut models, &mut tasks)?;
+        }
+
         let config_from = base.unwrap_or(ref_first);
         let out_layers = if out_layer > 0 { Some(out_layer) } else { None };
         Ok(Plan {
@@ -418,6 +489,7 @@ impl Plan {
             out_layers,
             warnings,
             recipe,
+            globals: std::sync::Mutex::new(None),
         })
     }
 
@@ -562,8 +634,12 @@ impl Plan {
             parts.push(format!("base {}", self.model_label(b.model)));
         }
         for (i, m) in t.models.iter().enumerate() {
-            let ps: Vec<String> = t.params.per_input[i]
-                .iter()
+            let ps: Vec<String> = t
+                .params
+                .per_input
+                .get(i)
+                .into_iter()
+                .flatten()
                 .filter_map(|(n, v)| v.map(|v| format!("{n}={v}")))
                 .collect();
             let mut p = self.model_label(m.model).to_string();

@@ -13,8 +13,8 @@
 use rayon::prelude::*;
 
 use super::{
-    Backend, Consensus, GtaSpec, Input, Job, Keep, Key, Query, RankCut, RowLayout, Segments,
-    Source, Sparsity, Vector, Vote,
+    pcb_tanh, Backend, Consensus, GtaSpec, Input, Job, Keep, Key, PcbSpec, Query, RankCut,
+    RowLayout, Segments, Source, Sparsity, Vector, Vote,
 };
 use crate::dtype::{self, DType};
 use crate::error::Result;
@@ -857,6 +857,85 @@ impl Backend for Cpu {
 
     fn svd(&self, a: &Mat, rank: Option<usize>) -> Result<Svd> {
         crate::linalg::svd(a, rank)
+    }
+
+    fn fisher(&self, job: &Job, coefs: &[f32], floor: f32, out: &mut [u8]) -> Result<()> {
+        let m = coefs.len();
+        assert_eq!(job.models.len(), 2 * m, "fisher: a Fisher input per model");
+        let osz = job.out_dtype.size();
+        out.par_chunks_mut(CHUNK * osz).enumerate().for_each_init(
+            || Scratch::new(2),
+            |s, (c, oc)| {
+                let start = c * CHUNK;
+                let len = oc.len() / osz;
+                let (num, den) = (&mut s.acc[..len], &mut s.acc2[..len]);
+                num.fill(0.0);
+                den.fill(0.0);
+                for (i, &ci) in coefs.iter().enumerate() {
+                    let (x, f) = s.x.split_at_mut(1);
+                    let (x, f) = (&mut x[0][..len], &mut f[0][..len]);
+                    load(&job.models[i], start, job.load_dtype, x);
+                    load(&job.models[m + i], start, job.load_dtype, f);
+                    for e in 0..len {
+                        let w = ci * (f[e] + floor);
+                        num[e] += w * x[e];
+                        den[e] += w;
+                    }
+                }
+                num.iter_mut().zip(den.iter()).for_each(|(n, d)| *n /= *d);
+                dtype::encode(job.out_dtype, num, oc);
+            },
+        );
+        Ok(())
+    }
+
+    fn pcb(&self, job: &Job, spec: &PcbSpec, beta_of: Option<usize>, out: &mut [u8]) -> Result<()> {
+        let m = job.models.len();
+        let n = m as f32;
+        let osz = job.out_dtype.size();
+        out.par_chunks_mut(CHUNK * osz).enumerate().for_each_init(
+            || Scratch::new(m),
+            |s, (c, oc)| {
+                let start = c * CHUNK;
+                let len = oc.len() / osz;
+                s.load_all(job, start, len, true);
+                for e in 0..len {
+                    let mut sum = 0.0f32;
+                    for x in &s.x {
+                        sum += x[e];
+                    }
+                    let (mut num, mut den) = (0.0f32, 0.0f32);
+                    for (i, x) in s.x.iter().enumerate() {
+                        let t = x[e];
+                        let a = t.abs().clamp(spec.lo[i], spec.hi[i]);
+                        let mm = (a - spec.lo[i]) / (spec.hi[i] - spec.lo[i]);
+                        let beta = (n * (mm * mm)).exp() * pcb_tanh(t * sum);
+                        if beta_of == Some(i) {
+                            num = beta;
+                            break;
+                        }
+                        let sc = (beta.clamp(spec.q[i], spec.bmax[i]) - spec.q[i])
+                            / (spec.bmax[i] - spec.q[i]);
+                        let sg = if t > 0.0 {
+                            1.0
+                        } else if t < 0.0 {
+                            -1.0
+                        } else {
+                            0.0
+                        };
+                        num += spec.weights[i] * (sg * a) * sc;
+                        den += sc;
+                    }
+                    s.acc[e] = if beta_of.is_some() {
+                        num
+                    } else {
+                        s.base[e] + num / den.max(1e-12)
+                    };
+                }
+                dtype::encode(job.out_dtype, &s.acc[..len], oc);
+            },
+        );
+        Ok(())
     }
 
     fn nearswap(&self, job: &Job, t: f32, out: &mut [u8]) -> Result<()> {

@@ -298,6 +298,41 @@ pub struct GtaSpec {
     pub lambda: f32,
 }
 
+/// PCB-merging's per-element balancing (ALGORITHMS.md §11) with the whole-model statistics
+/// of each task vector τ_i = models[i] − base, n = number of models:
+///
+/// ```text
+/// sum  = Σ_i τ_i                                   (model order, from zero)
+/// a_i  = clamp(|τ_i|, lo_i, hi_i)
+/// β_i  = exp(n · ((a_i − lo_i)/(hi_i − lo_i))²) · tanh(τ_i · sum)
+/// S_i  = (clamp(β_i, q_i, bmax_i) − q_i) / (bmax_i − q_i)
+/// out  = base + (Σ_i w_i · sign(τ_i) · a_i · S_i) / max(Σ_i S_i, 1e-12)
+/// ```
+/// tanh is evaluated as `tanh(x) = x·(1 − x²/3 + 2x⁴/15 − 17x⁶/315 + 62x⁸/2835)` for
+/// |x| < 0.1 and `sign(x)·(1 − e)/(1 + e)`, e = exp(−2|x|), above, on both backends.
+#[derive(Clone, Debug)]
+pub struct PcbSpec {
+    pub lo: Vec<f32>,
+    pub hi: Vec<f32>,
+    pub q: Vec<f32>,
+    pub bmax: Vec<f32>,
+    pub weights: Vec<f32>,
+}
+
+/// tanh as [`PcbSpec`] specifies it (the WGSL kernel computes the same formula).
+#[inline(always)]
+pub fn pcb_tanh(x: f32) -> f32 {
+    let a = x.abs();
+    if a < 0.1 {
+        let x2 = x * x;
+        x * (1.0
+            + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+    } else {
+        let e = (-2.0 * a).exp();
+        ((1.0 - e) / (1.0 + e)).copysign(x)
+    }
+}
+
 /// A vector formed from a job's inputs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Vector {
@@ -412,6 +447,14 @@ pub trait Backend: Send + Sync {
     /// NearSwap: `w = clamp(t / max(|b - x|, 1e-6), 0, 1)`, `out = w·x + (1 - w)·b` with
     /// x = models[0], b = base.
     fn nearswap(&self, job: &Job, t: f32, out: &mut [u8]) -> Result<()>;
+
+    /// Fisher-weighted average. With M = `coefs.len()`, models[0..M] are the weights θ_i and
+    /// models[M..2M] their diagonal Fisher F_i; per element, in model order from zero:
+    /// `w_i = coefs[i] · (F_i + floor)`, `out = (Σ w_i·θ_i) / (Σ w_i)`.
+    fn fisher(&self, job: &Job, coefs: &[f32], floor: f32, out: &mut [u8]) -> Result<()>;
+
+    /// PCB-merging ([`PcbSpec`]): with `beta_of = Some(i)` writes β_i instead of the merge.
+    fn pcb(&self, job: &Job, spec: &PcbSpec, beta_of: Option<usize>, out: &mut [u8]) -> Result<()>;
 
     /// `op(a) · op(b)`, op transposing when asked.
     fn matmul(&self, a: &Mat, b: &Mat, ta: bool, tb: bool) -> Result<Mat>;

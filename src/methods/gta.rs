@@ -107,6 +107,20 @@ fn spec(
             help: "scale of the merged task vector",
         },
         ParamSpec {
+            name: "lines_beta",
+            kind: Kind::Float,
+            scope: Scope::Shared,
+            default: Default::Unset,
+            help: "LiNeS: scale the merged task vector of layer l of L by lines_alpha + lines_beta·l/(L−1) (tensors outside the layers by lines_alpha); unset: off",
+        },
+        ParamSpec {
+            name: "lines_alpha",
+            kind: Kind::Float,
+            scope: Scope::Shared,
+            default: Default::Unset,
+            help: "LiNeS: the scale of the shallowest layer (and of embeddings, final norm, heads); unset: 1/(number of models), the paper's value for task arithmetic",
+        },
+        ParamSpec {
             name: "int8_mask",
             kind: Kind::Bool,
             scope: Scope::Shared,
@@ -222,7 +236,26 @@ pub fn della_table(density: f64, epsilon: f64, len: usize) -> Vec<u32> {
         .collect()
 }
 
+/// LiNeS (Wang et al. 2024, ALGORITHMS.md §14): the factor on the merged task vector of a
+/// tensor at `depth` (layer / (L − 1), None outside the layers): α + β·depth, α defaulting
+/// to 1/T. For task arithmetic this is the paper's α = (‖Σ τ_t‖₁ / ‖τ_MTL‖₁) / T exactly;
+/// for the other methods the paper's α is a ratio of two whole-model norms, which the recipe
+/// gives as `lines_alpha`. None when LiNeS is off.
+pub fn lines_scale(params: &Params, depth: Option<f64>) -> Option<f64> {
+    let beta = params.shared_opt("lines_beta")?;
+    let alpha = params
+        .shared_opt("lines_alpha")
+        .unwrap_or(1.0 / params.per_input.len().max(1) as f64);
+    Some(alpha + beta * depth.unwrap_or(0.0))
+}
+
 pub fn check(v: Variant, params: &Params) -> std::result::Result<(), String> {
+    if params.shared_opt("lines_alpha").is_some() && params.shared_opt("lines_beta").is_none() {
+        return Err(
+            "`lines_alpha` is set but `lines_beta` is not; LiNeS needs `lines_beta` (0 scales every layer by lines_alpha)"
+                .into(),
+        );
+    }
     for i in 0..params.per_input.len() {
         if params.input_f(i, "weight").is_none() {
             return Err(format!("input {i} has no weight"));
@@ -254,7 +287,11 @@ pub fn run(v: Variant, b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> 
     let n = job.numel;
     let normalize = cx.params.shared_b("normalize");
     let rescale = cx.params.shared_b("rescale");
-    let lambda = cx.params.shared_f("lambda") as f32;
+    let lambda = match lines_scale(cx.params, cx.depth) {
+        // one f64 product, rounded once: LiNeS multiplies the f32 task vector by a float64
+        Some(s) => (cx.params.shared_f("lambda") * s) as f32,
+        None => cx.params.shared_f("lambda") as f32,
+    };
 
     let mut weights = Vec::with_capacity(m);
     let mut sp = Sparsity::new(vec![Keep::All; m], cx.seed);

@@ -1,14 +1,21 @@
 //! The merge methods: their parameters (names, scopes, defaults, help) and their math,
 //! written once against the [`Backend`] primitives.
 
+mod dense;
+mod fisher;
 mod gta;
 mod linear;
 mod model_stock;
 mod nearswap;
+mod opcm;
 mod passthrough;
+mod pcb;
 mod sce;
 mod sphere;
+mod tsvm;
+mod widen;
 
+pub use fisher::FISHER_FILE;
 pub use gta::della_table;
 
 use crate::backend::{Backend, Job};
@@ -66,6 +73,11 @@ pub enum Algo {
     MultiSlerp,
     Karcher,
     NearSwap,
+    Tsv,
+    Fisher,
+    Widen,
+    Pcb,
+    Opcm,
 }
 
 #[derive(Debug)]
@@ -136,6 +148,11 @@ fn registry() -> &'static [MethodInfo] {
         v.push(model_stock::method());
         v.extend(sphere::methods());
         v.push(nearswap::method());
+        v.push(tsvm::method());
+        v.push(fisher::method());
+        v.push(widen::method());
+        v.push(pcb::method());
+        v.push(opcm::method());
         v
     })
 }
@@ -224,6 +241,16 @@ impl Params {
             other => panic!("shared float parameter {name} not resolved: {other:?}"),
         }
     }
+    /// A shared float parameter that may be unset.
+    pub fn shared_opt(&self, name: &str) -> Option<f64> {
+        self.shared
+            .iter()
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, v)| match v {
+                Some(Value1::Float(x)) => Some(*x),
+                _ => None,
+            })
+    }
     pub fn shared_b(&self, name: &str) -> bool {
         match self.shared.iter().find(|(n, _)| *n == name) {
             Some((_, Some(Value1::Bool(x)))) => *x,
@@ -249,6 +276,13 @@ pub struct Ctx<'a> {
     /// `per_input[i]` belongs to `job.models[i]`.
     pub params: &'a Params,
     pub seed: u64,
+    /// Position of the tensor's output layer among all output layers, `layer / (L - 1)` in
+    /// [0, 1] (0 for a one-layer model); None for tensors outside the layers (embeddings,
+    /// final norm, heads). LiNeS scales by it.
+    pub depth: Option<f64>,
+    /// The whole-model statistics of the method ([`whole_model`]); empty for methods that
+    /// need none.
+    pub globals: &'a [f64],
 }
 
 impl Ctx<'_> {
@@ -293,7 +327,38 @@ pub fn check(method: &MethodInfo, params: &Params, tensor: &str) -> Result<()> {
         Algo::Linear => linear::check(params).or_else(err),
         Algo::Gta(v) => gta::check(v, params).or_else(err),
         Algo::Karcher => sphere::check_karcher(params).or_else(err),
+        Algo::Fisher => fisher::check(params).or_else(err),
+        Algo::Pcb => pcb::check(params).or_else(err),
+        Algo::Opcm => opcm::check(params).or_else(err),
         _ => Ok(()),
+    }
+}
+
+/// Inputs a tensor of the method reads per merged model: Fisher merging reads the model's
+/// weights and its Fisher.
+pub fn inputs_per_model(method: &MethodInfo) -> usize {
+    match method.algo {
+        Algo::Fisher => 2,
+        _ => 1,
+    }
+}
+
+/// Calls its argument with the job of every merged tensor (inputs as planned, output
+/// f32) and that tensor's parameters and shape.
+pub type EachJob<'a> = dyn Fn(&mut JobVisitor) -> Result<()> + 'a;
+
+/// What [`EachJob`] calls: a tensor's job, parameters and shape.
+pub type JobVisitor<'a> = dyn FnMut(&Job, &Params, &[usize]) -> Result<()> + 'a;
+
+/// Statistics of the whole model a method needs before it merges any tensor (Fisher norms,
+/// PCB's order statistics), computed on the backend in passes over every merged tensor;
+/// empty for the per-tensor methods. They reach the method as [`Ctx::globals`].
+pub fn whole_model(method: &MethodInfo, backend: &dyn Backend, each: &EachJob) -> Result<Vec<f64>> {
+    match method.algo {
+        Algo::Fisher => fisher::globals(backend, each),
+        Algo::Pcb => pcb::globals(backend, each),
+        Algo::Opcm => opcm::globals(backend, each),
+        _ => Ok(Vec::new()),
     }
 }
 
@@ -303,6 +368,7 @@ pub fn job_align(method: &MethodInfo, params: &Params, shape: &[usize]) -> usize
         Algo::Gta(v) => gta::align(v, params, shape),
         Algo::ModelStock => model_stock::segments(params, shape).align(),
         Algo::NuSlerp => sphere::nuslerp_segments(params, shape).align(),
+        Algo::Widen => widen::align(shape),
         _ => 1,
     }
 }
@@ -320,6 +386,11 @@ pub fn run(method: &MethodInfo, backend: &dyn Backend, cx: &Ctx, out: &mut [u8])
         Algo::MultiSlerp => sphere::multislerp(backend, cx, out),
         Algo::Karcher => sphere::karcher(backend, cx, out),
         Algo::NearSwap => nearswap::run(backend, cx, out),
+        Algo::Tsv => tsvm::run(backend, cx, out),
+        Algo::Fisher => fisher::run(backend, cx, out),
+        Algo::Widen => widen::run(backend, cx, out),
+        Algo::Pcb => pcb::run(backend, cx, out),
+        Algo::Opcm => opcm::run(backend, cx, out),
     }
 }
 

@@ -17,8 +17,8 @@ use bytemuck::{Pod, Zeroable};
 use wgpu::util::DeviceExt;
 
 use super::{
-    Backend, Consensus, GtaSpec, Input, Job, Keep, Key, RowLayout, Segments, Source, Sparsity,
-    Vector, Vote,
+    Backend, Consensus, GtaSpec, Input, Job, Keep, Key, PcbSpec, RowLayout, Segments, Source,
+    Sparsity, Vector, Vote,
 };
 use crate::error::{Error, Result};
 use crate::linalg::{Mat, Svd};
@@ -1355,6 +1355,63 @@ impl Backend for Gpu {
             None,
             out,
         )
+    }
+
+    fn fisher(&self, job: &Job, coefs: &[f32], floor: f32, out: &mut [u8]) -> Result<()> {
+        assert_eq!(
+            job.models.len(),
+            2 * coefs.len(),
+            "fisher: a Fisher input per model"
+        );
+        if job.numel == 0 {
+            return Ok(());
+        }
+        let (header, models) = {
+            let mut guard = self.state(job)?;
+            let st = guard.as_mut().unwrap();
+            let mut h = self.header(job, st, 0);
+            h.n_items = coefs.len() as u32;
+            h.t = floor;
+            let mut models = self.models_meta(job, st);
+            for (m, &c) in models.iter_mut().zip(coefs) {
+                m.weight = c;
+            }
+            (h, models)
+        };
+        self.apply(
+            job,
+            (Shader::Gta, "fisher"),
+            header,
+            models,
+            None,
+            None,
+            out,
+        )
+    }
+
+    fn pcb(&self, job: &Job, spec: &PcbSpec, beta_of: Option<usize>, out: &mut [u8]) -> Result<()> {
+        if job.numel == 0 {
+            return Ok(());
+        }
+        let (header, models) = {
+            let mut guard = self.state(job)?;
+            let st = guard.as_mut().unwrap();
+            let mut h = self.header(job, st, 0);
+            if let Some(i) = beta_of {
+                h.n_items = 1;
+                h.focus = i as u32;
+            }
+            let mut models = self.models_meta(job, st);
+            for (i, m) in models.iter_mut().enumerate() {
+                m.lo_bits = spec.lo[i].to_bits();
+                m.hi_bits = spec.hi[i].to_bits();
+                m.lo_index = spec.q[i].to_bits();
+                m.hi_index = spec.bmax[i].to_bits();
+                m.weight = spec.weights[i];
+            }
+            (h, models)
+        };
+        self.apply(job, (Shader::Gta, "pcb"), header, models, None, None, out)
     }
 
     fn nearswap(&self, job: &Job, t: f32, out: &mut [u8]) -> Result<()> {

@@ -59,7 +59,14 @@ impl Shader {
     pub fn entry_points(self) -> &'static [&'static str] {
         match self {
             Shader::Convert => &["convert"],
-            Shader::Gta => &["gta", "weighted_sum", "masked_sums", "nearswap"],
+            Shader::Gta => &[
+                "gta",
+                "weighted_sum",
+                "masked_sums",
+                "nearswap",
+                "fisher",
+                "pcb",
+            ],
             Shader::Select => &["histogram", "count_equal", "equal_bits"],
             Shader::Reduce => &["dots_whole", "dots_rows", "dots_cols", "combine"],
             Shader::Rank => &["rank_init", "bitonic", "rank_scatter"],

@@ -1,0 +1,183 @@
+//! `opcm` — continual merging by orthogonal projection (Tang et al. 2025, arXiv 2501.09522;
+//! ALGORITHMS.md §13), as fusion_bench's `opcm_general.OPCM` computes it, models folded in
+//! recipe order.
+//!
+//! The merge starts as the first model (λ = 1). Folding in model t: each linear weight
+//! (every 2-D tensor but input embeddings) adds the part of its task vector τ_t outside the
+//! merged task vector's leading singular subspace — with τm = U diag(σ) Vᵀ and r the first
+//! index where cumsum(σ)/Σσ exceeds `alpha`, P = Uᵀ τ_t V loses its diagonal and its r × r
+//! top-left block, and W = W0 + λ·τm + U P Vᵀ; other tensors add τ_t. Then the merged task
+//! vector is rescaled to the mean of the task-vector norms so far (whole-model L2 norms) and
+//! λ becomes the ratio it was rescaled by. Only the first min(m, n) singular vectors meet the
+//! zeroed entries, so U P Vᵀ = τ_t − U_k P_Z V_kᵀ with the thin SVD.
+//!
+//! The whole-model norms of each step come from passes over the model before the merge;
+//! each pass refolds every tensor from its first model, so memory stays that of one tensor
+//! (and one model at a time) however many models are merged, at T²/2 folds per tensor.
+
+use super::dense::{is_input_embedding, mat, vectors, write_base_plus};
+use super::{Algo, BasePolicy, Ctx, Default, EachJob, MethodInfo, ParamSpec, Params, Scope};
+use crate::backend::{Backend, Job, Segments, Vector};
+use crate::error::{Error, Result};
+use crate::linalg::Mat;
+use crate::recipe::Kind;
+
+pub fn method() -> MethodInfo {
+    MethodInfo {
+        name: "opcm",
+        pretty: "OPCM (continual merging by orthogonal projection)",
+        reference: "https://arxiv.org/abs/2501.09522",
+        summary: "Fold the models in one at a time (recipe order): each linear weight adds only what lies outside the merged task vector's leading singular subspace, then the merge is rescaled to the mean task-vector norm.",
+        params: vec![ParamSpec {
+            name: "alpha",
+            kind: Kind::Float,
+            scope: Scope::Shared,
+            default: Default::Float(0.5),
+            help: "share of the merged task vector's singular value mass whose subspace new models may not write into",
+        }],
+        base: BasePolicy::Required,
+        models: (1, None),
+        algo: Algo::Opcm,
+    }
+}
+
+pub fn check(params: &Params) -> std::result::Result<(), String> {
+    let a = params.shared_f("alpha");
+    if !(0.0..=1.0).contains(&a) {
+        return Err(format!("alpha {a} is not a fraction in [0, 1]"));
+    }
+    Ok(())
+}
+
+fn delta(b: &dyn Backend, job: &Job, i: usize) -> Result<Vec<f32>> {
+    Ok(vectors(b, job, &[Vector::Delta(i)], &[1.0])?.pop().unwrap())
+}
+
+/// The linear update λ·τm + τn − U_k P_Z V_kᵀ.
+fn project(b: &dyn Backend, tm: &Mat, tn: &Mat, lambda: f32, alpha: f64) -> Result<Vec<f32>> {
+    let d = b.svd(tm, None)?;
+    let k = d.s.len();
+    let total: f64 = d.s.iter().map(|x| *x as f64).sum();
+    let mut cum = 0.0;
+    let mut r = 0;
+    for (j, s) in d.s.iter().enumerate() {
+        cum += *s as f64;
+        // torch: argmax(cumsum/sum > alpha), 0 when none exceeds it (or the sum is 0)
+        if total > 0.0 && cum / total > alpha {
+            r = j;
+            break;
+        }
+    }
+    let p = b.matmul(&b.matmul(&d.u, tn, true, false)?, &d.vt, false, true)?;
+    let mut pz = Mat::zeros(k, k);
+    for j in 0..k {
+        for l in 0..k {
+            if j == l || (j < r && l < r) {
+                pz.data[j * k + l] = p.at(j, l);
+            }
+        }
+    }
+    let corr = b.matmul(&b.matmul(&d.u, &pz, false, false)?, &d.vt, false, false)?;
+    Ok((0..tm.data.len())
+        .map(|e| lambda * tm.data[e] + (tn.data[e] - corr.data[e]))
+        .collect())
+}
+
+/// The merged task vector of one tensor after folding models 1..=upto into model 0:
+/// step t uses λ `lambdas[t − 1]` and is rescaled by `scales[t − 1]` when that is known.
+fn fold(
+    b: &dyn Backend,
+    job: &Job,
+    shape: &[usize],
+    alpha: f64,
+    lambdas: &[f32],
+    scales: &[f32],
+    upto: usize,
+) -> Result<Vec<f32>> {
+    let linear = shape.len() == 2 && !is_input_embedding(job.name);
+    let mut tm = delta(b, job, 0)?;
+    for t in 1..=upto {
+        let tn = delta(b, job, t)?;
+        let lambda = lambdas[t - 1];
+        let mut new = if linear {
+            let (rows, cols) = (shape[0], shape[1]);
+            project(b, &mat(rows, cols, tm), &mat(rows, cols, tn), lambda, alpha)?
+        } else {
+            tm.iter().zip(&tn).map(|(m, n)| lambda * m + n).collect()
+        };
+        if let Some(s) = scales.get(t - 1) {
+            new.iter_mut().for_each(|x| *x *= s);
+        }
+        tm = new;
+    }
+    Ok(tm)
+}
+
+/// `[λ used at step 1.., T − 1 of them, then the rescale of step 1.., T − 1]`.
+pub fn globals(b: &dyn Backend, each: &EachJob) -> Result<Vec<f64>> {
+    let mut norm2: Vec<f64> = Vec::new();
+    each(&mut |job, _, _| {
+        let m = job.models.len();
+        let vecs: Vec<Vector> = (0..m).map(Vector::Delta).collect();
+        let pairs: Vec<(usize, usize)> = (0..m).map(|i| (i, i)).collect();
+        let d = b.dots(job, &vecs, &pairs, Segments::Whole)?;
+        norm2.resize(m, 0.0);
+        norm2.iter_mut().zip(&d).for_each(|(a, x)| *a += x);
+        Ok(())
+    })?;
+    let t_models = norm2.len();
+    let norms: Vec<f64> = norm2.iter().map(|x| x.sqrt()).collect();
+    let mut lambdas = vec![1.0f32];
+    let mut scales: Vec<f32> = Vec::new();
+    for t in 1..t_models {
+        let mut n2 = 0.0f64;
+        each(&mut |job, params, shape| {
+            let v = fold(
+                b,
+                job,
+                shape,
+                params.shared_f("alpha"),
+                &lambdas,
+                &scales,
+                t,
+            )?;
+            n2 += v.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>();
+            Ok(())
+        })?;
+        let mean = norms[..=t].iter().sum::<f64>() / (t + 1) as f64;
+        let n = n2.sqrt();
+        if n == 0.0 {
+            return Err(Error::Param {
+                tensor: "(whole model)".into(),
+                msg: format!("after folding in model {t} the merged task vector is zero; OPCM cannot rescale it"),
+            });
+        }
+        lambdas.push((n / mean) as f32);
+        scales.push((mean / n) as f32);
+    }
+    lambdas.truncate(t_models.saturating_sub(1));
+    let mut g: Vec<f64> = lambdas.iter().map(|x| *x as f64).collect();
+    g.extend(scales.iter().map(|x| *x as f64));
+    Ok(g)
+}
+
+pub fn run(b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> {
+    let steps = cx.job.models.len() - 1;
+    if cx.globals.len() != 2 * steps {
+        return Err(
+            cx.err("OPCM's whole-model norms were not computed (merge through a plan)".into())
+        );
+    }
+    let lambdas: Vec<f32> = cx.globals[..steps].iter().map(|x| *x as f32).collect();
+    let scales: Vec<f32> = cx.globals[steps..].iter().map(|x| *x as f32).collect();
+    let tau = fold(
+        b,
+        cx.job,
+        cx.shape,
+        cx.params.shared_f("alpha"),
+        &lambdas,
+        &scales,
+        steps,
+    )?;
+    write_base_plus(b, cx.job, &tau, out)
+}
