@@ -443,7 +443,7 @@ impl Backend for Cpu {
             .copied()
             .filter(|q| q.k > 0 && q.k < n)
             .collect();
-        if job.numel >= 64 * SAMPLE && !hard.is_empty() {
+        if job.numel >= 16 * SAMPLE && !hard.is_empty() {
             if let Some(cuts) = bracket_select(job, &hard) {
                 let mut it = cuts.into_iter();
                 return Ok(queries
