@@ -161,6 +161,44 @@ fn check_inputs(plan: &Plan, t: &TensorTask) -> Result<()> {
     Ok(())
 }
 
+/// For each input of a task (base first, then the models): the tensor with its LoRA ΔW
+/// added, when the input is a `MODEL+ADAPTER` whose adapter targets that tensor. This is
+/// PEFT's `merge_and_unload`: W + ΔW in W's dtype, ΔW = s·B·A formed on the backend. Only
+/// this tensor's ΔW exists at any time.
+fn lora_inputs(plan: &Plan, backend: &dyn Backend, t: &TensorTask) -> Result<Vec<Option<Vec<u8>>>> {
+    t.base
+        .iter()
+        .chain(&t.models)
+        .map(|ti| {
+            let m = &plan.models[ti.model];
+            let Some(module) = m.lora.as_ref().and_then(|a| a.module_for(&ti.tensor)) else {
+                return Ok(None);
+            };
+            let ad = m.lora.as_ref().unwrap();
+            let r = m.get(&ti.tensor).expect("planned tensor exists");
+            let mut w = vec![0f32; r.numel()];
+            crate::dtype::decode(r.dtype(), r.bytes(), &mut w);
+            let d = ad.delta(module, backend)?;
+            if d.data.len() != w.len() {
+                return Err(Error::Param {
+                    tensor: ti.tensor.clone(),
+                    msg: format!(
+                        "the ΔW of adapter {} is {}x{} but the tensor has {} elements",
+                        ad.label,
+                        d.rows,
+                        d.cols,
+                        w.len()
+                    ),
+                });
+            }
+            w.iter_mut().zip(&d.data).for_each(|(x, dx)| *x += dx);
+            let mut bytes = vec![0u8; w.len() * r.dtype().size()];
+            crate::dtype::encode(r.dtype(), &w, &mut bytes);
+            Ok(Some(bytes))
+        })
+        .collect()
+}
+
 /// Merges one planned tensor into `out` (its output bytes).
 pub fn merge_tensor(
     plan: &Plan,
@@ -168,7 +206,23 @@ pub fn merge_tensor(
     t: &TensorTask,
     out: &mut [u8],
 ) -> Result<()> {
-    let (base, models) = inputs_of(plan, t);
+    let (mut base, mut models) = inputs_of(plan, t);
+    let owned = if t.copy_only {
+        Vec::new()
+    } else {
+        lora_inputs(plan, backend, t)?
+    };
+    let nb = base.is_some() as usize;
+    for (k, bytes) in owned.iter().enumerate() {
+        if let Some(bytes) = bytes {
+            let slot = if k < nb {
+                base.as_mut().unwrap()
+            } else {
+                &mut models[k - nb]
+            };
+            slot.bytes = bytes;
+        }
+    }
     if t.copy_only {
         out.copy_from_slice(models[0].bytes);
         return Ok(());
