@@ -140,6 +140,10 @@ enum Cmd {
         #[command(flatten)]
         device: DeviceArgs,
     },
+    /// Work with LoRA adapters (PEFT folders): bake one into a model, merge several into one,
+    /// or extract one from a fine-tuned model.
+    #[command(subcommand)]
+    Lora(LoraCmd),
     /// List the GPU adapters smelt can use (name, vendor, backend, type, driver, limits).
     Devices,
     /// Measure every primitive and method on generated data, on the CPU and every usable
@@ -183,6 +187,42 @@ enum Cmd {
         /// Print every tensor (default: the first 50).
         #[arg(short, long)]
         all: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum LoraCmd {
+    /// Bake a LoRA adapter into its base model: W + s·B·A for every module it adapts, its full
+    /// tensors (modules_to_save) in place of the base's. PEFT's `merge_and_unload`.
+    #[command(
+        long_about = "Bake a LoRA adapter into its base model and write a full model folder.\n\n\
+        ADAPTER is a PEFT adapter folder (adapter_config.json + adapter_model.safetensors). \
+        For every module it adapts, smelt adds ΔW = s·B·A (s = lora_alpha/r, or lora_alpha/√r with \
+        use_rslora; rank_pattern and alpha_pattern honoured; embeddings transposed as PEFT does) \
+        to the base tensor in the base's dtype, forming one ΔW at a time on the chosen device. \
+        Full tensors the adapter carries (modules_to_save, base_layer copies) replace the base's. \
+        Every module is checked against the base before anything is read: an adapter trained on \
+        another base is refused, naming the module and both shapes.\n\n\
+        This is the same as the recipe `merge_method: passthrough` with `model: BASE+ADAPTER`; \
+        in recipes, `BASE+ADAPTER` works with every method.",
+        after_help = "Example:\n  smelt lora apply ./Llama-3-8B ./my-lora -o ./Llama-3-8B-my-lora"
+    )]
+    Apply {
+        /// The base model folder.
+        base: PathBuf,
+        /// The PEFT LoRA adapter folder.
+        adapter: PathBuf,
+        /// Output folder (refused if it exists, unless --force).
+        #[arg(short, long)]
+        out: PathBuf,
+        /// Replace OUT if it exists (the old folder is removed only after the new one is complete).
+        #[arg(long)]
+        force: bool,
+        /// Largest shard to write, e.g. 5GB, 500MB, 2GiB.
+        #[arg(long, default_value = "5GB")]
+        out_shard_size: String,
+        #[command(flatten)]
+        device: DeviceArgs,
     },
 }
 
@@ -405,6 +445,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Cmd::Lora(cmd) => run_lora(cmd),
         Cmd::Devices => {
             let list = list_adapters();
             if list.is_empty() {
@@ -512,6 +553,63 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     m.names().len() - shown
                 )?;
             }
+            Ok(())
+        }
+    }
+}
+
+fn run_lora(cmd: LoraCmd) -> anyhow::Result<()> {
+    match cmd {
+        LoraCmd::Apply {
+            base,
+            adapter,
+            out,
+            force,
+            out_shard_size,
+            device,
+        } => {
+            let shard = parse_size(&out_shard_size)
+                .map_err(anyhow::Error::msg)
+                .context("--out-shard-size")?;
+            // The equivalent recipe; it is also what the model card records.
+            let model = format!("{}+{}", base.display(), adapter.display());
+            let text = format!(
+                "# smelt lora apply\nmerge_method: passthrough\nmodels:\n  - model: {}\n",
+                serde_json::to_string(&model)?
+            );
+            let recipe = Recipe::parse(&text, std::path::Path::new("lora-apply.yml"))?;
+            let plan = Plan::build(recipe, None)?;
+            let backend = make_backend(&device)?;
+            let cpu = Cpu::new();
+            let fallback: Option<&dyn Backend> =
+                (device.device == DeviceChoice::Auto).then_some(&cpu);
+            install_stop_handler();
+            let report = exec::execute(
+                &plan,
+                backend.as_ref(),
+                &ExecOptions {
+                    out_dir: out,
+                    start: Start::Fresh { force },
+                    max_shard_bytes: shard,
+                    progress: true,
+                    allow_nonfinite: false,
+                    fallback,
+                    hash: HashAlgo::from_name("blake3").unwrap(),
+                    fsync: false,
+                },
+            )?;
+            let ad = plan.models[0].lora.as_ref().expect("adapter attached");
+            println!(
+                "applied {} ({} LoRA modules, {} full tensors) to {}: wrote {} tensors to {} in {:.2} s on {}",
+                adapter.display(),
+                ad.modules.len(),
+                ad.replaced_tensors().count(),
+                base.display(),
+                report.tensors,
+                report.out_dir.display(),
+                report.seconds,
+                report.backend
+            );
             Ok(())
         }
     }

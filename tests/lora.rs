@@ -76,3 +76,56 @@ fn adapter_for_another_base_is_refused_naming_module_and_shapes() {
     assert!(e.contains("[4, 24]"), "{e}");
     assert!(e.contains("[16, 16]"), "{e}");
 }
+
+/// `smelt lora apply` writes a normal output folder equal to merge_and_unload; a mismatched
+/// adapter exits non-zero, names the module, and leaves no output folder behind.
+#[test]
+fn cli_apply_writes_model_and_refuses_mismatch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("applied");
+    let o = smelt()
+        .args(["lora", "apply", &p("base"), &p("lora_embed"), "-o"])
+        .arg(&out)
+        .args(cpu_args())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got = load_dir(&out);
+    let expected = load_st(&peft().join("apply_lora_embed/model.safetensors"));
+    assert_eq!(got.len(), expected.len());
+    for (name, e) in &expected {
+        assert_close(name, &got[name].data, &e.data, DType::F32, Tol::FIXTURE);
+    }
+    assert!(out.join("config.json").is_file());
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(card.contains("lora_embed"), "{card}");
+
+    let bad = tmp.path().join("bad");
+    let o = smelt()
+        .args(["lora", "apply", &p("base"), &p("lora_other"), "-o"])
+        .arg(&bad)
+        .args(cpu_args())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("model.layers.0.self_attn.q_proj") && e.contains("[4, 24]"),
+        "{e}"
+    );
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(left, vec!["applied".to_string()], "{left:?}");
+
+    // Not an adapter folder at all.
+    let o = smelt()
+        .args(["lora", "apply", &p("base"), &p("base"), "-o"])
+        .arg(tmp.path().join("x"))
+        .args(cpu_args())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("adapter_config.json"), "{}", stderr(&o));
+}

@@ -530,7 +530,8 @@ impl Adapter {
             let Some(t) = base.get(&target) else {
                 return Err(bad(format!(
                     "module {} adapts tensor {target}, which base model {} does not have",
-                    m.name, base.label
+                    m.name,
+                    base.path.display()
                 )));
             };
             let want = m.delta_shape();
@@ -547,7 +548,7 @@ impl Adapter {
                     m.a_shape,
                     m.b_key,
                     m.b_shape,
-                    base.label,
+                    base.path.display(),
                     t.shape()
                 )));
             }
@@ -557,14 +558,14 @@ impl Adapter {
             let Some(t) = base.get(target) else {
                 return Err(bad(format!(
                     "full tensor {key} replaces {target}, which base model {} does not have",
-                    base.label
+                    base.path.display()
                 )));
             };
             if t.shape() != info.shape.as_slice() {
                 return Err(bad(format!(
                     "full tensor {key} is {:?} but {target} in base model {} is {:?}",
                     info.shape,
-                    base.label,
+                    base.path.display(),
                     t.shape()
                 )));
             }
