@@ -129,3 +129,342 @@ fn cli_apply_writes_model_and_refuses_mismatch() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("adapter_config.json"), "{}", stderr(&o));
 }
+
+// ---- lora merge ---------------------------------------------------------------------------
+
+use smelt::lora::merge::{self, Combination, MajoritySign, MergeOptions, Part};
+use smelt::lora::Adapter;
+
+fn manifest() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(peft().join("manifest.json")).unwrap()).unwrap()
+}
+
+fn open_adapter(name: &str) -> Adapter {
+    Adapter::open(&peft().join(name), name).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// The options of a merge fixture, from manifest.json's recorded call.
+fn fixture_call(
+    case: &str,
+) -> (
+    Vec<String>,
+    Combination,
+    Vec<f64>,
+    Option<f64>,
+    MajoritySign,
+    Option<usize>,
+) {
+    let m = manifest();
+    let call = &m["merges"][case]["add_weighted_adapter"];
+    let names: Vec<String> = call["adapters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    let comb = Combination::from_name(call["combination_type"].as_str().unwrap()).unwrap();
+    let weights = call["weights"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let density = call.get("density").and_then(|d| d.as_f64());
+    let maj = match call.get("majority_sign_method").and_then(|v| v.as_str()) {
+        Some("frequency") => MajoritySign::Frequency,
+        _ => MajoritySign::Total,
+    };
+    let svd_rank = call
+        .get("svd_rank")
+        .and_then(|v| v.as_u64())
+        .map(|v| v as usize);
+    (names, comb, weights, density, maj, svd_rank)
+}
+
+/// Runs a fixture's merge on `backend`, with PEFT's stored DARE masks injected when `masks`.
+fn run_fixture(
+    case: &str,
+    backend: &dyn smelt::backend::Backend,
+    inject: bool,
+) -> (merge::MergedAdapter, Vec<String>) {
+    let (names, combination, weights, density, majority_sign, svd_rank) = fixture_call(case);
+    let adapters: Vec<Adapter> = names.iter().map(|n| open_adapter(n)).collect();
+    let refs: Vec<&Adapter> = adapters.iter().collect();
+    let mask_path = peft().join(case).join("masks.safetensors");
+    // uint8 0/1 masks, one per factor (or ΔW) and adapter
+    let stored = (inject && mask_path.exists())
+        .then(|| smelt::io::safetensors::SafetensorsFile::open(&mask_path).unwrap());
+    let lookup = |module: &str, part: Part, i: usize, n: usize| -> Option<Vec<bool>> {
+        let f = stored.as_ref()?;
+        let t = f.get(&format!("{module}.{}.{}", part.name(), names[i]))?;
+        assert_eq!(t.dtype, DType::U8);
+        let bytes = f.data(t);
+        assert_eq!(bytes.len(), n, "mask size of {module}");
+        Some(bytes.iter().map(|&x| x != 0).collect())
+    };
+    let merged = merge::merge(
+        &refs,
+        &MergeOptions {
+            combination,
+            weights,
+            density,
+            majority_sign,
+            svd_rank,
+            seed: 7,
+            masks: Some(&lookup),
+        },
+        backend,
+    )
+    .unwrap_or_else(|e| panic!("{case}: {e}"));
+    (merged, names)
+}
+
+/// Every merge fixture: the merged ΔW (s'·B'·A', what PEFT applies) equals PEFT's
+/// delta.safetensors; for the factor methods and cat, A' and B' equal PEFT's tensors too.
+/// DARE fixtures run with PEFT's stored masks injected. All backends.
+#[test]
+fn merge_matches_add_weighted_adapter() {
+    let m = manifest();
+    for (case, _) in m["merges"].as_object().unwrap() {
+        let expected_delta = load_st(&peft().join(case).join("delta.safetensors"));
+        let expected_ad = load_st(&peft().join(case).join("adapter_model.safetensors"));
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(peft().join(case).join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        let (_, comb, ..) = fixture_call(case);
+        for (bname, backend) in backends() {
+            let (merged, _) = run_fixture(case, backend.as_ref(), true);
+            let what = format!("{case} on {bname}");
+            assert_eq!(merged.config["r"], cfg["r"], "{what}: r");
+            assert_eq!(
+                merged.config["lora_alpha"], cfg["lora_alpha"],
+                "{what}: lora_alpha"
+            );
+            assert_eq!(
+                merged.config["use_rslora"], cfg["use_rslora"],
+                "{what}: use_rslora"
+            );
+            let mut want_t: Vec<&str> = cfg["target_modules"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap())
+                .collect();
+            let mut got_t: Vec<&str> = merged.config["target_modules"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap())
+                .collect();
+            want_t.sort();
+            got_t.sort();
+            assert_eq!(got_t, want_t, "{what}: target_modules");
+            assert_eq!(
+                merged.modules.len(),
+                expected_delta.len(),
+                "{what}: modules"
+            );
+            let svd = comb.is_svd() && !merged.modules.is_empty() && case != "merge_a_single_svd";
+            let mut worst = 0f64;
+            for module in &merged.modules {
+                let d = merged.delta(module, backend.as_ref()).unwrap();
+                let e = &expected_delta[&format!("{}.weight", module.name)];
+                assert_eq!(vec![d.rows, d.cols], e.shape, "{what}: {}", module.name);
+                let tol = if svd {
+                    Tol::abs_rel(2e-6, 1e-5)
+                } else {
+                    Tol::FIXTURE
+                };
+                let c = compare(&d.data, &e.data, DType::F32, tol);
+                worst = worst.max(c.max_abs_diff);
+                assert_close(
+                    &format!("{what}: ΔW of {}", module.name),
+                    &d.data,
+                    &e.data,
+                    DType::F32,
+                    tol,
+                );
+            }
+            if !svd {
+                let got = merged.tensors();
+                assert_eq!(got.len(), expected_ad.len(), "{what}: tensor count");
+                for (k, shape, data) in got {
+                    let e = &expected_ad[&k];
+                    assert_eq!(shape, e.shape, "{what}: {k}");
+                    assert_close(
+                        &format!("{what}: {k}"),
+                        data,
+                        &e.data,
+                        DType::F32,
+                        Tol::FIXTURE,
+                    );
+                }
+            }
+            assert!(worst < 2e-6, "{what}: {worst:e}");
+        }
+    }
+}
+
+/// DARE with smelt's own random draws (PEFT's torch RNG cannot be matched): every element
+/// of A' and B' is one of the 2^M sums of kept `w·x/density` terms, each adapter's recovered
+/// keep-mask keeps a fraction within 4σ of the density, and over many seeds the mean of A'
+/// and of B' tends to the `linear` merge's factors (E[mask/density] = 1).
+#[test]
+fn dare_linear_by_statistics() {
+    let a = open_adapter("lora_a");
+    let b = open_adapter("lora_b");
+    let lin = load_st(&peft().join("merge_ab_linear/adapter_model.safetensors"));
+    let cpu = smelt::backend::cpu::Cpu::new();
+    let density = 0.5;
+    let run = |seed: u64| {
+        merge::merge(
+            &[&a, &b],
+            &MergeOptions {
+                combination: Combination::DareLinear,
+                weights: vec![0.7, 0.3],
+                density: Some(density),
+                majority_sign: MajoritySign::Total,
+                svd_rank: None,
+                seed,
+                masks: None,
+            },
+            &cpu,
+        )
+        .unwrap()
+    };
+    // Recover the masks of one draw.
+    let m = run(1);
+    let mut fractions = Vec::new();
+    for module in &m.modules {
+        for (part, got) in [("lora_A", &module.a), ("lora_B", &module.b)] {
+            let key = |ad: &Adapter| {
+                let lm = ad.module(&module.name).unwrap();
+                (if part == "lora_A" { ad.a(lm) } else { ad.b(lm) }, lm.scale)
+            };
+            let (xa, sa) = key(&a);
+            let (xb, sb) = key(&b);
+            let (wa, wb) = ((0.7 * sa).sqrt() as f32, (0.3 * sb).sqrt() as f32);
+            let (mut ka, mut kb) = (0usize, 0usize);
+            for e in 0..got.data.len() {
+                let ta = xa.data[e] * wa / density as f32;
+                let tb = xb.data[e] * wb / density as f32;
+                let options = [(0, 0, 0.0), (1, 0, ta), (0, 1, tb), (1, 1, ta + tb)];
+                let (ia, ib, _) = options
+                    .iter()
+                    .copied()
+                    .find(|(_, _, v)| (got.data[e] - v).abs() <= 1e-6 * (1.0 + v.abs()))
+                    .unwrap_or_else(|| {
+                        panic!(
+                            "{} {part}[{e}] = {} is no sum of kept terms",
+                            module.name, got.data[e]
+                        )
+                    });
+                ka += ia;
+                kb += ib;
+            }
+            let n = got.data.len() as f64;
+            fractions.push(ka as f64 / n);
+            fractions.push(kb as f64 / n);
+        }
+    }
+    for f in &fractions {
+        // ±4·√(p(1−p)/n) with n = 64
+        assert!(
+            (f - density).abs() <= 4.0 * (density * (1.0 - density) / 64.0).sqrt(),
+            "{fractions:?}"
+        );
+    }
+    let mean_all: f64 = fractions.iter().sum::<f64>() / fractions.len() as f64;
+    assert!((mean_all - density).abs() < 0.05, "{mean_all}");
+
+    // Expectation over seeds.
+    let seeds = 1500;
+    let mut sums: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+    for seed in 0..seeds {
+        for (k, _, d) in run(seed).tensors() {
+            let s = sums.entry(k).or_insert_with(|| vec![0.0; d.len()]);
+            s.iter_mut().zip(d).for_each(|(s, x)| *s += *x as f64);
+        }
+    }
+    for (k, s) in &sums {
+        let l = &lin[k];
+        // Var of one draw per element: Σ_i (w_i x_i)² (1/p − 1), w_i = √(w·s) of adapter i
+        let module = k.trim_start_matches("base_model.model.");
+        let (module, part_a) = match module.strip_suffix(".lora_A.weight") {
+            Some(m) => (m, true),
+            None => (module.strip_suffix(".lora_B.weight").unwrap(), false),
+        };
+        let mut var = vec![0f64; l.data.len()];
+        for (ad, w) in [(&a, 0.7), (&b, 0.3)] {
+            let lm = ad.module(module).unwrap();
+            let x = if part_a { ad.a(lm) } else { ad.b(lm) };
+            let wf = (w * lm.scale).sqrt();
+            for (v, x) in var.iter_mut().zip(&x.data) {
+                *v += (wf * *x as f64).powi(2) * (1.0 / density - 1.0);
+            }
+        }
+        for (e, (s, x)) in s.iter().zip(&l.data).enumerate() {
+            let mean = s / seeds as f64;
+            let bound = 5.0 * (var[e] / seeds as f64).sqrt() + 1e-6;
+            assert!(
+                (mean - *x as f64).abs() <= bound,
+                "{k}[{e}]: mean {mean} vs linear {x} (5σ = {bound})"
+            );
+        }
+    }
+}
+
+/// PEFT's refusals, with smelt's clear messages: unequal ranks for the factor methods,
+/// pruning without a density, weight count.
+#[test]
+fn merge_refuses_what_peft_refuses() {
+    let a = open_adapter("lora_a");
+    let c = open_adapter("lora_c");
+    let cpu = smelt::backend::cpu::Cpu::new();
+    let opts = |combination, density, weights: Vec<f64>| MergeOptions {
+        combination,
+        weights,
+        density,
+        majority_sign: MajoritySign::Total,
+        svd_rank: None,
+        seed: 0,
+        masks: None,
+    };
+    let e = merge::merge(
+        &[&a, &c],
+        &opts(Combination::Linear, None, vec![0.7, 0.3]),
+        &cpu,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        e.contains("same rank") && e.contains("r=4") && e.contains("r=8"),
+        "{e}"
+    );
+    let e = merge::merge(
+        &[&a, &a],
+        &opts(Combination::Ties, None, vec![0.7, 0.3]),
+        &cpu,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("--density"), "{e}");
+    let e = merge::merge(&[&a, &c], &opts(Combination::Cat, None, vec![0.7]), &cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("1 weights for 2 adapters"), "{e}");
+    let mts = open_adapter("lora_mts");
+    let e = merge::merge(
+        &[&a, &mts],
+        &opts(Combination::Cat, None, vec![0.7, 0.3]),
+        &cpu,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("modules_to_save"), "{e}");
+}
