@@ -15,6 +15,7 @@ use smelt::exec::{self, ExecOptions};
 use smelt::io::model::ModelFolder;
 use smelt::io::verify::verify;
 use smelt::io::writer::{parse_size, HashAlgo, Start};
+use smelt::lora::Adapter;
 use smelt::methods::{self, Default, Scope};
 use smelt::plan::Plan;
 use smelt::recipe::Recipe;
@@ -221,6 +222,62 @@ enum LoraCmd {
         /// Largest shard to write, e.g. 5GB, 500MB, 2GiB.
         #[arg(long, default_value = "5GB")]
         out_shard_size: String,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+    /// Merge LoRA adapters into one adapter that PEFT loads (PEFT's `add_weighted_adapter`).
+    #[command(
+        long_about = "Merge LoRA adapters of one base model into a single adapter folder \
+        (adapter_config.json + adapter_model.safetensors) that PEFT loads. The arithmetic is PEFT's \
+        `add_weighted_adapter`, checked against adapters PEFT 0.21.2 merged:\n\n\
+        * linear, ties, dare_linear, dare_ties, magnitude_prune: the A matrices are merged among \
+        themselves and the B matrices among themselves, with weights √|w·s|·sign(w·s) on A and \
+        √|w·s| on B (s = each adapter's scale); pruning (--density) acts on each factor. All \
+        adapters need the same rank. The product B'A' holds cross terms, so this is only roughly \
+        Σ w·s·B·A; use cat or svd for the exact weighted sum.\n\
+        * cat: stacks the ranks (rank = Σ ranks): exactly Σ w·s·B·A.\n\
+        * svd, ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd: forms each module's \
+        ΔW = s·B·A on the device, combines them with the weights (pruning ΔW for the ties/dare/\
+        magnitude variants), and re-factors with a truncated SVD to --svd-rank (default: the \
+        largest input rank).\n\n\
+        The merged adapter has r = lora_alpha = its rank (scale 1) and otherwise the first \
+        adapter's config. As in PEFT, a first adapter with use_rslora makes the merged scale √r; \
+        smelt warns when that happens. A single adapter is merged with linear whatever --method \
+        says, as PEFT does. DARE draws its masks from smelt's seeded generator (--seed), not \
+        torch's, so its result matches PEFT's in distribution, not value.",
+        after_help = "Examples:\n  smelt lora merge ./lora-math ./lora-code --method cat --weights 0.7,0.3 -o ./lora-both\n  smelt lora merge ./a ./b ./c --method ties --density 0.5 --weights 0.5,0.3,0.2 -o ./abc\n  smelt lora merge ./a ./b --method svd --svd-rank 16 -o ./ab-r16"
+    )]
+    Merge {
+        /// Two or more PEFT LoRA adapter folders (one is allowed; it is rescaled by its weight).
+        #[arg(required = true)]
+        adapters: Vec<PathBuf>,
+        /// How to combine them.
+        #[arg(long, value_parser = [
+            "linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_linear_svd",
+            "dare_ties", "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd"])]
+        method: String,
+        /// One weight per adapter, comma-separated (e.g. 0.7,0.3). Default: 1 for each.
+        #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+        weights: Option<Vec<f64>>,
+        /// Fraction of elements kept by the pruning methods (ties, dare_*, magnitude_prune*).
+        #[arg(long)]
+        density: Option<f64>,
+        /// Sign election of ties and dare_ties: total (sign of the sum) or frequency (majority
+        /// of the signs).
+        #[arg(long, default_value = "total", value_parser = ["total", "frequency"])]
+        majority_sign: String,
+        /// Rank of the result of the SVD methods (default: the largest input rank).
+        #[arg(long)]
+        svd_rank: Option<usize>,
+        /// Seed of the DARE draws.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output adapter folder (refused if it exists, unless --force).
+        #[arg(short, long)]
+        out: PathBuf,
+        /// Replace OUT if it exists (the old folder is removed only after the new one is complete).
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         device: DeviceArgs,
     },
@@ -609,6 +666,97 @@ fn run_lora(cmd: LoraCmd) -> anyhow::Result<()> {
                 report.out_dir.display(),
                 report.seconds,
                 report.backend
+            );
+            Ok(())
+        }
+        LoraCmd::Merge {
+            adapters,
+            method,
+            weights,
+            density,
+            majority_sign,
+            svd_rank,
+            seed,
+            out,
+            force,
+            device,
+        } => {
+            use smelt::lora::merge::{self, Combination, MajoritySign, MergeOptions};
+            let opened: Vec<Adapter> = adapters
+                .iter()
+                .map(|p| Ok(Adapter::open(p, &p.display().to_string())?))
+                .collect::<anyhow::Result<_>>()?;
+            let refs: Vec<&Adapter> = opened.iter().collect();
+            let weights = weights.unwrap_or_else(|| vec![1.0; opened.len()]);
+            if let Some(w) = weights.iter().find(|w| !w.is_finite()) {
+                bail!("--weights: {w} is not a finite number");
+            }
+            let combination = Combination::from_name(&method).expect("clap checked it");
+            if svd_rank.is_some() && !combination.is_svd() {
+                bail!("--svd-rank applies to the SVD methods only, not {method}");
+            }
+            if svd_rank == Some(0) {
+                bail!("--svd-rank must be at least 1");
+            }
+            let backend = make_backend(&device)?;
+            let merged = merge::merge(
+                &refs,
+                &MergeOptions {
+                    combination,
+                    weights: weights.clone(),
+                    density,
+                    majority_sign: if majority_sign == "frequency" {
+                        MajoritySign::Frequency
+                    } else {
+                        MajoritySign::Total
+                    },
+                    svd_rank,
+                    seed,
+                    masks: None,
+                },
+                backend.as_ref(),
+            )?;
+            for w in &merged.warnings {
+                log::warn!("{w}");
+            }
+            let mut card = format!(
+                "---\nlibrary_name: peft\ntags:\n- lora\n- smelt\n- {method}\n---\n\n# {}\n\n\
+                 LoRA adapter merged with smelt {} using `{method}` (PEFT's `add_weighted_adapter` semantics).\n\n\
+                 | adapter | weight |\n|---|---|\n",
+                out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(),
+                env!("CARGO_PKG_VERSION")
+            );
+            for (a, w) in opened.iter().zip(&weights) {
+                card.push_str(&format!("| `{}` | {w} |\n", a.label));
+            }
+            card.push_str(&format!(
+                "\nrank {}, lora_alpha {}, {} modules",
+                merged.rank,
+                merged.rank,
+                merged.modules.len()
+            ));
+            if let Some(d) = density {
+                card.push_str(&format!(", density {d}"));
+            }
+            if combination.is_random() {
+                card.push_str(&format!(", seed {seed}"));
+            }
+            card.push('\n');
+            let dir = smelt::lora::write::write_adapter(
+                &out,
+                force,
+                &merged.config,
+                &merged.tensors(),
+                opened[0].dtype(),
+                &card,
+            )?;
+            println!(
+                "merged {} adapters with {method} into {} (rank {}, {} modules) on {}",
+                opened.len(),
+                dir.display(),
+                merged.rank,
+                merged.modules.len(),
+                backend.name()
             );
             Ok(())
         }

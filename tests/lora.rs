@@ -468,3 +468,122 @@ fn merge_refuses_what_peft_refuses() {
     .to_string();
     assert!(e.contains("modules_to_save"), "{e}");
 }
+
+/// `smelt lora merge` through the binary: the written folder holds PEFT's keys, shapes and
+/// values (cat of a and c, with c-only up_proj zero-padded), a config with PEFT's r / alpha /
+/// targets, and reads back as an adapter whose application equals base + PEFT's ΔW.
+#[test]
+fn cli_merge_writes_adapter_peft_reads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ac_cat");
+    let o = smelt()
+        .args([
+            "lora",
+            "merge",
+            &p("lora_a"),
+            &p("lora_c"),
+            "--method",
+            "cat",
+            "--weights",
+            "0.7,0.3",
+            "-o",
+        ])
+        .arg(&out)
+        .args(cpu_args())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got = load_st(&out.join("adapter_model.safetensors"));
+    let expected = load_st(&peft().join("merge_ac_cat/adapter_model.safetensors"));
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        expected.keys().collect::<Vec<_>>()
+    );
+    for (k, e) in &expected {
+        assert_eq!(got[k].shape, e.shape, "{k}");
+        assert_close(k, &got[k].data, &e.data, DType::F32, Tol::FIXTURE);
+    }
+    let raw = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+    let hlen = u64::from_le_bytes(raw[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&raw[8..8 + hlen]).unwrap();
+    assert_eq!(header["__metadata__"]["format"], "pt");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"], 12);
+    assert_eq!(cfg["lora_alpha"], 12);
+    let mut t: Vec<&str> = cfg["target_modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    t.sort();
+    assert_eq!(t, ["q_proj", "up_proj", "v_proj"]);
+    // Every other field equals the config PEFT wrote for the same merge.
+    let peft_cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(peft().join("merge_ac_cat/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    for (k, v) in peft_cfg.as_object().unwrap() {
+        if k != "target_modules" {
+            assert_eq!(&cfg[k], v, "adapter_config.json field {k}");
+        }
+    }
+    assert_eq!(
+        cfg.as_object().unwrap().len(),
+        peft_cfg.as_object().unwrap().len()
+    );
+
+    // Applying the written adapter = base + PEFT's merged ΔW.
+    let recipe = format!(
+        "merge_method: passthrough\nmodels:\n  - model: {}+{}\n",
+        p("base"),
+        out.display()
+    );
+    let plan = plan_text(tmp.path(), &recipe, None);
+    let applied = merge_plan(&plan, &smelt::backend::cpu::Cpu::new());
+    let base = load_st(&peft().join("base/model.safetensors"));
+    let delta = load_st(&peft().join("merge_ac_cat/delta.safetensors"));
+    for (name, b) in &base {
+        let want: Vec<f32> = match delta.get(name) {
+            Some(d) => b.data.iter().zip(&d.data).map(|(x, y)| x + y).collect(),
+            None => b.data.clone(),
+        };
+        assert_close(
+            name,
+            &applied[name].data,
+            &want,
+            DType::F32,
+            Tol::abs_rel(2e-7, 1e-6),
+        );
+    }
+
+    // Refusals exit non-zero and leave nothing.
+    let bad = tmp.path().join("bad");
+    let o = smelt()
+        .args([
+            "lora",
+            "merge",
+            &p("lora_a"),
+            &p("lora_c"),
+            "--method",
+            "ties",
+            "--density",
+            "0.5",
+            "-o",
+        ])
+        .arg(&bad)
+        .args(cpu_args())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("same rank"), "{}", stderr(&o));
+    assert!(!bad.exists());
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        2,
+        "only ac_cat and recipe.yml"
+    );
+}
