@@ -3,6 +3,7 @@
 //! `add_weighted_adapter`), and extract one from a fine-tuned model (`smelt lora extract`).
 
 pub mod adapter;
+pub mod extract;
 pub mod merge;
 pub mod write;
 
