@@ -720,3 +720,37 @@ fn cli_extract_round_trips_through_apply() {
     assert!(stderr(&o).contains("nothing to extract"), "{}", stderr(&o));
     assert!(!tmp.path().join("none").exists());
 }
+
+/// `BASE+ADAPTER` works with any method: a linear merge of two adapted models equals the
+/// same merge of PEFT's two merged models, on every backend.
+#[test]
+fn adapted_models_merge_with_any_method() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = format!(
+        "merge_method: linear\nmodels:\n  - model: {b}+{a}\n    parameters: {{weight: 0.6}}\n  - model: {b}+{c}\n    parameters: {{weight: 0.4}}\n",
+        b = p("base"),
+        a = p("lora_a"),
+        c = p("lora_c")
+    );
+    let plan = plan_text(tmp.path(), &recipe, None);
+    let ea = load_st(&peft().join("apply_lora_a/model.safetensors"));
+    let ec = load_st(&peft().join("apply_lora_c/model.safetensors"));
+    for (bname, backend) in backends() {
+        let got = merge_plan(&plan, backend.as_ref());
+        for (name, x) in &ea {
+            let want: Vec<f32> = x
+                .data
+                .iter()
+                .zip(&ec[name].data)
+                .map(|(x, y)| 0.6 * x + 0.4 * y)
+                .collect();
+            assert_close(
+                &format!("{bname} {name}"),
+                &got[name].data,
+                &want,
+                DType::F32,
+                Tol::abs_rel(2e-7, 2e-6),
+            );
+        }
+    }
+}
