@@ -244,7 +244,12 @@ enum LoraCmd {
         adapter's config. As in PEFT, a first adapter with use_rslora makes the merged scale √r; \
         smelt warns when that happens. A single adapter is merged with linear whatever --method \
         says, as PEFT does. DARE draws its masks from smelt's seeded generator (--seed), not \
-        torch's, so its result matches PEFT's in distribution, not value.",
+        torch's, so its result matches PEFT's in distribution, not value.\n\n\
+        * lego (LoRA-LEGO, Zhao et al. 2025; not in PEFT): every rank-1 unit (row j of A with \
+        column j of B, weighted by √|w·s|) of every adapter is a point; per module, k-means \
+        (k = --rank) clusters them and each cluster becomes one rank of the result: its centroid \
+        scaled by √n on both halves for n members, so identical units add up. k = the total \
+        number of units gives cat's exact sum. Scale 1 (use_rslora false).",
         after_help = "Examples:\n  smelt lora merge ./lora-math ./lora-code --method cat --weights 0.7,0.3 -o ./lora-both\n  smelt lora merge ./a ./b ./c --method ties --density 0.5 --weights 0.5,0.3,0.2 -o ./abc\n  smelt lora merge ./a ./b --method svd --svd-rank 16 -o ./ab-r16"
     )]
     Merge {
@@ -254,7 +259,7 @@ enum LoraCmd {
         /// How to combine them.
         #[arg(long, value_parser = [
             "linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_linear_svd",
-            "dare_ties", "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd"])]
+            "dare_ties", "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd", "lego"])]
         method: String,
         /// One weight per adapter, comma-separated (e.g. 0.7,0.3). Default: 1 for each.
         #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
@@ -269,7 +274,10 @@ enum LoraCmd {
         /// Rank of the result of the SVD methods (default: the largest input rank).
         #[arg(long)]
         svd_rank: Option<usize>,
-        /// Seed of the DARE draws.
+        /// Rank of the result of lego: the number of clusters (default: the largest input rank).
+        #[arg(long)]
+        rank: Option<usize>,
+        /// Seed of the DARE draws and of lego's k-means seeding.
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Output adapter folder (refused if it exists, unless --force).
@@ -705,6 +713,7 @@ fn run_lora(cmd: LoraCmd) -> anyhow::Result<()> {
             density,
             majority_sign,
             svd_rank,
+            rank,
             seed,
             out,
             force,
@@ -720,31 +729,40 @@ fn run_lora(cmd: LoraCmd) -> anyhow::Result<()> {
             if let Some(w) = weights.iter().find(|w| !w.is_finite()) {
                 bail!("--weights: {w} is not a finite number");
             }
-            let combination = Combination::from_name(&method).expect("clap checked it");
-            if svd_rank.is_some() && !combination.is_svd() {
+            if rank.is_some() && method != "lego" {
+                bail!("--rank is the cluster count of lego; the SVD methods take --svd-rank");
+            }
+            if method == "lego" && (density.is_some() || svd_rank.is_some()) {
+                bail!("lego takes --weights, --rank and --seed; --density and --svd-rank do not apply");
+            }
+            let combination = Combination::from_name(&method);
+            if svd_rank.is_some() && !combination.is_some_and(|c| c.is_svd()) {
                 bail!("--svd-rank applies to the SVD methods only, not {method}");
             }
             if svd_rank == Some(0) {
                 bail!("--svd-rank must be at least 1");
             }
             let backend = make_backend(&device)?;
-            let merged = merge::merge(
-                &refs,
-                &MergeOptions {
-                    combination,
-                    weights: weights.clone(),
-                    density,
-                    majority_sign: if majority_sign == "frequency" {
-                        MajoritySign::Frequency
-                    } else {
-                        MajoritySign::Total
+            let merged = match combination {
+                None => smelt::lora::lego::lego(&refs, &weights, rank, seed, backend.as_ref())?,
+                Some(combination) => merge::merge(
+                    &refs,
+                    &MergeOptions {
+                        combination,
+                        weights: weights.clone(),
+                        density,
+                        majority_sign: if majority_sign == "frequency" {
+                            MajoritySign::Frequency
+                        } else {
+                            MajoritySign::Total
+                        },
+                        svd_rank,
+                        seed,
+                        masks: None,
                     },
-                    svd_rank,
-                    seed,
-                    masks: None,
-                },
-                backend.as_ref(),
-            )?;
+                    backend.as_ref(),
+                )?,
+            };
             for w in &merged.warnings {
                 log::warn!("{w}");
             }
@@ -767,7 +785,7 @@ fn run_lora(cmd: LoraCmd) -> anyhow::Result<()> {
             if let Some(d) = density {
                 card.push_str(&format!(", density {d}"));
             }
-            if combination.is_random() {
+            if combination.is_none_or(|c| c.is_random()) {
                 card.push_str(&format!(", seed {seed}"));
             }
             card.push('\n');

@@ -754,3 +754,152 @@ fn adapted_models_merge_with_any_method() {
         }
     }
 }
+
+// ---- LoRA-LEGO ----------------------------------------------------------------------------
+
+/// LEGO's exact cases on every backend: with k = every unit (4 + 8 ranks of a and c) each
+/// unit is its own cluster and the result is PEFT's `cat` ΔW; an adapter merged with itself
+/// at half weight each, k = its rank, pairs every unit with its twin and gives back the
+/// adapter's own ΔW (what PEFT's merge_and_unload adds). A clustered merge (k < units) is
+/// deterministic for a seed and agrees across backends.
+#[test]
+fn lego_exact_cases_and_parity() {
+    let a = open_adapter("lora_a");
+    let b = open_adapter("lora_b");
+    let c = open_adapter("lora_c");
+    let cat = load_st(&peft().join("merge_ac_cat/delta.safetensors"));
+    let base = load_st(&peft().join("base/model.safetensors"));
+    let applied = load_st(&peft().join("apply_lora_a/model.safetensors"));
+    let mut reference: Option<Vec<Vec<f32>>> = None;
+    for (bname, backend) in backends() {
+        let bk = backend.as_ref();
+        let m = smelt::lora::lego::lego(&[&a, &c], &[0.7, 0.3], Some(12), 3, bk).unwrap();
+        for module in &m.modules {
+            let d = m.delta(module, bk).unwrap();
+            let e = &cat[&format!("{}.weight", module.name)];
+            assert_close(
+                &format!("{bname} lego k=12 {}", module.name),
+                &d.data,
+                &e.data,
+                DType::F32,
+                Tol::abs_rel(2e-7, 1e-5),
+            );
+        }
+        let m = smelt::lora::lego::lego(&[&a, &a], &[0.5, 0.5], Some(4), 3, bk).unwrap();
+        assert_eq!(m.modules.len(), 4);
+        for module in &m.modules {
+            let d = m.delta(module, bk).unwrap();
+            let name = format!("{}.weight", module.name);
+            let want: Vec<f32> = applied[&name]
+                .data
+                .iter()
+                .zip(&base[&name].data)
+                .map(|(x, y)| x - y)
+                .collect();
+            assert_close(
+                &format!("{bname} lego twins {name}"),
+                &d.data,
+                &want,
+                DType::F32,
+                Tol::abs_rel(2e-7, 1e-5),
+            );
+        }
+        let run = || smelt::lora::lego::lego(&[&a, &b], &[0.7, 0.3], Some(4), 11, bk).unwrap();
+        let (m1, m2) = (run(), run());
+        let d1: Vec<Vec<f32>> = m1
+            .modules
+            .iter()
+            .map(|x| m1.delta(x, bk).unwrap().data)
+            .collect();
+        let d2: Vec<Vec<f32>> = m2
+            .modules
+            .iter()
+            .map(|x| m2.delta(x, bk).unwrap().data)
+            .collect();
+        assert_eq!(d1, d2, "{bname}: same seed, same result");
+        assert_eq!(m1.config["r"], 4);
+        match &reference {
+            None => reference = Some(d1),
+            Some(r) => {
+                for (x, y) in r.iter().zip(&d1) {
+                    assert_close(
+                        &format!("{bname} vs cpu lego"),
+                        y,
+                        x,
+                        DType::F32,
+                        Tol::abs_rel(1e-6, 1e-5),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// `smelt lora merge --method lego` through the binary: at k = all units the written adapter
+/// applies PEFT's exact cat sum.
+#[test]
+fn cli_lego_writes_loadable_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("lego");
+    let o = smelt()
+        .args([
+            "lora",
+            "merge",
+            &p("lora_a"),
+            &p("lora_c"),
+            "--method",
+            "lego",
+            "--rank",
+            "12",
+            "--weights",
+            "0.7,0.3",
+            "-o",
+        ])
+        .arg(&out)
+        .args(cpu_args())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let recipe = format!(
+        "merge_method: passthrough\nmodels:\n  - model: {}+{}\n",
+        p("base"),
+        out.display()
+    );
+    let applied = merge_plan(
+        &plan_text(tmp.path(), &recipe, None),
+        &smelt::backend::cpu::Cpu::new(),
+    );
+    let base = load_st(&peft().join("base/model.safetensors"));
+    let delta = load_st(&peft().join("merge_ac_cat/delta.safetensors"));
+    for (name, b) in &base {
+        let want: Vec<f32> = match delta.get(name) {
+            Some(d) => b.data.iter().zip(&d.data).map(|(x, y)| x + y).collect(),
+            None => b.data.clone(),
+        };
+        assert_close(
+            name,
+            &applied[name].data,
+            &want,
+            DType::F32,
+            Tol::abs_rel(3e-7, 1e-5),
+        );
+    }
+    let o = smelt()
+        .args([
+            "lora",
+            "merge",
+            &p("lora_a"),
+            &p("lora_b"),
+            "--method",
+            "lego",
+            "--density",
+            "0.5",
+            "-o",
+        ])
+        .arg(tmp.path().join("bad"))
+        .args(cpu_args())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(!tmp.path().join("bad").exists());
+}

@@ -4,6 +4,7 @@
 
 pub mod adapter;
 pub mod extract;
+pub mod lego;
 pub mod merge;
 pub mod write;
 
