@@ -903,3 +903,83 @@ fn cli_lego_writes_loadable_adapter() {
     assert!(!o.status.success());
     assert!(!tmp.path().join("bad").exists());
 }
+
+/// Bad adapters are refused with messages that name the file, key or tensor.
+#[test]
+fn bad_adapters_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = |name: &str| {
+        let d = tmp.path().join(name);
+        copy_dir(&peft().join("lora_a"), &d);
+        d
+    };
+    let open_err =
+        |d: &std::path::Path| Adapter::open(d, "x").err().expect("must fail").to_string();
+
+    let d = copy("dora");
+    let cfg = std::fs::read_to_string(d.join("adapter_config.json")).unwrap();
+    std::fs::write(
+        d.join("adapter_config.json"),
+        cfg.replace("\"use_dora\": false", "\"use_dora\": true"),
+    )
+    .unwrap();
+    let e = open_err(&d);
+    assert!(
+        e.contains("use_dora") && e.contains("adapter_config.json"),
+        "{e}"
+    );
+
+    let d = copy("rank");
+    let cfg = std::fs::read_to_string(d.join("adapter_config.json")).unwrap();
+    std::fs::write(
+        d.join("adapter_config.json"),
+        cfg.replace("\"r\": 4", "\"r\": 8"),
+    )
+    .unwrap();
+    let e = open_err(&d);
+    assert!(e.contains("rank 4") && e.contains("r = 8"), "{e}");
+
+    let d = copy("pickle");
+    std::fs::rename(
+        d.join("adapter_model.safetensors"),
+        d.join("adapter_model.bin"),
+    )
+    .unwrap();
+    let e = open_err(&d);
+    assert!(
+        e.contains("adapter_model.bin") && e.contains("safetensors"),
+        "{e}"
+    );
+
+    // a lone A factor
+    let d = copy("half");
+    let t = load_st(&d.join("adapter_model.safetensors"));
+    let keep: Vec<(&str, &T)> = t
+        .iter()
+        .filter(|(k, _)| {
+            k.as_str() != "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+        })
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
+    write_st(&d.join("adapter_model.safetensors"), &keep);
+    let e = open_err(&d);
+    assert!(
+        e.contains("model.layers.0.self_attn.q_proj") && e.contains("no B factor"),
+        "{e}"
+    );
+
+    // BASE+ADAPTER where the adapter folder does not exist
+    std::fs::write(
+        tmp.path().join("r.yml"),
+        format!(
+            "merge_method: passthrough\nmodels:\n  - model: {}+{}\n",
+            p("base"),
+            tmp.path().join("nope").display()
+        ),
+    )
+    .unwrap();
+    let e = smelt::recipe::Recipe::load(&tmp.path().join("r.yml"))
+        .expect_err("must fail")
+        .to_string();
+    assert!(e.contains("adapter folder") && e.contains("nope"), "{e}");
+}
