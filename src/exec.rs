@@ -97,6 +97,27 @@ pub fn fingerprint(plan: &Plan, layout: &Layout) -> String {
     hex(&h.finalize())
 }
 
+/// The task's inputs with the tensors that `lora_inputs` rebuilt (W + ΔW) in their place.
+fn adapted_inputs<'p>(
+    plan: &'p Plan,
+    t: &TensorTask,
+    owned: &'p [Option<Vec<u8>>],
+) -> (Option<Input<'p>>, Vec<Input<'p>>) {
+    let (mut base, mut models) = inputs_of(plan, t);
+    let nb = base.is_some() as usize;
+    for (k, bytes) in owned.iter().enumerate() {
+        if let Some(bytes) = bytes {
+            let slot = if k < nb {
+                base.as_mut().unwrap()
+            } else {
+                &mut models[k - nb]
+            };
+            slot.bytes = bytes;
+        }
+    }
+    (base, models)
+}
+
 fn inputs_of<'p>(plan: &'p Plan, t: &TensorTask) -> (Option<Input<'p>>, Vec<Input<'p>>) {
     let get = |ti: &crate::plan::TaskInput| {
         let r = plan.models[ti.model]
@@ -185,7 +206,9 @@ pub fn whole_model_sums(plan: &Plan, backend: &dyn Backend) -> Result<Vec<f64>> 
     }
     let each = |f: &mut methods::JobVisitor| -> Result<()> {
         for t in plan.tasks.iter().filter(|t| !t.copy_only) {
-            let (base, models) = inputs_of(plan, t);
+            // statistics of what will be merged: adapted models with their ΔW added
+            let owned = lora_inputs(plan, backend, t)?;
+            let (base, models) = adapted_inputs(plan, t, &owned);
             let job = Job::new(&t.name, base, models, plan.load_dtype, DType::F32);
             let r = f(&job, &t.params, &t.shape);
             backend.end_job(&job);
@@ -198,6 +221,44 @@ pub fn whole_model_sums(plan: &Plan, backend: &dyn Backend) -> Result<Vec<f64>> 
     Ok(v)
 }
 
+/// For each input of a task (base first, then the models): the tensor with its LoRA ΔW
+/// added, when the input is a `MODEL+ADAPTER` whose adapter targets that tensor. This is
+/// PEFT's `merge_and_unload`: W + ΔW in W's dtype, ΔW = s·B·A formed on the backend. Only
+/// this tensor's ΔW exists at any time.
+fn lora_inputs(plan: &Plan, backend: &dyn Backend, t: &TensorTask) -> Result<Vec<Option<Vec<u8>>>> {
+    t.base
+        .iter()
+        .chain(&t.models)
+        .map(|ti| {
+            let m = &plan.models[ti.model];
+            let Some(module) = m.lora.as_ref().and_then(|a| a.module_for(&ti.tensor)) else {
+                return Ok(None);
+            };
+            let ad = m.lora.as_ref().unwrap();
+            let r = m.get(&ti.tensor).expect("planned tensor exists");
+            let mut w = vec![0f32; r.numel()];
+            crate::dtype::decode(r.dtype(), r.bytes(), &mut w);
+            let d = ad.delta(module, backend)?;
+            if d.data.len() != w.len() {
+                return Err(Error::Param {
+                    tensor: ti.tensor.clone(),
+                    msg: format!(
+                        "the ΔW of adapter {} is {}x{} but the tensor has {} elements",
+                        ad.label,
+                        d.rows,
+                        d.cols,
+                        w.len()
+                    ),
+                });
+            }
+            w.iter_mut().zip(&d.data).for_each(|(x, dx)| *x += dx);
+            let mut bytes = vec![0u8; w.len() * r.dtype().size()];
+            crate::dtype::encode(r.dtype(), &w, &mut bytes);
+            Ok(Some(bytes))
+        })
+        .collect()
+}
+
 /// Merges one planned tensor into `out` (its output bytes).
 pub fn merge_tensor(
     plan: &Plan,
@@ -205,7 +266,12 @@ pub fn merge_tensor(
     t: &TensorTask,
     out: &mut [u8],
 ) -> Result<()> {
-    let (base, models) = inputs_of(plan, t);
+    let owned = if t.copy_only {
+        Vec::new()
+    } else {
+        lora_inputs(plan, backend, t)?
+    };
+    let (base, models) = adapted_inputs(plan, t, &owned);
     if t.copy_only {
         out.copy_from_slice(models[0].bytes);
         return Ok(());

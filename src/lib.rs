@@ -16,6 +16,7 @@ pub mod error;
 pub mod exec;
 pub mod io;
 pub mod linalg;
+pub mod lora;
 pub mod methods;
 pub mod plan;
 pub mod recipe;

@@ -15,6 +15,7 @@ use smelt::exec::{self, ExecOptions};
 use smelt::io::model::ModelFolder;
 use smelt::io::verify::verify;
 use smelt::io::writer::{parse_size, HashAlgo, Start};
+use smelt::lora::Adapter;
 use smelt::methods::{self, Default, Scope};
 use smelt::plan::Plan;
 use smelt::recipe::Recipe;
@@ -140,6 +141,10 @@ enum Cmd {
         #[command(flatten)]
         device: DeviceArgs,
     },
+    /// Work with LoRA adapters (PEFT folders): bake one into a model, merge several into one,
+    /// or extract one from a fine-tuned model.
+    #[command(subcommand)]
+    Lora(LoraCmd),
     /// List the GPU adapters smelt can use (name, vendor, backend, type, driver, limits).
     Devices,
     /// Measure every primitive and method on generated data, on the CPU and every usable
@@ -183,6 +188,135 @@ enum Cmd {
         /// Print every tensor (default: the first 50).
         #[arg(short, long)]
         all: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum LoraCmd {
+    /// Bake a LoRA adapter into its base model: W + s·B·A for every module it adapts, its full
+    /// tensors (modules_to_save) in place of the base's. PEFT's `merge_and_unload`.
+    #[command(
+        long_about = "Bake a LoRA adapter into its base model and write a full model folder.\n\n\
+        ADAPTER is a PEFT adapter folder (adapter_config.json + adapter_model.safetensors). \
+        For every module it adapts, smelt adds ΔW = s·B·A (s = lora_alpha/r, or lora_alpha/√r with \
+        use_rslora; rank_pattern and alpha_pattern honoured; embeddings transposed as PEFT does) \
+        to the base tensor in the base's dtype, forming one ΔW at a time on the chosen device. \
+        Full tensors the adapter carries (modules_to_save, base_layer copies) replace the base's. \
+        Every module is checked against the base before anything is read: an adapter trained on \
+        another base is refused, naming the module and both shapes.\n\n\
+        This is the same as the recipe `merge_method: passthrough` with `model: BASE+ADAPTER`; \
+        in recipes, `BASE+ADAPTER` works with every method.",
+        after_help = "Example:\n  smelt lora apply ./Llama-3-8B ./my-lora -o ./Llama-3-8B-my-lora"
+    )]
+    Apply {
+        /// The base model folder.
+        base: PathBuf,
+        /// The PEFT LoRA adapter folder.
+        adapter: PathBuf,
+        /// Output folder (refused if it exists, unless --force).
+        #[arg(short, long)]
+        out: PathBuf,
+        /// Replace OUT if it exists (the old folder is removed only after the new one is complete).
+        #[arg(long)]
+        force: bool,
+        /// Largest shard to write, e.g. 5GB, 500MB, 2GiB.
+        #[arg(long, default_value = "5GB")]
+        out_shard_size: String,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+    /// Merge LoRA adapters into one adapter that PEFT loads (PEFT's `add_weighted_adapter`).
+    #[command(
+        long_about = "Merge LoRA adapters of one base model into a single adapter folder \
+        (adapter_config.json + adapter_model.safetensors) that PEFT loads. The arithmetic is PEFT's \
+        `add_weighted_adapter`, checked against adapters PEFT 0.21.2 merged:\n\n\
+        * linear, ties, dare_linear, dare_ties, magnitude_prune: the A matrices are merged among \
+        themselves and the B matrices among themselves, with weights √|w·s|·sign(w·s) on A and \
+        √|w·s| on B (s = each adapter's scale); pruning (--density) acts on each factor. All \
+        adapters need the same rank. The product B'A' holds cross terms, so this is only roughly \
+        Σ w·s·B·A; use cat or svd for the exact weighted sum.\n\
+        * cat: stacks the ranks (rank = Σ ranks): exactly Σ w·s·B·A.\n\
+        * svd, ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd: forms each module's \
+        ΔW = s·B·A on the device, combines them with the weights (pruning ΔW for the ties/dare/\
+        magnitude variants), and re-factors with a truncated SVD to --svd-rank (default: the \
+        largest input rank).\n\n\
+        The merged adapter has r = lora_alpha = its rank (scale 1) and otherwise the first \
+        adapter's config. As in PEFT, a first adapter with use_rslora makes the merged scale √r; \
+        smelt warns when that happens. A single adapter is merged with linear whatever --method \
+        says, as PEFT does. DARE draws its masks from smelt's seeded generator (--seed), not \
+        torch's, so its result matches PEFT's in distribution, not value.\n\n\
+        * lego (LoRA-LEGO, Zhao et al. 2025; not in PEFT): every rank-1 unit (row j of A with \
+        column j of B, weighted by √|w·s|) of every adapter is a point; per module, k-means \
+        (k = --rank) clusters them and each cluster becomes one rank of the result: its centroid \
+        scaled by √n on both halves for n members, so identical units add up. k = the total \
+        number of units gives cat's exact sum. Scale 1 (use_rslora false).",
+        after_help = "Examples:\n  smelt lora merge ./lora-math ./lora-code --method cat --weights 0.7,0.3 -o ./lora-both\n  smelt lora merge ./a ./b ./c --method ties --density 0.5 --weights 0.5,0.3,0.2 -o ./abc\n  smelt lora merge ./a ./b --method svd --svd-rank 16 -o ./ab-r16"
+    )]
+    Merge {
+        /// Two or more PEFT LoRA adapter folders (one is allowed; it is rescaled by its weight).
+        #[arg(required = true)]
+        adapters: Vec<PathBuf>,
+        /// How to combine them.
+        #[arg(long, value_parser = [
+            "linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_linear_svd",
+            "dare_ties", "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd", "lego"])]
+        method: String,
+        /// One weight per adapter, comma-separated (e.g. 0.7,0.3). Default: 1 for each.
+        #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+        weights: Option<Vec<f64>>,
+        /// Fraction of elements kept by the pruning methods (ties, dare_*, magnitude_prune*).
+        #[arg(long)]
+        density: Option<f64>,
+        /// Sign election of ties and dare_ties: total (sign of the sum) or frequency (majority
+        /// of the signs).
+        #[arg(long, default_value = "total", value_parser = ["total", "frequency"])]
+        majority_sign: String,
+        /// Rank of the result of the SVD methods (default: the largest input rank).
+        #[arg(long)]
+        svd_rank: Option<usize>,
+        /// Rank of the result of lego: the number of clusters (default: the largest input rank).
+        #[arg(long)]
+        rank: Option<usize>,
+        /// Seed of the DARE draws and of lego's k-means seeding.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output adapter folder (refused if it exists, unless --force).
+        #[arg(short, long)]
+        out: PathBuf,
+        /// Replace OUT if it exists (the old folder is removed only after the new one is complete).
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+    /// Extract a LoRA adapter from a fine-tuned model: a truncated SVD of each weight's change.
+    #[command(
+        long_about = "Extract a LoRA adapter of rank R from a fine-tuned model and its base.\n\n\
+        For every 2-D weight that differs between TUNED and BASE, smelt forms ΔW = tuned − base \
+        (one tensor at a time) and takes its truncated SVD on the chosen device: B = U·diag(S), \
+        A = Vᵀ, rank R (embeddings become lora_embedding_A/B, as PEFT stores them). The adapter has \
+        r = lora_alpha = R (scale 1) and lists the extracted modules in target_modules.\n\n\
+        For each module smelt prints the retained energy Σ_{i<R} σ_i² / ‖ΔW‖²_F: the share of the \
+        change the rank keeps (the relative Frobenius error is √(1 − energy)). Changed tensors a \
+        LoRA cannot hold (norms, biases) are listed and left out.",
+        after_help = "Example:\n  smelt lora extract ./Llama-3-8B ./Llama-3-8B-Instruct --rank 64 -o ./instruct-lora-r64"
+    )]
+    Extract {
+        /// The base model folder.
+        base: PathBuf,
+        /// The fine-tuned model folder (same architecture and shapes).
+        tuned: PathBuf,
+        /// Rank of the adapter.
+        #[arg(long)]
+        rank: usize,
+        /// Output adapter folder (refused if it exists, unless --force).
+        #[arg(short, long)]
+        out: PathBuf,
+        /// Replace OUT if it exists (the old folder is removed only after the new one is complete).
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        device: DeviceArgs,
     },
 }
 
@@ -405,6 +539,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Cmd::Lora(cmd) => run_lora(cmd),
         Cmd::Devices => {
             let list = list_adapters();
             if list.is_empty() {
@@ -512,6 +647,248 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     m.names().len() - shown
                 )?;
             }
+            Ok(())
+        }
+    }
+}
+
+fn run_lora(cmd: LoraCmd) -> anyhow::Result<()> {
+    match cmd {
+        LoraCmd::Apply {
+            base,
+            adapter,
+            out,
+            force,
+            out_shard_size,
+            device,
+        } => {
+            let shard = parse_size(&out_shard_size)
+                .map_err(anyhow::Error::msg)
+                .context("--out-shard-size")?;
+            // The equivalent recipe; it is also what the model card records.
+            let model = format!("{}+{}", base.display(), adapter.display());
+            let text = format!(
+                "# smelt lora apply\nmerge_method: passthrough\nmodels:\n  - model: {}\n",
+                serde_json::to_string(&model)?
+            );
+            let recipe = Recipe::parse(&text, std::path::Path::new("lora-apply.yml"))?;
+            let plan = Plan::build(recipe, None)?;
+            let backend = make_backend(&device)?;
+            let cpu = Cpu::new();
+            let fallback: Option<&dyn Backend> =
+                (device.device == DeviceChoice::Auto).then_some(&cpu);
+            install_stop_handler();
+            let report = exec::execute(
+                &plan,
+                backend.as_ref(),
+                &ExecOptions {
+                    out_dir: out,
+                    start: Start::Fresh { force },
+                    max_shard_bytes: shard,
+                    progress: true,
+                    allow_nonfinite: false,
+                    fallback,
+                    hash: HashAlgo::from_name("blake3").unwrap(),
+                    fsync: false,
+                },
+            )?;
+            let ad = plan.models[0].lora.as_ref().expect("adapter attached");
+            println!(
+                "applied {} ({} LoRA modules, {} full tensors) to {}: wrote {} tensors to {} in {:.2} s on {}",
+                adapter.display(),
+                ad.modules.len(),
+                ad.replaced_tensors().count(),
+                base.display(),
+                report.tensors,
+                report.out_dir.display(),
+                report.seconds,
+                report.backend
+            );
+            Ok(())
+        }
+        LoraCmd::Merge {
+            adapters,
+            method,
+            weights,
+            density,
+            majority_sign,
+            svd_rank,
+            rank,
+            seed,
+            out,
+            force,
+            device,
+        } => {
+            use smelt::lora::merge::{self, Combination, MajoritySign, MergeOptions};
+            let opened: Vec<Adapter> = adapters
+                .iter()
+                .map(|p| Ok(Adapter::open(p, &p.display().to_string())?))
+                .collect::<anyhow::Result<_>>()?;
+            let refs: Vec<&Adapter> = opened.iter().collect();
+            let weights = weights.unwrap_or_else(|| vec![1.0; opened.len()]);
+            if let Some(w) = weights.iter().find(|w| !w.is_finite()) {
+                bail!("--weights: {w} is not a finite number");
+            }
+            if rank.is_some() && method != "lego" {
+                bail!("--rank is the cluster count of lego; the SVD methods take --svd-rank");
+            }
+            if method == "lego" && (density.is_some() || svd_rank.is_some()) {
+                bail!("lego takes --weights, --rank and --seed; --density and --svd-rank do not apply");
+            }
+            let combination = Combination::from_name(&method);
+            if svd_rank.is_some() && !combination.is_some_and(|c| c.is_svd()) {
+                bail!("--svd-rank applies to the SVD methods only, not {method}");
+            }
+            if svd_rank == Some(0) {
+                bail!("--svd-rank must be at least 1");
+            }
+            let backend = make_backend(&device)?;
+            let merged = match combination {
+                None => smelt::lora::lego::lego(&refs, &weights, rank, seed, backend.as_ref())?,
+                Some(combination) => merge::merge(
+                    &refs,
+                    &MergeOptions {
+                        combination,
+                        weights: weights.clone(),
+                        density,
+                        majority_sign: if majority_sign == "frequency" {
+                            MajoritySign::Frequency
+                        } else {
+                            MajoritySign::Total
+                        },
+                        svd_rank,
+                        seed,
+                        masks: None,
+                    },
+                    backend.as_ref(),
+                )?,
+            };
+            for w in &merged.warnings {
+                log::warn!("{w}");
+            }
+            let mut card = format!(
+                "---\nlibrary_name: peft\ntags:\n- lora\n- smelt\n- {method}\n---\n\n# {}\n\n\
+                 LoRA adapter merged with smelt {} using `{method}` (PEFT's `add_weighted_adapter` semantics).\n\n\
+                 | adapter | weight |\n|---|---|\n",
+                out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(),
+                env!("CARGO_PKG_VERSION")
+            );
+            for (a, w) in opened.iter().zip(&weights) {
+                card.push_str(&format!("| `{}` | {w} |\n", a.label));
+            }
+            card.push_str(&format!(
+                "\nrank {}, lora_alpha {}, {} modules",
+                merged.rank,
+                merged.rank,
+                merged.modules.len()
+            ));
+            if let Some(d) = density {
+                card.push_str(&format!(", density {d}"));
+            }
+            if combination.is_none_or(|c| c.is_random()) {
+                card.push_str(&format!(", seed {seed}"));
+            }
+            card.push('\n');
+            let dir = smelt::lora::write::write_adapter(
+                &out,
+                force,
+                &merged.config,
+                &merged.tensors(),
+                opened[0].dtype(),
+                &card,
+            )?;
+            println!(
+                "merged {} adapters with {method} into {} (rank {}, {} modules) on {}",
+                opened.len(),
+                dir.display(),
+                merged.rank,
+                merged.modules.len(),
+                backend.name()
+            );
+            Ok(())
+        }
+        LoraCmd::Extract {
+            base,
+            tuned,
+            rank,
+            out,
+            force,
+            device,
+        } => {
+            let b = ModelFolder::open(&base, &base.display().to_string())?;
+            let t = ModelFolder::open(&tuned, &tuned.display().to_string())?;
+            let backend = make_backend(&device)?;
+            let ex = smelt::lora::extract::extract(&b, &t, rank, backend.as_ref())?;
+            let mut table =
+                String::from("| tensor | shape | ‖ΔW‖_F | retained energy |\n|---|---|---|---|\n");
+            for m in &ex.modules {
+                table.push_str(&format!(
+                    "| {} | {:?} | {:.4e} | {:.4}% |\n",
+                    m.tensor,
+                    m.shape,
+                    m.norm,
+                    100.0 * m.energy
+                ));
+            }
+            let total: f64 = ex.modules.iter().map(|m| m.norm * m.norm).sum();
+            let kept: f64 = ex.modules.iter().map(|m| m.energy * m.norm * m.norm).sum();
+            let min = ex
+                .modules
+                .iter()
+                .min_by(|x, y| x.energy.total_cmp(&y.energy))
+                .unwrap();
+            let mut card = format!(
+                "---\nlibrary_name: peft\ntags:\n- lora\n- smelt\n- extracted\n---\n\n# {}\n\n\
+                 Rank-{rank} LoRA extracted with smelt {} from `{}` against base `{}` \
+                 (truncated SVD of each weight's change).\n\nOverall retained energy {:.4}%.\n\n{table}",
+                out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(),
+                env!("CARGO_PKG_VERSION"),
+                t.label,
+                b.label,
+                100.0 * kept / total
+            );
+            if !ex.not_representable.is_empty() {
+                card.push_str("\nChanged tensors a LoRA cannot hold (left out):\n\n");
+                for (n, norm) in &ex.not_representable {
+                    card.push_str(&format!("- {n} (‖Δ‖ = {norm:.4e})\n"));
+                }
+            }
+            let dir = smelt::lora::write::write_adapter(
+                &out,
+                force,
+                &ex.adapter.config,
+                &ex.adapter.tensors(),
+                ex.dtype,
+                &card,
+            )?;
+            print!(
+                "{}",
+                table
+                    .lines()
+                    .skip(2)
+                    .map(|l| {
+                        let c: Vec<&str> = l.trim_matches('|').split(" | ").collect();
+                        format!(
+                            "{:<60} {:<12} retained {}\n",
+                            c[0].trim(),
+                            c[1],
+                            c[3].trim()
+                        )
+                    })
+                    .collect::<String>()
+            );
+            for (n, norm) in &ex.not_representable {
+                log::warn!("{n} changed (‖Δ‖ = {norm:.3e}) but is not a 2-D weight: a LoRA cannot hold it; left out");
+            }
+            println!(
+                "extracted {} modules at rank {rank} into {} on {}: overall retained energy {:.4}%, lowest {:.4}% ({})",
+                ex.modules.len(),
+                dir.display(),
+                backend.name(),
+                100.0 * kept / total,
+                100.0 * min.energy,
+                min.tensor
+            );
             Ok(())
         }
     }

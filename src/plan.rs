@@ -188,7 +188,11 @@ impl OpenModels {
         if let Some(i) = self.refs.iter().position(|x| x == r) {
             return Ok(i);
         }
-        let f = ModelFolder::open(&r.path, &r.raw)?;
+        let mut f = ModelFolder::open(&r.path, &r.raw)?;
+        if let Some(a) = &r.adapter {
+            let label = a.display().to_string();
+            f.attach_adapter(crate::lora::Adapter::open(a, &label)?)?;
+        }
         self.refs.push(r.clone());
         self.folders.push(f);
         Ok(self.folders.len() - 1)

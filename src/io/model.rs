@@ -44,6 +44,9 @@ pub struct ModelFolder {
     tensors: HashMap<String, (usize, usize)>,
     /// Names in a stable, human order (layer numbers compared as numbers).
     names: Vec<String>,
+    /// A LoRA adapter applied on top (`BASE+ADAPTER`): its full tensors replace the base's,
+    /// and its ΔW is added to the tensors it targets when they are merged.
+    pub lora: Option<Box<crate::lora::Adapter>>,
 }
 
 fn bad(path: &Path, msg: impl Into<String>) -> Error {
@@ -88,6 +91,7 @@ impl ModelFolder {
             files: Vec::new(),
             tensors: HashMap::new(),
             names: Vec::new(),
+            lora: None,
         };
         let cfg_path = dir.join("config.json");
         if path.is_dir() && cfg_path.is_file() {
@@ -217,7 +221,28 @@ impl ModelFolder {
         Ok(())
     }
 
+    /// Applies a LoRA adapter on top of this model, after checking every module and full
+    /// tensor of it against this model's tensors.
+    pub fn attach_adapter(&mut self, adapter: crate::lora::Adapter) -> Result<()> {
+        adapter.check_against(self)?;
+        self.lora = Some(Box::new(adapter));
+        Ok(())
+    }
+
+    /// A tensor as stored: the adapter's full replacement when one is attached and has it,
+    /// the model's own otherwise (the ΔW of a LoRA module is not in here; see
+    /// [`crate::lora::Adapter::module_for`]).
     pub fn get(&self, name: &str) -> Option<TensorRef<'_>> {
+        if let Some(ad) = &self.lora {
+            if let Some(info) = ad.replacement(name) {
+                if self.tensors.contains_key(name) {
+                    return Some(TensorRef {
+                        file: &ad.file,
+                        info,
+                    });
+                }
+            }
+        }
         self.tensors.get(name).map(|&(fi, ti)| {
             let file = &self.files[fi];
             TensorRef {

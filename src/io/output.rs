@@ -160,7 +160,15 @@ pub fn input_digest(m: &ModelFolder) -> String {
     const SAMPLES: usize = 16;
     const SAMPLE: usize = 64 * 1024;
     let mut h = Sha256::new();
-    for f in m.files() {
+    // An attached adapter is part of the input: its config and tensors.
+    if let Some(a) = &m.lora {
+        h.update(
+            serde_json::to_string(&a.config.raw)
+                .unwrap_or_default()
+                .as_bytes(),
+        );
+    }
+    for f in m.files().iter().chain(m.lora.iter().map(|a| &a.file)) {
         for t in f.tensors() {
             h.update(t.name.as_bytes());
             h.update(t.dtype.st_name().as_bytes());

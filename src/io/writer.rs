@@ -53,6 +53,11 @@ impl Layout {
     /// push the current one past `max_shard_bytes` (a tensor larger than that gets a shard
     /// of its own). Inside a shard, wider dtypes come first so every tensor stays aligned.
     pub fn new(tensors: &[OutTensor<'_>], max_shard_bytes: u64) -> Layout {
+        Layout::named(tensors, max_shard_bytes, SINGLE_NAME)
+    }
+
+    /// As [`Layout::new`], naming a lone shard `single_name` (e.g. `adapter_model.safetensors`).
+    pub fn named(tensors: &[OutTensor<'_>], max_shard_bytes: u64, single_name: &str) -> Layout {
         let nbytes =
             |t: &OutTensor| t.shape.iter().product::<usize>() as u64 * t.dtype.size() as u64;
         let mut groups: Vec<Vec<usize>> = Vec::new();
@@ -83,7 +88,7 @@ impl Layout {
         let mut total = 0u64;
         for (si, mut g) in groups.into_iter().enumerate() {
             let file_name = if n == 1 {
-                SINGLE_NAME.to_string()
+                single_name.to_string()
             } else {
                 format!("model-{:05}-of-{:05}.safetensors", si + 1, n)
             };

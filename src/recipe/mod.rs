@@ -20,14 +20,15 @@ pub struct ModelRef {
     /// As written in the recipe.
     pub raw: String,
     pub path: PathBuf,
+    /// A LoRA adapter folder applied on top (mergekit's `model+adapter`).
+    pub adapter: Option<PathBuf>,
 }
 
 impl ModelRef {
     /// Identity used to match the base model among sources.
-    pub fn key(&self) -> PathBuf {
-        self.path
-            .canonicalize()
-            .unwrap_or_else(|_| self.path.clone())
+    pub fn key(&self) -> (PathBuf, Option<PathBuf>) {
+        let canon = |p: &PathBuf| p.canonicalize().unwrap_or_else(|_| p.clone());
+        (canon(&self.path), self.adapter.as_ref().map(canon))
     }
 }
 
@@ -245,14 +246,41 @@ impl Recipe {
             } else {
                 dir.join(p)
             };
+            let resolve = |s: &str| {
+                let p = Path::new(s);
+                if p.is_absolute() {
+                    p.to_path_buf()
+                } else {
+                    dir.join(p)
+                }
+            };
             if !resolved.exists() && raw.contains('+') {
+                // `model+adapter`: the split where both sides exist (paths may hold '+').
+                let splits: Vec<(PathBuf, PathBuf)> = raw
+                    .match_indices('+')
+                    .map(|(i, _)| (resolve(&raw[..i]), resolve(&raw[i + 1..])))
+                    .collect();
+                if let Some((m, a)) = splits.iter().find(|(m, a)| m.exists() && a.exists()) {
+                    return Ok(ModelRef {
+                        raw: raw.to_string(),
+                        path: m.clone(),
+                        adapter: Some(a.clone()),
+                    });
+                }
+                let (m, a) = &splits[0];
                 return Err(err(format!(
-                    "{what}: `{raw}` looks like `model+lora_adapter`; LoRA adapters in recipes are not supported yet"
+                    "{what}: `{raw}` reads as MODEL+LORA_ADAPTER, but {}",
+                    if !m.exists() {
+                        format!("the model {} does not exist", m.display())
+                    } else {
+                        format!("the adapter folder {} does not exist", a.display())
+                    }
                 )));
             }
             Ok(ModelRef {
                 raw: raw.to_string(),
                 path: resolved,
+                adapter: None,
             })
         };
         let pmap = |m: &Option<BTreeMap<String, Value>>, what: &str| -> Result<ParamMap> {

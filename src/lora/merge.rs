@@ -1,0 +1,681 @@
+//! Merging LoRA adapters into one adapter, with the semantics of PEFT's
+//! `add_weighted_adapter` (peft 0.21.2; tests/fixtures/peft/README.md states them and the
+//! fixtures check them).
+//!
+//! * Factor methods (`linear`, `ties`, `dare_linear`, `dare_ties`, `magnitude_prune`) merge
+//!   the A matrices among themselves and the B matrices among themselves, with weights
+//!   `√|w·s|·sign(w·s)` on A and `√|w·s|` on B; pruning acts on each factor. B'A' then holds
+//!   cross terms: it is not Σ w·s·B·A.
+//! * `cat` stacks the ranks: A' = rows of (A_i·w_i)·s_i, B' = columns of B_i. Exact.
+//! * SVD methods (`svd`, `ties_svd`, …) combine the dense ΔW_i = s_i·B_i·A_i (formed on the
+//!   backend, one module at a time) with the raw weights, and re-factor the result with a
+//!   truncated SVD on the backend: B' = U·diag(S), A' = Vᵀ.
+//!
+//! The merged adapter gets r = lora_alpha = r' and otherwise the first adapter's config, as
+//! PEFT does (so a first adapter with `use_rslora` makes the merged scale √r').
+//!
+//! The elementwise combines work on the factors or on one module's ΔW, small host arrays;
+//! the products and decompositions run on the backend.
+
+use std::fmt;
+
+use serde_json::{Map, Value};
+
+use super::adapter::{delta_of, Adapter, ModuleKind, Targets, KEY_PREFIX};
+use crate::backend::{py_int_mul, Backend};
+use crate::error::{Error, Result};
+use crate::io::model::natural_cmp;
+use crate::linalg::Mat;
+use crate::rng::Stream;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Combination {
+    Linear,
+    Cat,
+    Svd,
+    Ties,
+    TiesSvd,
+    DareLinear,
+    DareLinearSvd,
+    DareTies,
+    DareTiesSvd,
+    MagnitudePrune,
+    MagnitudePruneSvd,
+}
+
+/// How the elementwise combine `f` of PEFT's merge_utils treats the tensors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Combine {
+    /// Σ w T
+    Sum,
+    /// top-k by |x| of each, then Σ w T
+    Magnitude,
+    /// top-k, sign election, disjoint mean (count divisor)
+    Ties,
+    /// Bernoulli(density)/density, then Σ w T
+    Dare,
+    /// Bernoulli(density)/density, then the election and disjoint mean
+    DareTies,
+}
+
+impl Combination {
+    pub const ALL: &'static [(&'static str, Combination)] = &[
+        ("linear", Combination::Linear),
+        ("cat", Combination::Cat),
+        ("svd", Combination::Svd),
+        ("ties", Combination::Ties),
+        ("ties_svd", Combination::TiesSvd),
+        ("dare_linear", Combination::DareLinear),
+        ("dare_linear_svd", Combination::DareLinearSvd),
+        ("dare_ties", Combination::DareTies),
+        ("dare_ties_svd", Combination::DareTiesSvd),
+        ("magnitude_prune", Combination::MagnitudePrune),
+        ("magnitude_prune_svd", Combination::MagnitudePruneSvd),
+    ];
+
+    pub fn from_name(s: &str) -> Option<Combination> {
+        Self::ALL.iter().find(|(n, _)| *n == s).map(|(_, c)| *c)
+    }
+
+    pub fn name(self) -> &'static str {
+        Self::ALL.iter().find(|(_, c)| *c == self).unwrap().0
+    }
+
+    pub fn is_svd(self) -> bool {
+        self.name().ends_with("svd")
+    }
+
+    fn combine(self) -> Option<Combine> {
+        use Combination::*;
+        match self {
+            Cat => None,
+            Linear | Svd => Some(Combine::Sum),
+            MagnitudePrune | MagnitudePruneSvd => Some(Combine::Magnitude),
+            Ties | TiesSvd => Some(Combine::Ties),
+            DareLinear | DareLinearSvd => Some(Combine::Dare),
+            DareTies | DareTiesSvd => Some(Combine::DareTies),
+        }
+    }
+
+    /// Whether the method prunes, and so needs a density.
+    pub fn needs_density(self) -> bool {
+        !matches!(self.combine(), None | Some(Combine::Sum))
+    }
+
+    pub fn is_random(self) -> bool {
+        matches!(
+            self.combine(),
+            Some(Combine::Dare) | Some(Combine::DareTies)
+        )
+    }
+}
+
+impl fmt::Display for Combination {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MajoritySign {
+    /// sign of Σ T_i
+    Total,
+    /// sign of Σ sign(T_i)
+    Frequency,
+}
+
+/// Which matrix a DARE mask is drawn for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    A,
+    B,
+    Delta,
+}
+
+impl Part {
+    pub fn name(self) -> &'static str {
+        match self {
+            Part::A => "lora_A",
+            Part::B => "lora_B",
+            Part::Delta => "delta",
+        }
+    }
+}
+
+/// Supplies DARE keep-masks in place of smelt's random draws (tests inject PEFT's masks):
+/// (module, part, adapter index, element count) -> mask.
+pub type MaskSource<'a> = &'a dyn Fn(&str, Part, usize, usize) -> Option<Vec<bool>>;
+
+pub struct MergeOptions<'a> {
+    pub combination: Combination,
+    /// One per adapter.
+    pub weights: Vec<f64>,
+    pub density: Option<f64>,
+    pub majority_sign: MajoritySign,
+    /// Rank of the SVD methods' result (default: the largest input rank).
+    pub svd_rank: Option<usize>,
+    /// Seed of the DARE draws.
+    pub seed: u64,
+    pub masks: Option<MaskSource<'a>>,
+}
+
+/// One module of the merged adapter.
+pub struct MergedModule {
+    pub name: String,
+    pub kind: ModuleKind,
+    pub a: Mat,
+    pub b: Mat,
+}
+
+pub struct MergedAdapter {
+    pub config: Map<String, Value>,
+    pub modules: Vec<MergedModule>,
+    /// Full tensors carried over (`base_layer.weight` copies of the base): key, shape, data.
+    pub full: Vec<(String, Vec<usize>, Vec<f32>)>,
+    pub rank: usize,
+    /// The merged adapter's scale (1, or √r' when the first adapter is rsLoRA).
+    pub scale: f64,
+    pub warnings: Vec<String>,
+}
+
+impl MergedAdapter {
+    /// The tensors as PEFT names them in `adapter_model.safetensors`, in natural order.
+    pub fn tensors(&self) -> Vec<(String, Vec<usize>, &[f32])> {
+        let mut out: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
+        for m in &self.modules {
+            let (ka, kb) = match m.kind {
+                ModuleKind::Embedding => (
+                    format!("{KEY_PREFIX}{}.lora_embedding_A", m.name),
+                    format!("{KEY_PREFIX}{}.lora_embedding_B", m.name),
+                ),
+                ModuleKind::Linear { .. } => (
+                    format!("{KEY_PREFIX}{}.lora_A.weight", m.name),
+                    format!("{KEY_PREFIX}{}.lora_B.weight", m.name),
+                ),
+            };
+            out.push((ka, vec![m.a.rows, m.a.cols], &m.a.data));
+            out.push((kb, vec![m.b.rows, m.b.cols], &m.b.data));
+        }
+        for (k, s, d) in &self.full {
+            out.push((k.clone(), s.clone(), d));
+        }
+        out.sort_by(|x, y| natural_cmp(&x.0, &y.0));
+        out
+    }
+
+    /// ΔW of a merged module as PEFT applies it (s'·B'·A', in the base tensor's layout).
+    pub fn delta(&self, m: &MergedModule, backend: &dyn Backend) -> Result<Mat> {
+        delta_of(&m.a, &m.b, m.kind, self.scale, backend)
+    }
+}
+
+fn err(msg: String) -> Error {
+    Error::Other(msg)
+}
+
+/// The top `k` by |x| (ties: the lower index wins), as a keep mask.
+fn top_k_mask(x: &[f32], k: usize) -> Vec<bool> {
+    let mut idx: Vec<u32> = (0..x.len() as u32).collect();
+    idx.sort_by(|&a, &b| {
+        x[b as usize]
+            .abs()
+            .total_cmp(&x[a as usize].abs())
+            .then(a.cmp(&b))
+    });
+    let mut keep = vec![false; x.len()];
+    for &i in &idx[..k.min(x.len())] {
+        keep[i as usize] = true;
+    }
+    keep
+}
+
+fn sign(x: f32) -> i32 {
+    if x > 0.0 {
+        1
+    } else if x < 0.0 {
+        -1
+    } else {
+        0
+    }
+}
+
+/// PEFT's merge_utils on same-length tensors: prune each as the method says, then combine
+/// with `weights` (f32, as PEFT's weight tensor is).
+#[allow(clippy::too_many_arguments)]
+fn combine(
+    method: Combine,
+    tensors: &mut [Vec<f32>],
+    weights: &[f32],
+    density: f64,
+    majority: MajoritySign,
+    masks: &mut dyn FnMut(usize, usize) -> Vec<bool>,
+) -> Vec<f32> {
+    let n = tensors[0].len();
+    let prune_all = density < 1.0;
+    match method {
+        Combine::Magnitude | Combine::Ties if prune_all => {
+            let k = py_int_mul(density, n) as usize;
+            for t in tensors.iter_mut() {
+                let keep = top_k_mask(t, k);
+                t.iter_mut()
+                    .zip(&keep)
+                    .for_each(|(x, &m)| *x = if m { *x } else { 0.0 });
+            }
+        }
+        Combine::Dare | Combine::DareTies if prune_all => {
+            let d = density as f32;
+            for (i, t) in tensors.iter_mut().enumerate() {
+                let keep = masks(i, n);
+                t.iter_mut()
+                    .zip(&keep)
+                    .for_each(|(x, &m)| *x = if m { *x / d } else { 0.0 });
+            }
+        }
+        _ => {}
+    }
+    let mut out = vec![0f32; n];
+    match method {
+        Combine::Sum | Combine::Magnitude | Combine::Dare => {
+            for (t, &w) in tensors.iter().zip(weights) {
+                out.iter_mut().zip(t).for_each(|(o, x)| *o += x * w);
+            }
+        }
+        Combine::Ties | Combine::DareTies => {
+            for (e, o) in out.iter_mut().enumerate() {
+                let vote: f32 = match majority {
+                    MajoritySign::Total => tensors.iter().map(|t| t[e]).sum(),
+                    MajoritySign::Frequency => tensors.iter().map(|t| sign(t[e]) as f32).sum(),
+                };
+                let maj = if vote >= 0.0 { 1 } else { -1 };
+                let mut mix = 0f32;
+                let mut count = 0f32;
+                for (t, &w) in tensors.iter().zip(weights) {
+                    if sign(t[e]) == maj {
+                        mix += t[e] * w;
+                        count += 1.0;
+                    }
+                }
+                *o = mix / count.max(1.0);
+            }
+        }
+    }
+    out
+}
+
+/// The union of the adapters' `target_modules`, as PEFT forms it.
+fn union_targets(adapters: &[&Adapter]) -> Value {
+    let all: Vec<&Targets> = adapters.iter().map(|a| &a.config.target_modules).collect();
+    if all.iter().all(|t| matches!(t, Targets::Regex(_))) {
+        let parts: Vec<String> = all
+            .iter()
+            .map(|t| match t {
+                Targets::Regex(r) => format!("({r})"),
+                _ => unreachable!(),
+            })
+            .collect();
+        return Value::String(parts.join("|"));
+    }
+    let mut names: Vec<String> = Vec::new();
+    for a in adapters {
+        match &a.config.target_modules {
+            Targets::List(l) => names.extend(l.iter().cloned()),
+            // A regex mixed with lists, or none: list the modules the adapter has.
+            _ => names.extend(
+                a.modules
+                    .iter()
+                    .map(|m| m.name.rsplit('.').next().unwrap_or(&m.name).to_string()),
+            ),
+        }
+    }
+    names.sort();
+    names.dedup();
+    Value::Array(names.into_iter().map(Value::String).collect())
+}
+
+/// Merges `adapters` into one, as `add_weighted_adapter(adapters, weights, ...)` would.
+pub fn merge(
+    adapters: &[&Adapter],
+    opts: &MergeOptions,
+    backend: &dyn Backend,
+) -> Result<MergedAdapter> {
+    if adapters.is_empty() {
+        return Err(err("no adapters to merge".into()));
+    }
+    if opts.weights.len() != adapters.len() {
+        return Err(err(format!(
+            "{} weights for {} adapters; give one weight per adapter",
+            opts.weights.len(),
+            adapters.len()
+        )));
+    }
+    let mut warnings = Vec::new();
+    // One adapter: PEFT runs `linear` whatever was asked.
+    let combination = if adapters.len() == 1 && opts.combination != Combination::Linear {
+        warnings.push(format!(
+            "one adapter: PEFT merges it with `linear`, not `{}`; so does smelt",
+            opts.combination
+        ));
+        Combination::Linear
+    } else {
+        opts.combination
+    };
+    let density = match (combination.needs_density(), opts.density) {
+        (true, None) => {
+            return Err(err(format!(
+                "{combination} prunes and needs --density (the fraction kept, in (0, 1]); PEFT has no default"
+            )))
+        }
+        (_, Some(d)) if !(0.0..=1.0).contains(&d) || d.is_nan() => {
+            return Err(err(format!("density {d} is outside [0, 1]")))
+        }
+        (_, d) => d.unwrap_or(1.0),
+    };
+    if combination.needs_density() && density >= 1.0 {
+        warnings.push(format!(
+            "density {density} keeps everything: {combination} prunes nothing"
+        ));
+    }
+    for a in adapters {
+        if !a.config.modules_to_save.is_empty() {
+            return Err(Error::BadModel {
+                path: a.dir.clone(),
+                msg: format!(
+                    "has modules_to_save ({}): full trained copies of modules cannot be merged as LoRA factors; apply the adapters to the model and merge the models instead",
+                    a.config.modules_to_save.join(", ")
+                ),
+            });
+        }
+    }
+    let ranks: Vec<usize> = adapters.iter().map(|a| a.config.max_rank()).collect();
+    let rank = match combination {
+        Combination::Cat => ranks.iter().sum(),
+        c if c.is_svd() => opts
+            .svd_rank
+            .unwrap_or_else(|| *ranks.iter().max().unwrap()),
+        _ => {
+            if ranks.iter().any(|&r| r != ranks[0]) {
+                let list: Vec<String> = adapters
+                    .iter()
+                    .zip(&ranks)
+                    .map(|(a, r)| format!("{} r={r}", a.label))
+                    .collect();
+                return Err(err(format!(
+                    "{combination} merges the A and B factors elementwise, so every adapter needs the same rank ({}); use cat, svd or one of the *_svd methods for different ranks",
+                    list.join(", ")
+                )));
+            }
+            ranks[0]
+        }
+    };
+    if rank == 0 {
+        return Err(err("the merged rank would be 0".into()));
+    }
+
+    // Modules: every module any adapter has, in natural order.
+    let mut names: Vec<(String, ModuleKind)> = Vec::new();
+    for a in adapters {
+        for m in &a.modules {
+            match names.iter().find(|(n, _)| *n == m.name) {
+                Some((_, k)) if *k != m.kind => {
+                    return Err(err(format!(
+                        "module {}: {} has a {:?} LoRA but an earlier adapter has a {k:?} one",
+                        m.name, a.label, m.kind
+                    )))
+                }
+                Some(_) => {}
+                None => names.push((m.name.clone(), m.kind)),
+            }
+        }
+    }
+    names.sort_by(|x, y| natural_cmp(&x.0, &y.0));
+
+    let first = &adapters[0].config;
+    let new_scale = first.scale(rank, rank as f64);
+    if first.use_rslora {
+        warnings.push(format!(
+            "the first adapter ({}) uses rsLoRA: as in PEFT, the merged adapter inherits use_rslora with r = lora_alpha = {rank}, so it applies √{rank} = {:.4} times the ΔW it was built from; list a non-rsLoRA adapter first to avoid it",
+            adapters[0].label, new_scale
+        ));
+    }
+
+    let stream_for = |module: &str, part: Part, i: usize| {
+        Stream::new(
+            opts.seed,
+            &format!("lora:{module}:{}", part.name()),
+            i as u32,
+        )
+    };
+    let draw = |module: &str, part: Part, i: usize, n: usize| -> Vec<bool> {
+        if let Some(src) = opts.masks {
+            if let Some(m) = src(module, part, i, n) {
+                return m;
+            }
+        }
+        let s = stream_for(module, part, i);
+        let p = density as f32;
+        (0..n).map(|e| s.uniform_at(e as u64) < p).collect()
+    };
+
+    let mut modules = Vec::new();
+    for (name, kind) in &names {
+        // (adapter index, module) for the adapters that have this module
+        let present: Vec<(usize, &super::LoraModule)> = adapters
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| a.module(name).map(|m| (i, m)))
+            .collect();
+        let shape = present[0].1.delta_shape();
+        for (i, m) in &present {
+            if m.delta_shape() != shape {
+                return Err(err(format!(
+                    "module {name}: {} makes a ΔW of {:?} but {} one of {shape:?}; were these adapters trained on the same base model?",
+                    adapters[*i].label,
+                    m.delta_shape(),
+                    adapters[present[0].0].label
+                )));
+            }
+        }
+        let (a, b) = match combination {
+            Combination::Cat => {
+                let din = present[0].1.a_shape[1];
+                let dout = present[0].1.b_shape[0];
+                let mut a = Mat::zeros(rank, din);
+                let mut b = Mat::zeros(dout, rank);
+                let mut at = 0;
+                for (i, m) in &present {
+                    let ad = adapters[*i];
+                    let (w, s) = (opts.weights[*i] as f32, m.scale as f32);
+                    let ai = ad.a(m);
+                    let bi = ad.b(m);
+                    for r in 0..m.r {
+                        for c in 0..din {
+                            a.data[(at + r) * din + c] = (ai.at(r, c) * w) * s;
+                        }
+                        for o in 0..dout {
+                            b.data[o * rank + at + r] = bi.at(o, r);
+                        }
+                    }
+                    at += m.r;
+                }
+                (a, b)
+            }
+            c if c.is_svd() => {
+                let mut deltas = Vec::new();
+                for (i, m) in &present {
+                    deltas.push(adapters[*i].delta(m, backend)?.data);
+                }
+                let w: Vec<f32> = present
+                    .iter()
+                    .map(|(i, _)| opts.weights[*i] as f32)
+                    .collect();
+                let mut masks = |j: usize, n: usize| draw(name, Part::Delta, present[j].0, n);
+                let d = combine(
+                    c.combine().unwrap(),
+                    &mut deltas,
+                    &w,
+                    density,
+                    opts.majority_sign,
+                    &mut masks,
+                );
+                let mut dm = Mat {
+                    rows: shape[0],
+                    cols: shape[1],
+                    data: d,
+                };
+                if kind.transposed() {
+                    dm = dm.transpose();
+                }
+                refactor(&dm, rank, backend)?
+            }
+            c => {
+                let r0 = present[0].1.r;
+                if let Some((i, m)) = present.iter().find(|(_, m)| m.r != r0) {
+                    return Err(err(format!(
+                        "module {name}: {} has rank {} here but {} has rank {r0} (rank_pattern); {c} needs equal ranks",
+                        adapters[*i].label, m.r, adapters[present[0].0].label
+                    )));
+                }
+                let mut wa = Vec::new();
+                let mut wb = Vec::new();
+                for (i, m) in &present {
+                    let x = opts.weights[*i] * m.scale;
+                    let root = x.abs().sqrt();
+                    wa.push((if x >= 0.0 { root } else { -root }) as f32);
+                    wb.push(root as f32);
+                }
+                let mut as_: Vec<Vec<f32>> = present
+                    .iter()
+                    .map(|(i, m)| adapters[*i].a(m).data)
+                    .collect();
+                let mut bs: Vec<Vec<f32>> = present
+                    .iter()
+                    .map(|(i, m)| adapters[*i].b(m).data)
+                    .collect();
+                let f = c.combine().unwrap();
+                let mut ma = |j: usize, n: usize| draw(name, Part::A, present[j].0, n);
+                let a = combine(f, &mut as_, &wa, density, opts.majority_sign, &mut ma);
+                let mut mb = |j: usize, n: usize| draw(name, Part::B, present[j].0, n);
+                let b = combine(f, &mut bs, &wb, density, opts.majority_sign, &mut mb);
+                let m0 = present[0].1;
+                (
+                    Mat {
+                        rows: m0.a_shape[0],
+                        cols: m0.a_shape[1],
+                        data: a,
+                    },
+                    Mat {
+                        rows: m0.b_shape[0],
+                        cols: m0.b_shape[1],
+                        data: b,
+                    },
+                )
+            }
+        };
+        modules.push(MergedModule {
+            name: name.clone(),
+            kind: *kind,
+            a,
+            b,
+        });
+    }
+
+    // Full base_layer copies (written by PEFT for embedding targets) carry over from the
+    // first adapter that has each.
+    let mut full: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    for a in adapters {
+        for t in a.replaced_tensors() {
+            let info = a.replacement(t).unwrap();
+            if full.iter().any(|(k, _, _)| *k == info.name) {
+                continue;
+            }
+            full.push((
+                info.name.clone(),
+                info.shape.clone(),
+                a.matrix(&info.name).data,
+            ));
+        }
+    }
+
+    let mut config = first.raw.clone();
+    config.insert("r".into(), rank.into());
+    config.insert("lora_alpha".into(), rank.into());
+    config.insert("target_modules".into(), union_targets(adapters));
+    config.insert("rank_pattern".into(), Value::Object(Map::new()));
+    config.insert("alpha_pattern".into(), Value::Object(Map::new()));
+    config.insert("peft_type".into(), "LORA".into());
+    Ok(MergedAdapter {
+        config,
+        modules,
+        full,
+        rank,
+        scale: new_scale,
+        warnings,
+    })
+}
+
+/// B' = U[:, :r]·diag(S[:r]), A' = Vᵀ[:r] from the SVD of `d` on the backend; zero ranks
+/// pad the factors when `d` has fewer than `r` singular values.
+pub fn refactor(d: &Mat, r: usize, backend: &dyn Backend) -> Result<(Mat, Mat)> {
+    let svd = backend.svd(d, Some(r))?;
+    let k = svd.s.len();
+    let mut b = Mat::zeros(d.rows, r);
+    let mut a = Mat::zeros(r, d.cols);
+    for j in 0..k.min(r) {
+        for i in 0..d.rows {
+            b.data[i * r + j] = svd.u.at(i, j) * svd.s[j];
+        }
+        a.data[j * d.cols..(j + 1) * d.cols]
+            .copy_from_slice(&svd.vt.data[j * d.cols..(j + 1) * d.cols]);
+    }
+    Ok((a, b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ties_by_hand() {
+        // Two tensors, density 1: election on the unweighted values, count divisor.
+        let mut t = vec![vec![1.0, -2.0, 0.0, 3.0], vec![-3.0, -1.0, 2.0, 1.0]];
+        let out = combine(
+            Combine::Ties,
+            &mut t,
+            &[0.5, 2.0],
+            1.0,
+            MajoritySign::Total,
+            &mut |_, _| unreachable!(),
+        );
+        // e0: 1-3=-2 -> -, only t1 agrees: -3*2/1 = -6
+        // e1: -3 -> -, both: (-2*0.5 + -1*2)/2 = -1.5
+        // e2: 2 -> +, t1 only (0 never agrees): 2*2/1 = 4
+        // e3: 4 -> +, both: (1.5 + 2)/2 = 1.75
+        assert_eq!(out, vec![-6.0, -1.5, 4.0, 1.75]);
+        let mut t = vec![vec![1.0, 1.0], vec![1.0, -5.0], vec![-1.0, 1.0]];
+        let out = combine(
+            Combine::Ties,
+            &mut t,
+            &[1.0, 1.0, 1.0],
+            1.0,
+            MajoritySign::Frequency,
+            &mut |_, _| unreachable!(),
+        );
+        // e1: signs +,-,+ -> + (frequency) though the total is negative
+        assert_eq!(out, vec![1.0, 1.0]);
+    }
+
+    #[test]
+    fn magnitude_prune_keeps_int_density_n() {
+        let mut t = vec![vec![0.1, -0.4, 0.3, 0.2, -0.05]];
+        // int(0.5 * 5) = 2: keeps -0.4 and 0.3
+        let out = combine(
+            Combine::Magnitude,
+            &mut t,
+            &[2.0],
+            0.5,
+            MajoritySign::Total,
+            &mut |_, _| unreachable!(),
+        );
+        assert_eq!(out, vec![0.0, -0.8, 0.6, 0.0, 0.0]);
+    }
+}

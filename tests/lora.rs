@@ -1,0 +1,985 @@
+//! LoRA adapters against the PEFT 0.21.2 fixtures in tests/fixtures/peft (see its README):
+//! applying (`merge_and_unload`), merging (`add_weighted_adapter`) and extracting, on every
+//! backend.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::*;
+use smelt::dtype::DType;
+
+fn peft() -> PathBuf {
+    root().join("tests/fixtures/peft")
+}
+
+fn p(name: &str) -> String {
+    peft().join(name).display().to_string()
+}
+
+/// `model: BASE+ADAPTER` through passthrough equals PEFT's merge_and_unload, on every
+/// backend, for every apply fixture (plain, other scale, other rank and targets, rsLoRA,
+/// embeddings with base_layer copies, rank/alpha patterns, modules_to_save).
+#[test]
+fn recipe_base_plus_adapter_matches_merge_and_unload() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = load_st(&peft().join("base/model.safetensors"));
+    for case in ["a", "b", "c", "rs", "embed", "pattern", "mts"] {
+        let expected = load_st(&peft().join(format!("apply_lora_{case}/model.safetensors")));
+        let recipe = format!(
+            "merge_method: passthrough\nmodels:\n  - model: {}+{}\n",
+            p("base"),
+            p(&format!("lora_{case}"))
+        );
+        let plan = plan_text(tmp.path(), &recipe, None);
+        assert_eq!(plan.tasks.len(), expected.len(), "{case}: tensor count");
+        let mut changed = 0;
+        for (bname, backend) in backends() {
+            let got = merge_plan(&plan, backend.as_ref());
+            for (name, e) in &expected {
+                let g = &got[name];
+                assert_eq!(g.shape, e.shape, "{case} {name}");
+                assert_eq!(g.dtype, DType::F32);
+                // PEFT: f32 matmul, ×s, + W; smelt's CPU product is f64 rounded once.
+                assert_close(
+                    &format!("lora_{case} on {bname}: {name}"),
+                    &g.data,
+                    &e.data,
+                    DType::F32,
+                    Tol::FIXTURE,
+                );
+                if bname == "cpu" && g.data != base[name].data {
+                    changed += 1;
+                }
+            }
+        }
+        assert!(changed > 0, "{case}: the adapter changed nothing");
+    }
+}
+
+/// The expected-error fixture: an adapter made for hidden size 24 on a hidden-16 base.
+#[test]
+fn adapter_for_another_base_is_refused_naming_module_and_shapes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = format!(
+        "merge_method: passthrough\nmodels:\n  - model: {}+{}\n",
+        p("base"),
+        p("lora_other")
+    );
+    std::fs::write(tmp.path().join("r.yml"), recipe).unwrap();
+    let r = smelt::recipe::Recipe::load(&tmp.path().join("r.yml")).unwrap();
+    let e = smelt::plan::Plan::build(r, None)
+        .err()
+        .expect("must fail")
+        .to_string();
+    assert!(e.contains("q_proj"), "{e}");
+    assert!(e.contains("[4, 24]"), "{e}");
+    assert!(e.contains("[16, 16]"), "{e}");
+}
+
+/// `smelt lora apply` writes a normal output folder equal to merge_and_unload; a mismatched
+/// adapter exits non-zero, names the module, and leaves no output folder behind.
+#[test]
+fn cli_apply_writes_model_and_refuses_mismatch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("applied");
+    let o = smelt()
+        .args(["lora", "apply", &p("base"), &p("lora_embed"), "-o"])
+        .arg(&out)
+        .args(cpu_args())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got = load_dir(&out);
+    let expected = load_st(&peft().join("apply_lora_embed/model.safetensors"));
+    assert_eq!(got.len(), expected.len());
+    for (name, e) in &expected {
+        assert_close(name, &got[name].data, &e.data, DType::F32, Tol::FIXTURE);
+    }
+    assert!(out.join("config.json").is_file());
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(card.contains("lora_embed"), "{card}");
+
+    let bad = tmp.path().join("bad");
+    let o = smelt()
+        .args(["lora", "apply", &p("base"), &p("lora_other"), "-o"])
+        .arg(&bad)
+        .args(cpu_args())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("model.layers.0.self_attn.q_proj") && e.contains("[4, 24]"),
+        "{e}"
+    );
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(left, vec!["applied".to_string()], "{left:?}");
+
+    // Not an adapter folder at all.
+    let o = smelt()
+        .args(["lora", "apply", &p("base"), &p("base"), "-o"])
+        .arg(tmp.path().join("x"))
+        .args(cpu_args())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("adapter_config.json"), "{}", stderr(&o));
+}
+
+// ---- lora merge ---------------------------------------------------------------------------
+
+use smelt::lora::merge::{self, Combination, MajoritySign, MergeOptions, Part};
+use smelt::lora::Adapter;
+
+fn manifest() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(peft().join("manifest.json")).unwrap()).unwrap()
+}
+
+fn open_adapter(name: &str) -> Adapter {
+    Adapter::open(&peft().join(name), name).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// The options of a merge fixture, from manifest.json's recorded call.
+fn fixture_call(
+    case: &str,
+) -> (
+    Vec<String>,
+    Combination,
+    Vec<f64>,
+    Option<f64>,
+    MajoritySign,
+    Option<usize>,
+) {
+    let m = manifest();
+    let call = &m["merges"][case]["add_weighted_adapter"];
+    let names: Vec<String> = call["adapters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    let comb = Combination::from_name(call["combination_type"].as_str().unwrap()).unwrap();
+    let weights = call["weights"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let density = call.get("density").and_then(|d| d.as_f64());
+    let maj = match call.get("majority_sign_method").and_then(|v| v.as_str()) {
+        Some("frequency") => MajoritySign::Frequency,
+        _ => MajoritySign::Total,
+    };
+    let svd_rank = call
+        .get("svd_rank")
+        .and_then(|v| v.as_u64())
+        .map(|v| v as usize);
+    (names, comb, weights, density, maj, svd_rank)
+}
+
+/// Runs a fixture's merge on `backend`, with PEFT's stored DARE masks injected when `masks`.
+fn run_fixture(
+    case: &str,
+    backend: &dyn smelt::backend::Backend,
+    inject: bool,
+) -> (merge::MergedAdapter, Vec<String>) {
+    let (names, combination, weights, density, majority_sign, svd_rank) = fixture_call(case);
+    let adapters: Vec<Adapter> = names.iter().map(|n| open_adapter(n)).collect();
+    let refs: Vec<&Adapter> = adapters.iter().collect();
+    let mask_path = peft().join(case).join("masks.safetensors");
+    // uint8 0/1 masks, one per factor (or ΔW) and adapter
+    let stored = (inject && mask_path.exists())
+        .then(|| smelt::io::safetensors::SafetensorsFile::open(&mask_path).unwrap());
+    let lookup = |module: &str, part: Part, i: usize, n: usize| -> Option<Vec<bool>> {
+        let f = stored.as_ref()?;
+        let t = f.get(&format!("{module}.{}.{}", part.name(), names[i]))?;
+        assert_eq!(t.dtype, DType::U8);
+        let bytes = f.data(t);
+        assert_eq!(bytes.len(), n, "mask size of {module}");
+        Some(bytes.iter().map(|&x| x != 0).collect())
+    };
+    let merged = merge::merge(
+        &refs,
+        &MergeOptions {
+            combination,
+            weights,
+            density,
+            majority_sign,
+            svd_rank,
+            seed: 7,
+            masks: Some(&lookup),
+        },
+        backend,
+    )
+    .unwrap_or_else(|e| panic!("{case}: {e}"));
+    (merged, names)
+}
+
+/// Every merge fixture: the merged ΔW (s'·B'·A', what PEFT applies) equals PEFT's
+/// delta.safetensors; for the factor methods and cat, A' and B' equal PEFT's tensors too.
+/// DARE fixtures run with PEFT's stored masks injected. All backends.
+#[test]
+fn merge_matches_add_weighted_adapter() {
+    let m = manifest();
+    for (case, _) in m["merges"].as_object().unwrap() {
+        let expected_delta = load_st(&peft().join(case).join("delta.safetensors"));
+        let expected_ad = load_st(&peft().join(case).join("adapter_model.safetensors"));
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(peft().join(case).join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        let (_, comb, ..) = fixture_call(case);
+        for (bname, backend) in backends() {
+            let (merged, _) = run_fixture(case, backend.as_ref(), true);
+            let what = format!("{case} on {bname}");
+            assert_eq!(merged.config["r"], cfg["r"], "{what}: r");
+            assert_eq!(
+                merged.config["lora_alpha"], cfg["lora_alpha"],
+                "{what}: lora_alpha"
+            );
+            assert_eq!(
+                merged.config["use_rslora"], cfg["use_rslora"],
+                "{what}: use_rslora"
+            );
+            let mut want_t: Vec<&str> = cfg["target_modules"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap())
+                .collect();
+            let mut got_t: Vec<&str> = merged.config["target_modules"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap())
+                .collect();
+            want_t.sort();
+            got_t.sort();
+            assert_eq!(got_t, want_t, "{what}: target_modules");
+            assert_eq!(
+                merged.modules.len(),
+                expected_delta.len(),
+                "{what}: modules"
+            );
+            let svd = comb.is_svd() && !merged.modules.is_empty() && case != "merge_a_single_svd";
+            let mut worst = 0f64;
+            for module in &merged.modules {
+                let d = merged.delta(module, backend.as_ref()).unwrap();
+                let e = &expected_delta[&format!("{}.weight", module.name)];
+                assert_eq!(vec![d.rows, d.cols], e.shape, "{what}: {}", module.name);
+                let tol = if svd {
+                    Tol::abs_rel(2e-6, 1e-5)
+                } else {
+                    Tol::FIXTURE
+                };
+                let c = compare(&d.data, &e.data, DType::F32, tol);
+                worst = worst.max(c.max_abs_diff);
+                assert_close(
+                    &format!("{what}: ΔW of {}", module.name),
+                    &d.data,
+                    &e.data,
+                    DType::F32,
+                    tol,
+                );
+            }
+            if !svd {
+                let got = merged.tensors();
+                assert_eq!(got.len(), expected_ad.len(), "{what}: tensor count");
+                for (k, shape, data) in got {
+                    let e = &expected_ad[&k];
+                    assert_eq!(shape, e.shape, "{what}: {k}");
+                    assert_close(
+                        &format!("{what}: {k}"),
+                        data,
+                        &e.data,
+                        DType::F32,
+                        Tol::FIXTURE,
+                    );
+                }
+            }
+            assert!(worst < 2e-6, "{what}: {worst:e}");
+        }
+    }
+}
+
+/// DARE with smelt's own random draws (PEFT's torch RNG cannot be matched): every element
+/// of A' and B' is one of the 2^M sums of kept `w·x/density` terms, each adapter's recovered
+/// keep-mask keeps a fraction within 4σ of the density, and over many seeds the mean of A'
+/// and of B' tends to the `linear` merge's factors (E[mask/density] = 1).
+#[test]
+fn dare_linear_by_statistics() {
+    let a = open_adapter("lora_a");
+    let b = open_adapter("lora_b");
+    let lin = load_st(&peft().join("merge_ab_linear/adapter_model.safetensors"));
+    let cpu = smelt::backend::cpu::Cpu::new();
+    let density = 0.5;
+    let run = |seed: u64| {
+        merge::merge(
+            &[&a, &b],
+            &MergeOptions {
+                combination: Combination::DareLinear,
+                weights: vec![0.7, 0.3],
+                density: Some(density),
+                majority_sign: MajoritySign::Total,
+                svd_rank: None,
+                seed,
+                masks: None,
+            },
+            &cpu,
+        )
+        .unwrap()
+    };
+    // Recover the masks of one draw.
+    let m = run(1);
+    let mut fractions = Vec::new();
+    for module in &m.modules {
+        for (part, got) in [("lora_A", &module.a), ("lora_B", &module.b)] {
+            let key = |ad: &Adapter| {
+                let lm = ad.module(&module.name).unwrap();
+                (if part == "lora_A" { ad.a(lm) } else { ad.b(lm) }, lm.scale)
+            };
+            let (xa, sa) = key(&a);
+            let (xb, sb) = key(&b);
+            let (wa, wb) = ((0.7 * sa).sqrt() as f32, (0.3 * sb).sqrt() as f32);
+            let (mut ka, mut kb) = (0usize, 0usize);
+            for e in 0..got.data.len() {
+                let ta = xa.data[e] * wa / density as f32;
+                let tb = xb.data[e] * wb / density as f32;
+                let options = [(0, 0, 0.0), (1, 0, ta), (0, 1, tb), (1, 1, ta + tb)];
+                let (ia, ib, _) = options
+                    .iter()
+                    .copied()
+                    .find(|(_, _, v)| (got.data[e] - v).abs() <= 1e-6 * (1.0 + v.abs()))
+                    .unwrap_or_else(|| {
+                        panic!(
+                            "{} {part}[{e}] = {} is no sum of kept terms",
+                            module.name, got.data[e]
+                        )
+                    });
+                ka += ia;
+                kb += ib;
+            }
+            let n = got.data.len() as f64;
+            fractions.push(ka as f64 / n);
+            fractions.push(kb as f64 / n);
+        }
+    }
+    for f in &fractions {
+        // ±4·√(p(1−p)/n) with n = 64
+        assert!(
+            (f - density).abs() <= 4.0 * (density * (1.0 - density) / 64.0).sqrt(),
+            "{fractions:?}"
+        );
+    }
+    let mean_all: f64 = fractions.iter().sum::<f64>() / fractions.len() as f64;
+    assert!((mean_all - density).abs() < 0.05, "{mean_all}");
+
+    // Expectation over seeds.
+    let seeds = 1500;
+    let mut sums: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+    for seed in 0..seeds {
+        for (k, _, d) in run(seed).tensors() {
+            let s = sums.entry(k).or_insert_with(|| vec![0.0; d.len()]);
+            s.iter_mut().zip(d).for_each(|(s, x)| *s += *x as f64);
+        }
+    }
+    for (k, s) in &sums {
+        let l = &lin[k];
+        // Var of one draw per element: Σ_i (w_i x_i)² (1/p − 1), w_i = √(w·s) of adapter i
+        let module = k.trim_start_matches("base_model.model.");
+        let (module, part_a) = match module.strip_suffix(".lora_A.weight") {
+            Some(m) => (m, true),
+            None => (module.strip_suffix(".lora_B.weight").unwrap(), false),
+        };
+        let mut var = vec![0f64; l.data.len()];
+        for (ad, w) in [(&a, 0.7), (&b, 0.3)] {
+            let lm = ad.module(module).unwrap();
+            let x = if part_a { ad.a(lm) } else { ad.b(lm) };
+            let wf = (w * lm.scale).sqrt();
+            for (v, x) in var.iter_mut().zip(&x.data) {
+                *v += (wf * *x as f64).powi(2) * (1.0 / density - 1.0);
+            }
+        }
+        for (e, (s, x)) in s.iter().zip(&l.data).enumerate() {
+            let mean = s / seeds as f64;
+            let bound = 5.0 * (var[e] / seeds as f64).sqrt() + 1e-6;
+            assert!(
+                (mean - *x as f64).abs() <= bound,
+                "{k}[{e}]: mean {mean} vs linear {x} (5σ = {bound})"
+            );
+        }
+    }
+}
+
+/// PEFT's refusals, with smelt's clear messages: unequal ranks for the factor methods,
+/// pruning without a density, weight count.
+#[test]
+fn merge_refuses_what_peft_refuses() {
+    let a = open_adapter("lora_a");
+    let c = open_adapter("lora_c");
+    let cpu = smelt::backend::cpu::Cpu::new();
+    let opts = |combination, density, weights: Vec<f64>| MergeOptions {
+        combination,
+        weights,
+        density,
+        majority_sign: MajoritySign::Total,
+        svd_rank: None,
+        seed: 0,
+        masks: None,
+    };
+    let e = merge::merge(
+        &[&a, &c],
+        &opts(Combination::Linear, None, vec![0.7, 0.3]),
+        &cpu,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        e.contains("same rank") && e.contains("r=4") && e.contains("r=8"),
+        "{e}"
+    );
+    let e = merge::merge(
+        &[&a, &a],
+        &opts(Combination::Ties, None, vec![0.7, 0.3]),
+        &cpu,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("--density"), "{e}");
+    let e = merge::merge(&[&a, &c], &opts(Combination::Cat, None, vec![0.7]), &cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("1 weights for 2 adapters"), "{e}");
+    let mts = open_adapter("lora_mts");
+    let e = merge::merge(
+        &[&a, &mts],
+        &opts(Combination::Cat, None, vec![0.7, 0.3]),
+        &cpu,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("modules_to_save"), "{e}");
+}
+
+/// `smelt lora merge` through the binary: the written folder holds PEFT's keys, shapes and
+/// values (cat of a and c, with c-only up_proj zero-padded), a config with PEFT's r / alpha /
+/// targets, and reads back as an adapter whose application equals base + PEFT's ΔW.
+#[test]
+fn cli_merge_writes_adapter_peft_reads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ac_cat");
+    let o = smelt()
+        .args([
+            "lora",
+            "merge",
+            &p("lora_a"),
+            &p("lora_c"),
+            "--method",
+            "cat",
+            "--weights",
+            "0.7,0.3",
+            "-o",
+        ])
+        .arg(&out)
+        .args(cpu_args())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got = load_st(&out.join("adapter_model.safetensors"));
+    let expected = load_st(&peft().join("merge_ac_cat/adapter_model.safetensors"));
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        expected.keys().collect::<Vec<_>>()
+    );
+    for (k, e) in &expected {
+        assert_eq!(got[k].shape, e.shape, "{k}");
+        assert_close(k, &got[k].data, &e.data, DType::F32, Tol::FIXTURE);
+    }
+    let raw = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+    let hlen = u64::from_le_bytes(raw[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&raw[8..8 + hlen]).unwrap();
+    assert_eq!(header["__metadata__"]["format"], "pt");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"], 12);
+    assert_eq!(cfg["lora_alpha"], 12);
+    let mut t: Vec<&str> = cfg["target_modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    t.sort();
+    assert_eq!(t, ["q_proj", "up_proj", "v_proj"]);
+    // Every other field equals the config PEFT wrote for the same merge.
+    let peft_cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(peft().join("merge_ac_cat/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    for (k, v) in peft_cfg.as_object().unwrap() {
+        if k != "target_modules" {
+            assert_eq!(&cfg[k], v, "adapter_config.json field {k}");
+        }
+    }
+    assert_eq!(
+        cfg.as_object().unwrap().len(),
+        peft_cfg.as_object().unwrap().len()
+    );
+
+    // Applying the written adapter = base + PEFT's merged ΔW.
+    let recipe = format!(
+        "merge_method: passthrough\nmodels:\n  - model: {}+{}\n",
+        p("base"),
+        out.display()
+    );
+    let plan = plan_text(tmp.path(), &recipe, None);
+    let applied = merge_plan(&plan, &smelt::backend::cpu::Cpu::new());
+    let base = load_st(&peft().join("base/model.safetensors"));
+    let delta = load_st(&peft().join("merge_ac_cat/delta.safetensors"));
+    for (name, b) in &base {
+        let want: Vec<f32> = match delta.get(name) {
+            Some(d) => b.data.iter().zip(&d.data).map(|(x, y)| x + y).collect(),
+            None => b.data.clone(),
+        };
+        assert_close(
+            name,
+            &applied[name].data,
+            &want,
+            DType::F32,
+            Tol::abs_rel(2e-7, 1e-6),
+        );
+    }
+
+    // Refusals exit non-zero and leave nothing.
+    let bad = tmp.path().join("bad");
+    let o = smelt()
+        .args([
+            "lora",
+            "merge",
+            &p("lora_a"),
+            &p("lora_c"),
+            "--method",
+            "ties",
+            "--density",
+            "0.5",
+            "-o",
+        ])
+        .arg(&bad)
+        .args(cpu_args())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("same rank"), "{}", stderr(&o));
+    assert!(!bad.exists());
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        2,
+        "only ac_cat and recipe.yml"
+    );
+}
+
+// ---- lora extract -------------------------------------------------------------------------
+
+fn open_model(name: &str) -> smelt::io::model::ModelFolder {
+    smelt::io::model::ModelFolder::open(&peft().join(name), name).unwrap()
+}
+
+/// Extraction from PEFT's merged lora_c model (ΔW of rank 8 in q, v and up projections):
+/// the Frobenius error of base + B·A against the tuned weights, measured here from the
+/// factors, falls strictly with the rank and vanishes at rank 8; the reported retained
+/// energy agrees with the measured error (err² = (1 − energy)·‖ΔW‖²). Every backend.
+#[test]
+fn extraction_error_falls_with_rank() {
+    let base = open_model("base");
+    let tuned = open_model("apply_lora_c");
+    let bw = load_st(&peft().join("base/model.safetensors"));
+    let tw = load_st(&peft().join("apply_lora_c/model.safetensors"));
+    for (bname, backend) in backends() {
+        let mut last = f64::INFINITY;
+        for rank in [1, 2, 4, 6, 8] {
+            let ex = smelt::lora::extract::extract(&base, &tuned, rank, backend.as_ref()).unwrap();
+            assert_eq!(ex.adapter.modules.len(), 6, "2 layers × q, v, up");
+            assert!(ex.not_representable.is_empty());
+            let mut err2 = 0f64;
+            let mut norm2 = 0f64;
+            for (m, rep) in ex.adapter.modules.iter().zip(&ex.modules) {
+                assert_eq!((m.a.rows, m.b.cols), (rank, rank));
+                let name = format!("{}.weight", m.name);
+                assert_eq!(rep.tensor, name);
+                let mut module_err2 = 0f64;
+                for i in 0..m.b.rows {
+                    for j in 0..m.a.cols {
+                        let ba: f64 = (0..rank)
+                            .map(|k| m.b.at(i, k) as f64 * m.a.at(k, j) as f64)
+                            .sum();
+                        let e = j + i * m.a.cols;
+                        let d = tw[&name].data[e] as f64 - bw[&name].data[e] as f64;
+                        module_err2 += (d - ba).powi(2);
+                        norm2 += d * d;
+                    }
+                }
+                let predicted = (1.0 - rep.energy) * rep.norm * rep.norm;
+                assert!(
+                    (module_err2 - predicted).abs() <= 1e-4 * rep.norm * rep.norm,
+                    "{bname} r{rank} {name}: measured err² {module_err2:e}, from energy {predicted:e}"
+                );
+                err2 += module_err2;
+            }
+            let rel = (err2 / norm2).sqrt();
+            assert!(
+                rel < last,
+                "{bname}: rank {rank} error {rel} is not below {last}"
+            );
+            last = rel;
+            if rank == 8 {
+                assert!(
+                    rel < 1e-5,
+                    "{bname}: rank 8 must reproduce a rank-8 ΔW ({rel})"
+                );
+            }
+        }
+    }
+}
+
+/// `smelt lora extract` writes an adapter that smelt (and PEFT's layout) reads back: at the
+/// adapter's own rank, applying the extraction to the base reproduces PEFT's merged model,
+/// embeddings (lora_embedding_A/B, transposed) included.
+#[test]
+fn cli_extract_round_trips_through_apply() {
+    let tmp = tempfile::tempdir().unwrap();
+    for case in ["embed", "c"] {
+        let out = tmp.path().join(format!("ex_{case}"));
+        let o = smelt()
+            .args([
+                "lora",
+                "extract",
+                &p("base"),
+                &p(&format!("apply_lora_{case}")),
+                "--rank",
+                "8",
+                "-o",
+            ])
+            .arg(&out)
+            .args(cpu_args())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        let text = String::from_utf8_lossy(&o.stdout).to_string();
+        assert!(text.contains("retained 100.0000%"), "{text}");
+        let ad = Adapter::open(&out, "x").unwrap();
+        if case == "embed" {
+            let m = ad.module("model.embed_tokens").unwrap();
+            assert_eq!(m.kind, smelt::lora::ModuleKind::Embedding);
+            assert_eq!(m.a_shape, [8, 40]);
+        }
+        let recipe = format!(
+            "merge_method: passthrough\nmodels:\n  - model: {}+{}\n",
+            p("base"),
+            out.display()
+        );
+        let plan = plan_text(tmp.path(), &recipe, None);
+        let expected = load_st(&peft().join(format!("apply_lora_{case}/model.safetensors")));
+        for (bname, backend) in backends() {
+            let got = merge_plan(&plan, backend.as_ref());
+            for (name, e) in &expected {
+                assert_close(
+                    &format!("{case} {bname} {name}"),
+                    &got[name].data,
+                    &e.data,
+                    DType::F32,
+                    Tol::abs_rel(2e-6, 1e-5),
+                );
+            }
+        }
+    }
+    let o = smelt()
+        .args([
+            "lora",
+            "extract",
+            &p("base"),
+            &p("base"),
+            "--rank",
+            "4",
+            "-o",
+        ])
+        .arg(tmp.path().join("none"))
+        .args(cpu_args())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("nothing to extract"), "{}", stderr(&o));
+    assert!(!tmp.path().join("none").exists());
+}
+
+/// `BASE+ADAPTER` works with any method: a linear merge of two adapted models equals the
+/// same merge of PEFT's two merged models, on every backend.
+#[test]
+fn adapted_models_merge_with_any_method() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = format!(
+        "merge_method: linear\nmodels:\n  - model: {b}+{a}\n    parameters: {{weight: 0.6}}\n  - model: {b}+{c}\n    parameters: {{weight: 0.4}}\n",
+        b = p("base"),
+        a = p("lora_a"),
+        c = p("lora_c")
+    );
+    let plan = plan_text(tmp.path(), &recipe, None);
+    let ea = load_st(&peft().join("apply_lora_a/model.safetensors"));
+    let ec = load_st(&peft().join("apply_lora_c/model.safetensors"));
+    for (bname, backend) in backends() {
+        let got = merge_plan(&plan, backend.as_ref());
+        for (name, x) in &ea {
+            let want: Vec<f32> = x
+                .data
+                .iter()
+                .zip(&ec[name].data)
+                .map(|(x, y)| 0.6 * x + 0.4 * y)
+                .collect();
+            assert_close(
+                &format!("{bname} {name}"),
+                &got[name].data,
+                &want,
+                DType::F32,
+                Tol::abs_rel(2e-7, 2e-6),
+            );
+        }
+    }
+}
+
+// ---- LoRA-LEGO ----------------------------------------------------------------------------
+
+/// LEGO's exact cases on every backend: with k = every unit (4 + 8 ranks of a and c) each
+/// unit is its own cluster and the result is PEFT's `cat` ΔW; an adapter merged with itself
+/// at half weight each, k = its rank, pairs every unit with its twin and gives back the
+/// adapter's own ΔW (what PEFT's merge_and_unload adds). A clustered merge (k < units) is
+/// deterministic for a seed and agrees across backends.
+#[test]
+fn lego_exact_cases_and_parity() {
+    let a = open_adapter("lora_a");
+    let b = open_adapter("lora_b");
+    let c = open_adapter("lora_c");
+    let cat = load_st(&peft().join("merge_ac_cat/delta.safetensors"));
+    let base = load_st(&peft().join("base/model.safetensors"));
+    let applied = load_st(&peft().join("apply_lora_a/model.safetensors"));
+    let mut reference: Option<Vec<Vec<f32>>> = None;
+    for (bname, backend) in backends() {
+        let bk = backend.as_ref();
+        let m = smelt::lora::lego::lego(&[&a, &c], &[0.7, 0.3], Some(12), 3, bk).unwrap();
+        for module in &m.modules {
+            let d = m.delta(module, bk).unwrap();
+            let e = &cat[&format!("{}.weight", module.name)];
+            assert_close(
+                &format!("{bname} lego k=12 {}", module.name),
+                &d.data,
+                &e.data,
+                DType::F32,
+                Tol::abs_rel(2e-7, 1e-5),
+            );
+        }
+        let m = smelt::lora::lego::lego(&[&a, &a], &[0.5, 0.5], Some(4), 3, bk).unwrap();
+        assert_eq!(m.modules.len(), 4);
+        for module in &m.modules {
+            let d = m.delta(module, bk).unwrap();
+            let name = format!("{}.weight", module.name);
+            let want: Vec<f32> = applied[&name]
+                .data
+                .iter()
+                .zip(&base[&name].data)
+                .map(|(x, y)| x - y)
+                .collect();
+            assert_close(
+                &format!("{bname} lego twins {name}"),
+                &d.data,
+                &want,
+                DType::F32,
+                Tol::abs_rel(2e-7, 1e-5),
+            );
+        }
+        let run = || smelt::lora::lego::lego(&[&a, &b], &[0.7, 0.3], Some(4), 11, bk).unwrap();
+        let (m1, m2) = (run(), run());
+        let d1: Vec<Vec<f32>> = m1
+            .modules
+            .iter()
+            .map(|x| m1.delta(x, bk).unwrap().data)
+            .collect();
+        let d2: Vec<Vec<f32>> = m2
+            .modules
+            .iter()
+            .map(|x| m2.delta(x, bk).unwrap().data)
+            .collect();
+        assert_eq!(d1, d2, "{bname}: same seed, same result");
+        assert_eq!(m1.config["r"], 4);
+        match &reference {
+            None => reference = Some(d1),
+            Some(r) => {
+                for (x, y) in r.iter().zip(&d1) {
+                    assert_close(
+                        &format!("{bname} vs cpu lego"),
+                        y,
+                        x,
+                        DType::F32,
+                        Tol::abs_rel(1e-6, 1e-5),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// `smelt lora merge --method lego` through the binary: at k = all units the written adapter
+/// applies PEFT's exact cat sum.
+#[test]
+fn cli_lego_writes_loadable_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("lego");
+    let o = smelt()
+        .args([
+            "lora",
+            "merge",
+            &p("lora_a"),
+            &p("lora_c"),
+            "--method",
+            "lego",
+            "--rank",
+            "12",
+            "--weights",
+            "0.7,0.3",
+            "-o",
+        ])
+        .arg(&out)
+        .args(cpu_args())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let recipe = format!(
+        "merge_method: passthrough\nmodels:\n  - model: {}+{}\n",
+        p("base"),
+        out.display()
+    );
+    let applied = merge_plan(
+        &plan_text(tmp.path(), &recipe, None),
+        &smelt::backend::cpu::Cpu::new(),
+    );
+    let base = load_st(&peft().join("base/model.safetensors"));
+    let delta = load_st(&peft().join("merge_ac_cat/delta.safetensors"));
+    for (name, b) in &base {
+        let want: Vec<f32> = match delta.get(name) {
+            Some(d) => b.data.iter().zip(&d.data).map(|(x, y)| x + y).collect(),
+            None => b.data.clone(),
+        };
+        assert_close(
+            name,
+            &applied[name].data,
+            &want,
+            DType::F32,
+            Tol::abs_rel(3e-7, 1e-5),
+        );
+    }
+    let o = smelt()
+        .args([
+            "lora",
+            "merge",
+            &p("lora_a"),
+            &p("lora_b"),
+            "--method",
+            "lego",
+            "--density",
+            "0.5",
+            "-o",
+        ])
+        .arg(tmp.path().join("bad"))
+        .args(cpu_args())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(!tmp.path().join("bad").exists());
+}
+
+/// Bad adapters are refused with messages that name the file, key or tensor.
+#[test]
+fn bad_adapters_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = |name: &str| {
+        let d = tmp.path().join(name);
+        copy_dir(&peft().join("lora_a"), &d);
+        d
+    };
+    let open_err =
+        |d: &std::path::Path| Adapter::open(d, "x").err().expect("must fail").to_string();
+
+    let d = copy("dora");
+    let cfg = std::fs::read_to_string(d.join("adapter_config.json")).unwrap();
+    std::fs::write(
+        d.join("adapter_config.json"),
+        cfg.replace("\"use_dora\": false", "\"use_dora\": true"),
+    )
+    .unwrap();
+    let e = open_err(&d);
+    assert!(
+        e.contains("use_dora") && e.contains("adapter_config.json"),
+        "{e}"
+    );
+
+    let d = copy("rank");
+    let cfg = std::fs::read_to_string(d.join("adapter_config.json")).unwrap();
+    std::fs::write(
+        d.join("adapter_config.json"),
+        cfg.replace("\"r\": 4", "\"r\": 8"),
+    )
+    .unwrap();
+    let e = open_err(&d);
+    assert!(e.contains("rank 4") && e.contains("r = 8"), "{e}");
+
+    let d = copy("pickle");
+    std::fs::rename(
+        d.join("adapter_model.safetensors"),
+        d.join("adapter_model.bin"),
+    )
+    .unwrap();
+    let e = open_err(&d);
+    assert!(
+        e.contains("adapter_model.bin") && e.contains("safetensors"),
+        "{e}"
+    );
+
+    // a lone A factor
+    let d = copy("half");
+    let t = load_st(&d.join("adapter_model.safetensors"));
+    let keep: Vec<(&str, &T)> = t
+        .iter()
+        .filter(|(k, _)| {
+            k.as_str() != "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+        })
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
+    write_st(&d.join("adapter_model.safetensors"), &keep);
+    let e = open_err(&d);
+    assert!(
+        e.contains("model.layers.0.self_attn.q_proj") && e.contains("no B factor"),
+        "{e}"
+    );
+
+    // BASE+ADAPTER where the adapter folder does not exist
+    std::fs::write(
+        tmp.path().join("r.yml"),
+        format!(
+            "merge_method: passthrough\nmodels:\n  - model: {}+{}\n",
+            p("base"),
+            tmp.path().join("nope").display()
+        ),
+    )
+    .unwrap();
+    let e = smelt::recipe::Recipe::load(&tmp.path().join("r.yml"))
+        .expect_err("must fail")
+        .to_string();
+    assert!(e.contains("adapter folder") && e.contains("nope"), "{e}");
+}
