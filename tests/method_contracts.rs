@@ -214,6 +214,9 @@ fn methods_lists_the_new_methods_with_parameters_and_defaults() {
             ("rescale", "boolean", "global", "true"),
             ("lambda", "number", "global", "1"),
             ("int8_mask", "boolean", "global", "false"),
+            // LiNeS, an option of every task-vector method: off unless lines_beta is set
+            ("lines_beta", "number", "global", "unset"),
+            ("lines_alpha", "number", "global", "unset"),
         ]
     };
     let want: Vec<(&str, &str, Vec<Param>)> = vec![
