@@ -338,6 +338,30 @@ pub fn run(opts: &BenchOptions, backends: &[(Box<dyn Backend>, Device)]) -> Resu
                 b.nearswap(&job(true, 1, DType::BF16), 0.001, &mut out)
             })?;
             push("primitive", "nearswap".into(), 2 * inb + outb, t);
+            // dense linear algebra (TSV-M, OPCM, LoRA): a square product and a truncated SVD
+            // of the size of a small model's projection; the name carries GFLOP/s
+            let d = 512;
+            let a = crate::linalg::Mat::from_fn(d, d, |i, j| ((i * 7 + j * 13) % 17) as f32 - 8.0);
+            let c = crate::linalg::Mat::from_fn(d, d, |i, j| ((i * 5 + j * 3) % 11) as f32 - 5.0);
+            let t = time(r, || b.matmul(&a, &c, false, false).map(|_| ()))?;
+            let gflops = 2.0 * (d as f64).powi(3) / t / 1e9;
+            push(
+                "primitive",
+                format!("matmul {d}x{d}x{d} ({gflops:.1} GFLOP/s)"),
+                3 * (d * d * 4) as u64,
+                t,
+            );
+            let (m, rank) = (1024, 32);
+            let big = crate::linalg::Mat::from_fn(m, m, |i, j| {
+                (((i * 31 + j * 17) % 97) as f32 - 48.0) / 48.0 + if i == j { 4.0 } else { 0.0 }
+            });
+            let t = time(r, || b.svd(&big, Some(rank)).map(|_| ()))?;
+            push(
+                "primitive",
+                format!("svd {m}x{m} rank {rank}"),
+                (m * m * 4) as u64,
+                t,
+            );
         }
         if opts.methods {
             for m in methods::all() {
