@@ -402,6 +402,30 @@ impl Gpu {
         }
     }
 
+    /// An elementwise gta.wgsl kernel whose only inputs are one scalar per model (in its
+    /// `weight` slot, leading models first) and header fields that `edit` sets.
+    fn apply_weighted(
+        &self,
+        job: &Job,
+        entry: &'static str,
+        per_model: &[f32],
+        out: &mut [u8],
+        edit: impl FnOnce(&mut MetaHeader),
+    ) -> Result<()> {
+        let (header, models) = {
+            let mut guard = self.state(job)?;
+            let st = guard.as_mut().unwrap();
+            let mut h = self.header(job, st, 0);
+            edit(&mut h);
+            let mut models = self.models_meta(job, st);
+            for (m, &w) in models.iter_mut().zip(per_model) {
+                m.weight = w;
+            }
+            (h, models)
+        };
+        self.apply(job, (Shader::Gta, entry), header, models, None, None, out)
+    }
+
     /// Metadata of every model, in order (the head of the `models` array of every kernel).
     fn models_meta(&self, job: &Job, st: &JobState) -> Vec<ModelMeta> {
         (0..job.models.len())
@@ -1194,29 +1218,12 @@ impl Backend for Gpu {
         if job.numel == 0 {
             return Ok(());
         }
-        let (header, models) = {
-            let mut guard = self.state(job)?;
-            let st = guard.as_mut().unwrap();
-            let mut h = self.header(job, st, 0);
+        self.apply_weighted(job, "weighted_sum", weights, out, |h| {
             if let Some(d) = divisor {
                 h.has_divisor = 1;
                 h.divisor = d;
             }
-            let mut models = self.models_meta(job, st);
-            for (m, &w) in models.iter_mut().zip(weights) {
-                m.weight = w;
-            }
-            (h, models)
-        };
-        self.apply(
-            job,
-            (Shader::Gta, "weighted_sum"),
-            header,
-            models,
-            None,
-            None,
-            out,
-        )
+        })
     }
 
     fn convert(&self, job: &Job, out: &mut [u8]) -> Result<()> {
@@ -1366,27 +1373,10 @@ impl Backend for Gpu {
         if job.numel == 0 {
             return Ok(());
         }
-        let (header, models) = {
-            let mut guard = self.state(job)?;
-            let st = guard.as_mut().unwrap();
-            let mut h = self.header(job, st, 0);
+        self.apply_weighted(job, "fisher", coefs, out, |h| {
             h.n_items = coefs.len() as u32;
             h.t = floor;
-            let mut models = self.models_meta(job, st);
-            for (m, &c) in models.iter_mut().zip(coefs) {
-                m.weight = c;
-            }
-            (h, models)
-        };
-        self.apply(
-            job,
-            (Shader::Gta, "fisher"),
-            header,
-            models,
-            None,
-            None,
-            out,
-        )
+        })
     }
 
     fn pcb(&self, job: &Job, spec: &PcbSpec, beta_of: Option<usize>, out: &mut [u8]) -> Result<()> {
