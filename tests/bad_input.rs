@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::*;
 
@@ -18,33 +18,6 @@ models:
     parameters: {weight: 1.0, density: 0.5}
 dtype: float32
 ";
-
-struct Setup {
-    tmp: tempfile::TempDir,
-    models: PathBuf,
-}
-
-impl Setup {
-    fn new() -> Setup {
-        let tmp = tempfile::tempdir().unwrap();
-        let models = copy_fixture_models(tmp.path());
-        Setup { tmp, models }
-    }
-    fn dir(&self) -> &Path {
-        self.tmp.path()
-    }
-    fn recipe(&self, text: &str) -> PathBuf {
-        let p = self.dir().join("recipe.yml");
-        std::fs::write(&p, text).unwrap();
-        p
-    }
-    fn out(&self) -> PathBuf {
-        self.dir().join("out")
-    }
-    fn st(&self, model: &str) -> PathBuf {
-        self.models.join(model).join("model.safetensors")
-    }
-}
 
 /// No hidden staging folder (or old folder moved aside) is left beside OUT.
 fn assert_no_leftovers(dir: &Path) {

@@ -38,39 +38,10 @@ const JOURNAL: &str = "progress.json";
 const MANIFEST: &str = "smelt-manifest.json";
 const INDEX: &str = "model.safetensors.index.json";
 
-struct Setup {
-    tmp: tempfile::TempDir,
-    models: PathBuf,
-}
-
+/// What the reliability tests ask of the sandbox besides the common ones.
 impl Setup {
-    fn new() -> Setup {
-        let tmp = tempfile::tempdir().unwrap();
-        let models = copy_fixture_models(tmp.path());
-        Setup { tmp, models }
-    }
-    fn dir(&self) -> &Path {
-        self.tmp.path()
-    }
-    fn recipe(&self, text: &str) -> PathBuf {
-        self.recipe_named("recipe.yml", text)
-    }
-    fn recipe_named(&self, name: &str, text: &str) -> PathBuf {
-        let p = self.dir().join(name);
-        std::fs::write(&p, text).unwrap();
-        p
-    }
-    fn out(&self) -> PathBuf {
-        self.dir().join("out")
-    }
     fn partial(&self) -> PathBuf {
         self.dir().join(PARTIAL)
-    }
-    fn model(&self, m: &str) -> PathBuf {
-        self.models.join(m)
-    }
-    fn st(&self, m: &str) -> PathBuf {
-        self.model(m).join("model.safetensors")
     }
     /// Names in the temporary folder (the output, the partial folder or anything hidden
     /// would show here).

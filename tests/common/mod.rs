@@ -368,6 +368,43 @@ pub fn copy_fixture_models(dir: &Path) -> PathBuf {
     models
 }
 
+// ---- a sandbox of fixture models --------------------------------------------------------
+
+/// A temporary folder holding copies of the mergekit fixture models (`models/`), where a test
+/// writes recipes and merges into `out`.
+pub struct Setup {
+    pub tmp: tempfile::TempDir,
+    pub models: PathBuf,
+}
+
+impl Setup {
+    pub fn new() -> Setup {
+        let tmp = tempfile::tempdir().unwrap();
+        let models = copy_fixture_models(tmp.path());
+        Setup { tmp, models }
+    }
+    pub fn dir(&self) -> &Path {
+        self.tmp.path()
+    }
+    pub fn recipe(&self, text: &str) -> PathBuf {
+        self.recipe_named("recipe.yml", text)
+    }
+    pub fn recipe_named(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.dir().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+    pub fn out(&self) -> PathBuf {
+        self.dir().join("out")
+    }
+    pub fn model(&self, m: &str) -> PathBuf {
+        self.models.join(m)
+    }
+    pub fn st(&self, m: &str) -> PathBuf {
+        self.model(m).join("model.safetensors")
+    }
+}
+
 // ---- running recipes ---------------------------------------------------------------------
 
 pub fn plan_file(recipe: &Path, seed: Option<u64>) -> Plan {
