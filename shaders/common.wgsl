@@ -22,7 +22,7 @@ struct ModelMeta {
     weight: f32,
     scale: f32,
     aux: u32,        // select: bit 0 key |x|, bit 1 filtered, bit 2 key = variance |
-                     // vector entries: 0 model, 1 base, 2 delta
+                     // vector entries: 0 model, 1 base, 2 delta, 3 ones
     ranks: u32,      // DELLA: word offset of this model's per-element ranks in `aux`
     table: u32,      // DELLA: word offset of its threshold table in `aux`
     _p0: u32,
@@ -227,6 +227,9 @@ fn variance4(q: u32, b: vec4<f32>) -> vec4<f32> {
 
 // The value of vector entry `v` at element `e`.
 fn vector1(v: ModelMeta, e: u32) -> f32 {
+    if v.aux == 3u {
+        return 1.0;
+    }
     let b = load1(job.base_offset, job.base_dtype, e);
     if v.aux == 1u {
         return b;
@@ -241,6 +244,9 @@ fn vector1(v: ModelMeta, e: u32) -> f32 {
 
 // The values of vector entry `e` (model, base or delta) over quad q.
 fn vector4(e: ModelMeta, q: u32) -> vec4<f32> {
+    if e.aux == 3u {
+        return vec4<f32>(1.0);
+    }
     if e.aux == 1u {
         return load_base4(q);
     }

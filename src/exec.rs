@@ -231,6 +231,15 @@ fn lora_inputs(plan: &Plan, backend: &dyn Backend, t: &TensorTask) -> Result<Vec
         .chain(&t.models)
         .map(|ti| {
             let m = &plan.models[ti.model];
+            if let Some(c) = m.compeft.as_ref().filter(|c| c.has(&ti.tensor)) {
+                let r = m.get(&ti.tensor).expect("planned tensor exists");
+                let mut w = vec![0f32; r.numel()];
+                crate::dtype::decode(r.dtype(), r.bytes(), &mut w);
+                c.add_to(&ti.tensor, &mut w);
+                let mut bytes = vec![0u8; w.len() * r.dtype().size()];
+                crate::dtype::encode(r.dtype(), &w, &mut bytes);
+                return Ok(Some(bytes));
+            }
             let Some(module) = m.lora.as_ref().and_then(|a| a.module_for(&ti.tensor)) else {
                 return Ok(None);
             };

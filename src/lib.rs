@@ -11,6 +11,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod compeft;
 pub mod dtype;
 pub mod error;
 pub mod exec;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
 
 use smelt::backend::cpu::Cpu;
 use smelt::backend::gpu::{list_adapters, Gpu, GpuContext, GpuOptions};
@@ -145,6 +146,47 @@ enum Cmd {
     /// or extract one from a fine-tuned model.
     #[command(subcommand)]
     Lora(LoraCmd),
+    /// Compress a fine-tune into a sparse ternary task vector (ComPEFT) that recipes can use
+    /// in place of the model.
+    #[command(
+        long_about = "Compress a fine-tuned model into a sparse ternary task vector (ComPEFT, \
+        Yadav et al. 2023) and write it as a folder with compeft.safetensors and a model card.\n\n\
+        The task vector τ = MODEL − BASE of every float tensor is reduced, over the whole model at \
+        once, to the --density share of its largest-magnitude entries (int(d·density) + 1 of d, \
+        ties at the threshold included, as the reference code keeps them); each kept entry becomes \
+        ±alpha·σ, σ the standard deviation of all of τ. What is stored: one bit per element \
+        (kept or not) and one sign bit per kept element, so about 1 + density bits per weight \
+        instead of 16 for bf16; the compression ratio is printed and recorded. The statistics \
+        (σ and the whole-model threshold) run on the chosen device; memory stays that of one \
+        tensor.\n\n\
+        In a recipe, the folder stands wherever a model does: `model: OUT` adds the compressed \
+        task vector to the base it was made against (its path and content digest are recorded), \
+        or `model: BASE+OUT` names the base explicitly. A base with another digest is refused.\n\n\
+        alpha rescales the ternary values: the paper tunes it on validation data (values between \
+        about 0.5 and 10); alpha 1 keeps the task vector's own spread.",
+        after_help = "Examples:\n  smelt compress ./Mistral-7B-math --base ./Mistral-7B -o ./math-compeft --density 0.1\n  # then, in a recipe: models: [{model: ./math-compeft, parameters: {weight: 1.0}}]"
+    )]
+    Compress {
+        /// The fine-tuned model folder.
+        model: PathBuf,
+        /// The base model it was fine-tuned from.
+        #[arg(long)]
+        base: PathBuf,
+        /// Output folder (refused if it exists, unless --force).
+        #[arg(short, long)]
+        out: PathBuf,
+        /// Share of the task vector's entries kept, in (0, 1) (ComPEFT's k / 100).
+        #[arg(long, default_value_t = 0.1)]
+        density: f64,
+        /// The kept entries become ±alpha·σ (ComPEFT's replace_factor).
+        #[arg(long, default_value_t = 1.0)]
+        alpha: f64,
+        /// Replace OUT if it exists (the old folder is removed only after the new one is complete).
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
     /// List the GPU adapters smelt can use (name, vendor, backend, type, driver, limits).
     Devices,
     /// Measure every primitive and method on generated data, on the CPU and every usable
@@ -539,6 +581,65 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Cmd::Compress {
+            model,
+            base,
+            out,
+            density,
+            alpha,
+            force,
+            device,
+        } => {
+            let m = ModelFolder::open(&model, &model.display().to_string())?;
+            let b = ModelFolder::open(&base, &base.display().to_string())?;
+            let backend = make_backend(&device)?;
+            let settings = smelt::compeft::Settings { density, alpha };
+            settings.check()?;
+            let names = m.names().len() as u64;
+            let pb = ProgressBar::new(4 * names);
+            pb.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}",
+                )
+                .unwrap(),
+            );
+            let tick = |n: &str| {
+                pb.inc(1);
+                pb.set_message(n.to_string());
+            };
+            let label = m.label.clone();
+            let base_label = b.label.clone();
+            let card =
+                |r: &smelt::compeft::Report| compeft_card(r, &settings, &label, &base_label, &out);
+            let r = smelt::compeft::compress(
+                &m,
+                &b,
+                &settings,
+                backend.as_ref(),
+                &out,
+                force,
+                &tick,
+                &card,
+            );
+            pb.finish_and_clear();
+            let r = r?;
+            println!(
+                "compressed {} into {} on {}: kept {} of {} entries ({:.4}%, threshold |τ| ≥ {:e}), σ = {:e}, values ±{:e}; {} of float weights -> {} of bit maps: {:.1}x smaller",
+                m.label,
+                r.out_dir.display(),
+                backend.name(),
+                r.nnz,
+                r.stats.total,
+                100.0 * r.nnz as f64 / r.stats.total as f64,
+                r.stats.threshold,
+                r.stats.sigma,
+                r.stats.scale,
+                smelt::units::bytes(r.model_bytes),
+                smelt::units::bytes(r.packed_bytes),
+                r.ratio()
+            );
+            Ok(())
+        }
         Cmd::Lora(cmd) => run_lora(cmd),
         Cmd::Devices => {
             let list = list_adapters();
@@ -892,4 +993,48 @@ fn run_lora(cmd: LoraCmd) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn compeft_card(
+    r: &smelt::compeft::Report,
+    s: &smelt::compeft::Settings,
+    model: &str,
+    base: &str,
+    out: &std::path::Path,
+) -> String {
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    format!(
+        "---\ntags:\n- smelt\n- compeft\n- task-vector\n---\n\n# {name}\n\n\
+         A ComPEFT-compressed task vector (Yadav et al. 2023, arXiv 2311.13171) written by smelt {}: \
+         `{model}` minus the base `{base}`, reduced to its largest entries, each stored as ±scale.\n\n\
+         | | |\n|---|---|\n\
+         | density | {} |\n| alpha | {} |\n| σ (std of the task vector) | {:e} |\n\
+         | scale = alpha·σ | {:e} |\n| threshold (smallest kept abs value) | {:e} |\n\
+         | entries | {} |\n| kept (at or above the threshold) | {} |\n| non-zeros stored | {} |\n\
+         | float weights | {} bytes |\n| bit maps | {} bytes |\n| compression ratio | {:.2}x |\n\n\
+         ## Use\n\nIn a smelt recipe, `model: {name}` stands for base + the decompressed task vector \
+         (the base is found from the path recorded in compeft.safetensors and must have the recorded \
+         digest), or write `model: BASE+{name}`.\n\n\
+         ## Layout\n\n`compeft.safetensors` holds, for every float tensor NAME of n elements, \
+         `NAME.keep` (U8, ceil(n/8) bytes: bit e%8 of byte e/8, least significant first, set when \
+         flat element e is non-zero) and `NAME.sign` (U8: bit j set when the j-th non-zero, in flat \
+         order, is negative). Its `__metadata__` records format `smelt-compeft` version 1, scale, \
+         sigma, alpha, density, threshold, kept, total, the tensor shapes (JSON), and the base's \
+         path and digest. Decompressed: θ = base + scale·(±1 at the kept elements).\n",
+        env!("CARGO_PKG_VERSION"),
+        s.density,
+        s.alpha,
+        r.stats.sigma,
+        r.stats.scale,
+        r.stats.threshold,
+        r.stats.total,
+        r.stats.kept,
+        r.nnz,
+        r.model_bytes,
+        r.packed_bytes,
+        r.ratio()
+    )
 }

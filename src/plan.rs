@@ -188,10 +188,32 @@ impl OpenModels {
         if let Some(i) = self.refs.iter().position(|x| x == r) {
             return Ok(i);
         }
-        let mut f = ModelFolder::open(&r.path, &r.raw)?;
+        let mut f = if crate::compeft::is_compressed(&r.path) && r.adapter.is_none() {
+            // a compressed task vector on its own: added to the base it records
+            let c = crate::compeft::Compressed::open(&r.path)?;
+            if !c.base.exists() {
+                return Err(Error::BadModel {
+                    path: r.path.clone(),
+                    msg: format!(
+                        "this compressed task vector was made against {}, which does not exist here; name the base in the recipe as `BASE+{}`",
+                        c.base.display(),
+                        r.raw
+                    ),
+                });
+            }
+            let mut f = ModelFolder::open(&c.base, &r.raw)?;
+            f.attach_compressed(c)?;
+            f
+        } else {
+            ModelFolder::open(&r.path, &r.raw)?
+        };
         if let Some(a) = &r.adapter {
-            let label = a.display().to_string();
-            f.attach_adapter(crate::lora::Adapter::open(a, &label)?)?;
+            if crate::compeft::is_compressed(a) {
+                f.attach_compressed(crate::compeft::Compressed::open(a)?)?;
+            } else {
+                let label = a.display().to_string();
+                f.attach_adapter(crate::lora::Adapter::open(a, &label)?)?;
+            }
         }
         self.refs.push(r.clone());
         self.folders.push(f);

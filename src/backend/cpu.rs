@@ -982,6 +982,7 @@ fn vector_values(v: Vector, s: &Scratch, len: usize, out: &mut Vec<f32>) {
     match v {
         Vector::Model(i) => out.extend_from_slice(&s.x[i][..len]),
         Vector::Base => out.extend_from_slice(&s.base[..len]),
+        Vector::Ones => out.resize(len, 1.0),
         Vector::Delta(i) => {
             out.extend(s.x[i][..len].iter().zip(&s.base[..len]).map(|(x, b)| x - b))
         }

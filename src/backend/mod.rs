@@ -340,6 +340,8 @@ pub enum Vector {
     Base,
     /// models[i] - base
     Delta(usize),
+    /// 1.0 at every element: paired with a vector in `dots` it gives that vector's sum.
+    Ones,
 }
 
 /// How the elements of a tensor group into vectors for per-vector statistics and combines.

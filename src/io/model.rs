@@ -47,6 +47,9 @@ pub struct ModelFolder {
     /// A LoRA adapter applied on top (`BASE+ADAPTER`): its full tensors replace the base's,
     /// and its ΔW is added to the tensors it targets when they are merged.
     pub lora: Option<Box<crate::lora::Adapter>>,
+    /// A compressed task vector (`smelt compress`) added on top: `BASE+COMPRESSED`, or a
+    /// recipe model that names the compressed folder itself.
+    pub compeft: Option<Box<crate::compeft::Compressed>>,
 }
 
 fn bad(path: &Path, msg: impl Into<String>) -> Error {
@@ -92,6 +95,7 @@ impl ModelFolder {
             tensors: HashMap::new(),
             names: Vec::new(),
             lora: None,
+            compeft: None,
         };
         let cfg_path = dir.join("config.json");
         if path.is_dir() && cfg_path.is_file() {
@@ -226,6 +230,20 @@ impl ModelFolder {
     pub fn attach_adapter(&mut self, adapter: crate::lora::Adapter) -> Result<()> {
         adapter.check_against(self)?;
         self.lora = Some(Box::new(adapter));
+        Ok(())
+    }
+
+    /// Adds a compressed task vector on top of this model (which must be the base it was
+    /// made against).
+    pub fn attach_compressed(&mut self, c: crate::compeft::Compressed) -> Result<()> {
+        if self.lora.is_some() {
+            return Err(bad(
+                &c.dir,
+                "a model with a LoRA adapter cannot also take a compressed task vector",
+            ));
+        }
+        c.check_against(self)?;
+        self.compeft = Some(Box::new(c));
         Ok(())
     }
 

@@ -168,7 +168,13 @@ pub fn input_digest(m: &ModelFolder) -> String {
                 .as_bytes(),
         );
     }
-    for f in m.files().iter().chain(m.lora.iter().map(|a| &a.file)) {
+    let compeft = m.compeft.iter().map(|c| &c.file);
+    for f in m
+        .files()
+        .iter()
+        .chain(m.lora.iter().map(|a| &a.file))
+        .chain(compeft)
+    {
         for t in f.tensors() {
             h.update(t.name.as_bytes());
             h.update(t.dtype.st_name().as_bytes());

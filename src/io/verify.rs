@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::io::model::{INDEX_NAME, SINGLE_NAME};
+use crate::io::model::INDEX_NAME;
 use crate::io::safetensors::SafetensorsFile;
 use crate::io::writer::{hash_file, HashAlgo, MANIFEST};
 
@@ -144,7 +144,9 @@ pub fn verify(dir: &Path) -> Result<VerifyReport> {
                 }
             }
         }
-    } else if shard_names.len() != 1 || shard_names[0] != SINGLE_NAME {
+    } else if shard_names.len() > 1 {
+        // one file of any name is a whole output (model.safetensors, an adapter's
+        // adapter_model.safetensors, compeft.safetensors); several need the index
         problems.push(format!(
             "{} safetensors files without a {INDEX_NAME}",
             shard_names.len()

@@ -58,6 +58,21 @@ impl Layout {
 
     /// As [`Layout::new`], naming a lone shard `single_name` (e.g. `adapter_model.safetensors`).
     pub fn named(tensors: &[OutTensor<'_>], max_shard_bytes: u64, single_name: &str) -> Layout {
+        Layout::with_metadata(
+            tensors,
+            max_shard_bytes,
+            single_name,
+            &BTreeMap::from([("format".to_string(), "pt".to_string())]),
+        )
+    }
+
+    /// As [`Layout::named`], with `metadata` as every shard's `__metadata__`.
+    pub fn with_metadata(
+        tensors: &[OutTensor<'_>],
+        max_shard_bytes: u64,
+        single_name: &str,
+        metadata: &BTreeMap<String, String>,
+    ) -> Layout {
         let nbytes =
             |t: &OutTensor| t.shape.iter().product::<usize>() as u64 * t.dtype.size() as u64;
         let mut groups: Vec<Vec<usize>> = Vec::new();
@@ -93,7 +108,10 @@ impl Layout {
                 format!("model-{:05}-of-{:05}.safetensors", si + 1, n)
             };
             g.sort_by_key(|&i| std::cmp::Reverse(tensors[i].dtype.size()));
-            let mut header = String::from("{\"__metadata__\":{\"format\":\"pt\"}");
+            let mut header = format!(
+                "{{\"__metadata__\":{}",
+                serde_json::to_string(metadata).unwrap()
+            );
             let mut off = 0u64;
             let mut rel = Vec::with_capacity(g.len());
             for &i in &g {

@@ -860,6 +860,7 @@ impl Gpu {
                 Vector::Model(i) => (0, i),
                 Vector::Base => (1, 0),
                 Vector::Delta(i) => (2, i),
+                Vector::Ones => (3, 0),
             };
             m.push(ModelMeta {
                 aux,
