@@ -216,7 +216,12 @@ pub fn whole_model_sums(plan: &Plan, backend: &dyn Backend) -> Result<Vec<f64>> 
         }
         Ok(())
     };
-    let v = methods::whole_model(plan.method, backend, &each)?;
+    let v = match &plan.opcm_prior {
+        Some(p) if plan.method.algo == methods::Algo::Opcm => {
+            methods::opcm::globals_after(backend, &each, Some(p))?
+        }
+        _ => methods::whole_model(plan.method, backend, &each)?,
+    };
     *cached = Some(v.clone());
     Ok(v)
 }
@@ -387,6 +392,13 @@ pub fn execute(plan: &Plan, backend: &dyn Backend, opts: &ExecOptions) -> Result
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_else(|| "merged".into());
+    if plan.method.algo == methods::Algo::Opcm {
+        let g = whole_model_sums(plan, current)?;
+        staged.write_file(
+            methods::opcm::STATE_NAME,
+            (serde_json::to_string_pretty(&opcm_state(plan, &g)).unwrap() + "\n").as_bytes(),
+        )?;
+    }
     output::write_side_files(plan, &staged, &name)?;
     let out_dir = staged.commit()?;
     Ok(Report {
@@ -515,6 +527,37 @@ fn throttle_ms() -> Option<u64> {
     std::env::var("SMELT_THROTTLE_MS")
         .ok()
         .and_then(|v| v.parse().ok())
+}
+
+/// The state an OPCM merge leaves for `smelt continual`: λ and the norms from the merge's
+/// whole-model statistics, the base and every model folded in (with their digests).
+fn opcm_state(plan: &Plan, globals: &[f64]) -> serde_json::Value {
+    let entry = |i: usize| {
+        let m = &plan.models[i];
+        let path = std::fs::canonicalize(&m.path).unwrap_or_else(|_| m.path.clone());
+        serde_json::json!({
+            "path": path.display().to_string(),
+            "label": m.label,
+            "digest": output::input_digest(m),
+        })
+    };
+    let base = plan.base.map(entry).unwrap_or(serde_json::Value::Null);
+    let merged: Vec<usize> = (0..plan.models.len())
+        .filter(|&i| Some(i) != plan.base)
+        .collect();
+    let (mut models, new) = match &plan.opcm_prior {
+        Some(_) => (plan.continued_models.clone(), &merged[1..]),
+        None => (Vec::new(), &merged[..]),
+    };
+    models.extend(new.iter().map(|&i| entry(i)));
+    let steps = merged.len().saturating_sub(1);
+    let alpha = plan
+        .tasks
+        .iter()
+        .find(|t| !t.copy_only)
+        .map(|t| t.params.shared_f("alpha"))
+        .unwrap_or(0.5);
+    methods::opcm::state(globals, steps, alpha, base, models)
 }
 
 #[cfg(test)]

@@ -146,6 +146,48 @@ enum Cmd {
     /// or extract one from a fine-tuned model.
     #[command(subcommand)]
     Lora(LoraCmd),
+    /// Fold one more fine-tuned model into an OPCM merge (continual merging), from the state
+    /// file that merge left.
+    #[command(
+        long_about = "Fold one more fine-tuned model into an existing OPCM merge (orthogonal projection \
+        continual merging, Tang et al. 2025), without the models merged before.\n\n\
+        An OPCM merge (a recipe with `merge_method: opcm`, or an earlier `smelt continual`) writes \
+        opcm-state.json beside its weights: alpha, the λ of the next step, the norm of every task \
+        vector folded in so far, and the base and models with their digests. `smelt continual` \
+        reads it, adds NEW's task vector outside the merged task vector's leading singular \
+        subspace (per linear weight), rescales to the mean task-vector norm, and writes a new \
+        folder with the updated state. Folding models one call at a time gives the same weights \
+        as one recipe with all of them in that order (up to the rounding of the stored \
+        intermediate merges: keep them in float32 for that). Memory and time do not grow with the \
+        number of models folded in before.\n\n\
+        The base is found from the state (its digest is checked); --base names it when it moved. \
+        Without a state file, MERGED is treated as the first model and --base is required.",
+        after_help = "Example:\n  smelt merge opcm.yml -o merged-2          # models: [math, code]\n  smelt continual merged-2 ./chat -o merged-3\n  smelt continual merged-3 ./tools -o merged-4"
+    )]
+    Continual {
+        /// An OPCM merge (with opcm-state.json), or a first fine-tuned model (with --base).
+        merged: PathBuf,
+        /// The fine-tuned model to fold in.
+        new: PathBuf,
+        /// Output folder (refused if it exists, unless --force).
+        #[arg(short, long)]
+        out: PathBuf,
+        /// The base model (default: the one the state file records).
+        #[arg(long)]
+        base: Option<PathBuf>,
+        /// Share of the merged task vector's singular value mass whose subspace NEW may not
+        /// write into (default: the state's; 0.5 without one).
+        #[arg(long)]
+        alpha: Option<f64>,
+        /// Largest shard to write, e.g. 5GB, 500MB, 2GiB.
+        #[arg(long, default_value = "5GB")]
+        out_shard_size: String,
+        /// Replace OUT if it exists (the old folder is removed only after the new one is complete).
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
     /// Compress a fine-tune into a sparse ternary task vector (ComPEFT) that recipes can use
     /// in place of the model.
     #[command(
@@ -578,6 +620,59 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 if r.shards == 1 { "" } else { "s" },
                 r.tensors,
                 units::bytes(r.bytes)
+            );
+            Ok(())
+        }
+        Cmd::Continual {
+            merged,
+            new,
+            out,
+            base,
+            alpha,
+            out_shard_size,
+            force,
+            device,
+        } => {
+            let shard = parse_size(&out_shard_size)
+                .map_err(anyhow::Error::msg)
+                .context("--out-shard-size")?;
+            let plan = smelt::methods::opcm::continual_plan(&merged, &new, base.as_deref(), alpha)?;
+            for w in &plan.warnings {
+                log::warn!("{w}");
+            }
+            let backend = make_backend(&device)?;
+            let cpu = Cpu::new();
+            let fallback: Option<&dyn Backend> =
+                (device.device == DeviceChoice::Auto).then_some(&cpu);
+            install_stop_handler();
+            let report = exec::execute(
+                &plan,
+                backend.as_ref(),
+                &ExecOptions {
+                    out_dir: out,
+                    start: Start::Fresh { force },
+                    max_shard_bytes: shard,
+                    progress: true,
+                    allow_nonfinite: false,
+                    fallback,
+                    hash: HashAlgo::Blake3,
+                    fsync: false,
+                },
+            )?;
+            let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+                report.out_dir.join(smelt::methods::opcm::STATE_NAME),
+            )?)?;
+            let n = state["models"].as_array().map_or(0, |m| m.len());
+            println!(
+                "folded {} into {}: {} models merged so far, next λ {:.6}, task-vector norms {}; {} tensors in {:.2} s on {}",
+                new.display(),
+                report.out_dir.display(),
+                n,
+                state["lambda"].as_f64().unwrap_or(f64::NAN),
+                state["norms"],
+                report.tensors,
+                report.seconds,
+                report.backend
             );
             Ok(())
         }

@@ -104,6 +104,10 @@ pub struct Plan {
     /// Whole-model sums of the methods that need them ([`methods::whole_model_dots`]),
     /// computed on first use by the executor.
     pub globals: std::sync::Mutex<Option<Vec<f64>>>,
+    /// OPCM continued from an earlier merge (`smelt continual`): that merge is model 0.
+    pub opcm_prior: Option<crate::methods::opcm::Prior>,
+    /// With `opcm_prior`: the models the earlier merge folded in, as its state lists them.
+    pub continued_models: Vec<serde_json::Value>,
 }
 
 /// Fisher merging: opens `fisher.safetensors` in the folder of every merged model and adds
@@ -516,6 +520,8 @@ impl Plan {
             warnings,
             recipe,
             globals: std::sync::Mutex::new(None),
+            opcm_prior: None,
+            continued_models: Vec::new(),
         })
     }
 

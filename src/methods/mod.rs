@@ -7,7 +7,7 @@ mod gta;
 mod linear;
 mod model_stock;
 mod nearswap;
-mod opcm;
+pub mod opcm;
 mod passthrough;
 mod pcb;
 mod sce;

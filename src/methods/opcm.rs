@@ -113,8 +113,24 @@ fn fold(
     Ok(tm)
 }
 
-/// `[λ used at step 1.., T − 1 of them, then the rescale of step 1.., T − 1]`.
+/// Where an earlier OPCM merge left off (its state file): the merge being continued is the
+/// plan's first model, and the task-vector norms and λ come from here instead of from it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Prior {
+    /// ‖τ‖ of every model folded in so far.
+    pub norms: Vec<f64>,
+    /// λ for the next fold.
+    pub lambda: f64,
+}
+
+/// `[λ used at step 1.., T − 1 of them, the rescale of step 1.., T − 1, λ for a next
+/// step, then ‖τ‖ of every model folded in (prior ones first)]`. With a `prior`, model 0
+/// is an earlier merge: its norm is not a task-vector norm, and step 1 uses the prior's λ.
 pub fn globals(b: &dyn Backend, each: &EachJob) -> Result<Vec<f64>> {
+    globals_after(b, each, None)
+}
+
+pub fn globals_after(b: &dyn Backend, each: &EachJob, prior: Option<&Prior>) -> Result<Vec<f64>> {
     let mut norm2: Vec<f64> = Vec::new();
     each(&mut |job, _, _| {
         let m = job.models.len();
@@ -126,8 +142,12 @@ pub fn globals(b: &dyn Backend, each: &EachJob) -> Result<Vec<f64>> {
         Ok(())
     })?;
     let t_models = norm2.len();
-    let norms: Vec<f64> = norm2.iter().map(|x| x.sqrt()).collect();
-    let mut lambdas = vec![1.0f32];
+    let mut norms: Vec<f64> = norm2.iter().map(|x| x.sqrt()).collect();
+    // the norms so far, before model t's: a prior's list stands for model 0
+    let earlier = prior
+        .map(|p| p.norms.clone())
+        .unwrap_or_else(|| vec![norms[0]]);
+    let mut lambdas = vec![prior.map_or(1.0, |p| p.lambda as f32)];
     let mut scales: Vec<f32> = Vec::new();
     for t in 1..t_models {
         let mut n2 = 0.0f64;
@@ -144,7 +164,8 @@ pub fn globals(b: &dyn Backend, each: &EachJob) -> Result<Vec<f64>> {
             n2 += v.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>();
             Ok(())
         })?;
-        let mean = norms[..=t].iter().sum::<f64>() / (t + 1) as f64;
+        let so_far = earlier.len() + t;
+        let mean = (earlier.iter().sum::<f64>() + norms[1..=t].iter().sum::<f64>()) / so_far as f64;
         let n = n2.sqrt();
         if n == 0.0 {
             return Err(Error::Param {
@@ -155,15 +176,87 @@ pub fn globals(b: &dyn Backend, each: &EachJob) -> Result<Vec<f64>> {
         lambdas.push((n / mean) as f32);
         scales.push((mean / n) as f32);
     }
-    lambdas.truncate(t_models.saturating_sub(1));
+    let next = lambdas.pop().unwrap_or(1.0);
     let mut g: Vec<f64> = lambdas.iter().map(|x| *x as f64).collect();
     g.extend(scales.iter().map(|x| *x as f64));
+    g.push(next as f64);
+    let mut all = earlier;
+    all.extend(norms.drain(1..));
+    g.extend(all);
     Ok(g)
+}
+
+/// The state file an OPCM merge leaves in its output, for `smelt continual`.
+pub const STATE_NAME: &str = "opcm-state.json";
+pub const STATE_FORMAT: &str = "smelt-opcm-state";
+
+/// The state after a merge whose whole-model statistics are `globals` (see [`globals`]),
+/// with `steps` folds.
+pub fn state(
+    globals: &[f64],
+    steps: usize,
+    alpha: f64,
+    base: serde_json::Value,
+    models: Vec<serde_json::Value>,
+) -> serde_json::Value {
+    let rest = &globals[2 * steps..];
+    serde_json::json!({
+        "format": STATE_FORMAT,
+        "version": 1,
+        "method": "opcm (Tang et al. 2025, arXiv 2501.09522)",
+        "alpha": alpha,
+        "lambda": rest[0],
+        "norms": &rest[1..],
+        "base": base,
+        "models": models,
+    })
+}
+
+/// Reads a state file: the prior, alpha, the base entry and the models folded so far.
+pub fn read_state(
+    path: &std::path::Path,
+) -> Result<(Prior, f64, serde_json::Value, Vec<serde_json::Value>)> {
+    let bad = |msg: String| Error::BadModel {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    if v["format"] != STATE_FORMAT || v["version"] != 1 {
+        return Err(bad(format!(
+            "not a {STATE_FORMAT} version 1 file (format {}, version {})",
+            v["format"], v["version"]
+        )));
+    }
+    let num = |k: &str| {
+        v[k].as_f64()
+            .filter(|x| x.is_finite())
+            .ok_or_else(|| bad(format!("`{k}` is not a number")))
+    };
+    let lambda = num("lambda")?;
+    let alpha = num("alpha")?;
+    let norms: Vec<f64> = v["norms"]
+        .as_array()
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| bad("`norms` is not a non-empty list".into()))?
+        .iter()
+        .map(|x| x.as_f64().filter(|x| x.is_finite() && *x >= 0.0))
+        .collect::<Option<_>>()
+        .ok_or_else(|| bad("`norms` holds something other than non-negative numbers".into()))?;
+    if lambda <= 0.0 {
+        return Err(bad(format!("`lambda` {lambda} is not positive")));
+    }
+    let models = v["models"].as_array().cloned().unwrap_or_default();
+    Ok((Prior { norms, lambda }, alpha, v["base"].clone(), models))
 }
 
 pub fn run(b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> {
     let steps = cx.job.models.len() - 1;
-    if cx.globals.len() != 2 * steps {
+    if cx.globals.len() < 2 * steps + 2 {
         return Err(
             cx.err("OPCM's whole-model norms were not computed (merge through a plan)".into())
         );
@@ -180,4 +273,75 @@ pub fn run(b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> {
         steps,
     )?;
     write_base_plus(b, cx.job, &tau, out)
+}
+
+/// The plan of `smelt continual`: fold `new` into the OPCM merge `merged`, continuing from
+/// the state file that merge left (λ, the task-vector norms, alpha, the base). Without a
+/// state file `merged` is taken as a first model (a plain two-model OPCM merge), which
+/// needs `base`. `alpha` overrides the state's.
+pub fn continual_plan(
+    merged: &std::path::Path,
+    new: &std::path::Path,
+    base: Option<&std::path::Path>,
+    alpha: Option<f64>,
+) -> Result<crate::plan::Plan> {
+    use crate::io::model::ModelFolder;
+    let abs = |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let state_path = merged.join(STATE_NAME);
+    let state = if state_path.is_file() {
+        Some(read_state(&state_path)?)
+    } else {
+        None
+    };
+    let base_path = match (base, &state) {
+        (Some(b), _) => b.to_path_buf(),
+        (None, Some((_, _, b, _))) => match b["path"].as_str() {
+            Some(p) => std::path::PathBuf::from(p),
+            None => {
+                return Err(Error::BadModel {
+                    path: state_path.clone(),
+                    msg: "the state names no base model; give --base".into(),
+                })
+            }
+        },
+        (None, None) => {
+            return Err(Error::BadModel {
+                path: merged.to_path_buf(),
+                msg: format!(
+                    "has no {STATE_NAME} (it is not the output of an OPCM merge); to start a continual merge from a single model, give --base"
+                ),
+            })
+        }
+    };
+    if let Some((_, _, b, _)) = &state {
+        let folder = ModelFolder::open(&base_path, &base_path.display().to_string())?;
+        let digest = crate::io::output::input_digest(&folder);
+        if let Some(want) = b["digest"].as_str() {
+            if want != digest {
+                return Err(Error::BadModel {
+                    path: base_path.clone(),
+                    msg: format!(
+                        "is not the base of {} (its digest is {digest}; the state file records {want} for {})",
+                        merged.display(),
+                        b["path"].as_str().unwrap_or("?")
+                    ),
+                });
+            }
+        }
+    }
+    let alpha = alpha.or(state.as_ref().map(|s| s.1)).unwrap_or(0.5);
+    let q = |p: &std::path::Path| serde_json::to_string(&abs(p).display().to_string()).unwrap();
+    let text = format!(
+        "merge_method: opcm\nbase_model: {}\nmodels:\n  - model: {}\n  - model: {}\nparameters:\n  alpha: {alpha:?}\n",
+        q(&base_path),
+        q(merged),
+        q(new)
+    );
+    let recipe = crate::recipe::Recipe::parse(&text, &abs(merged).join("continual.yml"))?;
+    let mut plan = crate::plan::Plan::build(recipe, None)?;
+    if let Some((prior, _, _, models)) = state {
+        plan.opcm_prior = Some(prior);
+        plan.continued_models = models;
+    }
+    Ok(plan)
 }
