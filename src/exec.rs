@@ -52,6 +52,8 @@ pub struct Report {
     pub seconds: f64,
     pub shards: usize,
     pub backend: String,
+    /// Time in SVDs and matrix products during this merge.
+    pub linalg: crate::backend::linalg_time::Totals,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -311,6 +313,7 @@ pub fn merge_tensor(
 
 pub fn execute(plan: &Plan, backend: &dyn Backend, opts: &ExecOptions) -> Result<Report> {
     let start = Instant::now();
+    let linalg0 = crate::backend::linalg_time::snapshot();
     let layout = layout(plan, opts.max_shard_bytes);
     let fp = fingerprint(plan, &layout);
     let need = layout.file_bytes();
@@ -410,6 +413,7 @@ pub fn execute(plan: &Plan, backend: &dyn Backend, opts: &ExecOptions) -> Result
         seconds: start.elapsed().as_secs_f64(),
         shards,
         backend: current.name(),
+        linalg: crate::backend::linalg_time::snapshot() - linalg0,
     })
 }
 

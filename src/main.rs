@@ -536,6 +536,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 units::bytes((moved as f64 / report.seconds.max(1e-9)) as u64),
                 report.backend
             );
+            print_linalg(&report);
             Ok(())
         }
         Cmd::Bench {
@@ -674,6 +675,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 report.seconds,
                 report.backend
             );
+            print_linalg(&report);
             Ok(())
         }
         Cmd::Compress {
@@ -900,6 +902,7 @@ fn run_lora(cmd: LoraCmd) -> anyhow::Result<()> {
                 report.seconds,
                 report.backend
             );
+            print_linalg(&report);
             Ok(())
         }
         LoraCmd::Merge {
@@ -1132,4 +1135,22 @@ fn compeft_card(
         r.packed_bytes,
         r.ratio()
     )
+}
+
+/// The share of a merge's time in dense linear algebra (TSV-M, OPCM, LoRA ΔW), when any.
+fn print_linalg(r: &exec::Report) {
+    let l = &r.linalg;
+    if l.svd_calls + l.matmul_calls == 0 {
+        return;
+    }
+    let pct = |s: f64| 100.0 * s / r.seconds.max(1e-9);
+    println!(
+        "linear algebra: {} SVDs {:.2} s ({:.1}% of the merge), {} other matrix products {:.2} s ({:.1}%)",
+        l.svd_calls,
+        l.svd_seconds,
+        pct(l.svd_seconds),
+        l.matmul_calls,
+        l.matmul_seconds,
+        pct(l.matmul_seconds)
+    );
 }

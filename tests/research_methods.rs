@@ -917,3 +917,49 @@ fn opcm_projection_and_norm() {
         );
     }
 }
+
+// ---- the linear algebra's share of a merge -------------------------------------------------
+
+#[test]
+fn merges_report_their_svd_time() {
+    // TSV-M of three models: every 2-D tensor takes T SVDs of the task matrices and two of
+    // the concatenated bases (T + 2), each counted once; `smelt merge` prints the share.
+    let tmp = tempfile::tempdir().unwrap();
+    let r = ref_recipe("tsv", Some("base"), &["ft1", "ft2", "ft3"], "");
+    let plan = plan_text(tmp.path(), &r, None);
+    let matrices = plan.tasks.iter().filter(|t| t.shape.len() == 2).count() as u64;
+    assert!(matrices > 0);
+    let report = execute_to(
+        &plan,
+        &smelt::backend::cpu::Cpu::new(),
+        &tmp.path().join("o"),
+        u64::MAX,
+    );
+    // other tests of this binary may add to the process-wide counters at the same time
+    assert!(
+        report.linalg.svd_calls >= 5 * matrices,
+        "{:?} for {matrices} matrices",
+        report.linalg
+    );
+    assert!(report.linalg.svd_seconds > 0.0);
+    std::fs::write(tmp.path().join("r.yml"), &r).unwrap();
+    let o = run_merge(&tmp.path().join("r.yml"), &tmp.path().join("cli"), &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("linear algebra:"))
+        .unwrap_or_else(|| panic!("no linear algebra line in {text}"));
+    assert!(line.contains(&format!("{} SVDs", 5 * matrices)), "{line}");
+    // a linear merge does no linear algebra and prints no such line
+    let lin = ref_recipe(
+        "linear",
+        None,
+        &["ft1", "ft2"],
+        "parameters:\n  weight: 1.0\n",
+    );
+    std::fs::write(tmp.path().join("l.yml"), lin).unwrap();
+    let o = run_merge(&tmp.path().join("l.yml"), &tmp.path().join("lin"), &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("linear algebra"));
+}

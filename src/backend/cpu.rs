@@ -852,10 +852,12 @@ impl Backend for Cpu {
     }
 
     fn matmul(&self, a: &Mat, b: &Mat, ta: bool, tb: bool) -> Result<Mat> {
+        let _t = super::linalg_time::matmul();
         crate::linalg::matmul(a, b, ta, tb)
     }
 
     fn svd(&self, a: &Mat, rank: Option<usize>) -> Result<Svd> {
+        let _t = super::linalg_time::svd();
         crate::linalg::svd(a, rank)
     }
 

@@ -478,3 +478,92 @@ pub fn py_int_mul(fraction: f64, n: usize) -> u64 {
         p as u64
     }
 }
+
+/// Time spent in the dense linear algebra of every backend (SVDs, matrix products), so a
+/// merge can report the share of its time they take. Only the outermost call on a thread
+/// counts: the products inside a randomised SVD are part of the SVD's time.
+pub mod linalg_time {
+    use std::cell::Cell;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Instant;
+
+    static SVD_NS: AtomicU64 = AtomicU64::new(0);
+    static SVD_CALLS: AtomicU64 = AtomicU64::new(0);
+    static MATMUL_NS: AtomicU64 = AtomicU64::new(0);
+    static MATMUL_CALLS: AtomicU64 = AtomicU64::new(0);
+
+    thread_local! {
+        static DEPTH: Cell<u32> = const { Cell::new(0) };
+    }
+
+    /// Counts the time until it is dropped.
+    pub struct Guard {
+        start: Instant,
+        svd: bool,
+    }
+
+    fn enter(svd: bool) -> Guard {
+        DEPTH.with(|d| d.set(d.get() + 1));
+        Guard {
+            start: Instant::now(),
+            svd,
+        }
+    }
+
+    pub fn svd() -> Guard {
+        enter(true)
+    }
+
+    pub fn matmul() -> Guard {
+        enter(false)
+    }
+
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            let outer = DEPTH.with(|d| {
+                d.set(d.get() - 1);
+                d.get() == 0
+            });
+            if outer {
+                let ns = self.start.elapsed().as_nanos() as u64;
+                let (t, c) = if self.svd {
+                    (&SVD_NS, &SVD_CALLS)
+                } else {
+                    (&MATMUL_NS, &MATMUL_CALLS)
+                };
+                t.fetch_add(ns, Ordering::Relaxed);
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Totals since the process started; subtract two snapshots for an interval.
+    #[derive(Clone, Copy, Debug, Default, PartialEq)]
+    pub struct Totals {
+        pub svd_seconds: f64,
+        pub svd_calls: u64,
+        pub matmul_seconds: f64,
+        pub matmul_calls: u64,
+    }
+
+    pub fn snapshot() -> Totals {
+        Totals {
+            svd_seconds: SVD_NS.load(Ordering::Relaxed) as f64 * 1e-9,
+            svd_calls: SVD_CALLS.load(Ordering::Relaxed),
+            matmul_seconds: MATMUL_NS.load(Ordering::Relaxed) as f64 * 1e-9,
+            matmul_calls: MATMUL_CALLS.load(Ordering::Relaxed),
+        }
+    }
+
+    impl std::ops::Sub for Totals {
+        type Output = Totals;
+        fn sub(self, o: Totals) -> Totals {
+            Totals {
+                svd_seconds: self.svd_seconds - o.svd_seconds,
+                svd_calls: self.svd_calls - o.svd_calls,
+                matmul_seconds: self.matmul_seconds - o.matmul_seconds,
+                matmul_calls: self.matmul_calls - o.matmul_calls,
+            }
+        }
+    }
+}

@@ -1428,6 +1428,7 @@ impl Backend for Gpu {
     }
 
     fn matmul(&self, a: &Mat, b: &Mat, ta: bool, tb: bool) -> Result<Mat> {
+        let _t = crate::backend::linalg_time::matmul();
         self.gpu_matmul(a, b, ta, tb)
     }
 
@@ -1436,6 +1437,7 @@ impl Backend for Gpu {
     /// small dense SVD of Qᵀ·A on the host. Small or nearly full-rank problems go straight
     /// to the dense SVD.
     fn svd(&self, a: &Mat, rank: Option<usize>) -> Result<Svd> {
+        let _t = crate::backend::linalg_time::svd();
         let full = a.rows.min(a.cols);
         let k = rank.unwrap_or(full).min(full);
         let l = (k + 10).min(full);
