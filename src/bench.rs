@@ -379,12 +379,17 @@ pub fn run(opts: &BenchOptions, backends: &[(Box<dyn Backend>, Device)]) -> Resu
                 let params = method_params(m, count);
                 // whole-model statistics (Fisher norms, PCB's order statistics) of this
                 // one-tensor model, outside the timing
-                let globals = methods::whole_model(m, b.as_ref(), &|f| {
-                    let j = job(with_base, count * per, DType::F32);
-                    let r = f(&j, &params, &shape);
-                    b.end_job(&j);
-                    r
-                })?;
+                let globals = methods::whole_model(
+                    m,
+                    b.as_ref(),
+                    &|f| {
+                        let j = job(with_base, count * per, DType::F32);
+                        let r = f(&j, &params, &shape);
+                        b.end_job(&j);
+                        r
+                    },
+                    1,
+                )?;
                 let t = time(opts.repeats, || {
                     let j = job(with_base, count * per, DType::BF16)
                         .with_align(methods::job_align(m, &params, &shape));

@@ -207,7 +207,9 @@ pub fn whole_model_sums(plan: &Plan, backend: &dyn Backend) -> Result<Vec<f64>> 
         return Ok(v.clone());
     }
     let each = |f: &mut methods::JobVisitor| -> Result<()> {
-        for t in plan.tasks.iter().filter(|t| !t.copy_only) {
+        let wanted =
+            |t: &&TensorTask| !t.copy_only && methods::wants_globals(plan.method, &t.params);
+        for t in plan.tasks.iter().filter(wanted) {
             // statistics of what will be merged: adapted models with their ΔW added
             let owned = lora_inputs(plan, backend, t)?;
             let (base, models) = adapted_inputs(plan, t, &owned);
@@ -218,11 +220,19 @@ pub fn whole_model_sums(plan: &Plan, backend: &dyn Backend) -> Result<Vec<f64>> 
         }
         Ok(())
     };
+    if !plan
+        .tasks
+        .iter()
+        .any(|t| !t.copy_only && methods::wants_globals(plan.method, &t.params))
+    {
+        *cached = Some(Vec::new());
+        return Ok(Vec::new());
+    }
     let v = match &plan.opcm_prior {
         Some(p) if plan.method.algo == methods::Algo::Opcm => {
             methods::opcm::globals_after(backend, &each, Some(p))?
         }
-        _ => methods::whole_model(plan.method, backend, &each)?,
+        _ => methods::whole_model(plan.method, backend, &each, plan.seed)?,
     };
     *cached = Some(v.clone());
     Ok(v)

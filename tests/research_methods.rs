@@ -136,6 +136,59 @@ fn lines_hand_computed_scales() {
 }
 
 #[test]
+fn lines_alpha_of_sparsifying_methods_comes_from_whole_model_norms() {
+    // The paper's α = (‖Σ τ_t‖₁ / ‖τ_MTL‖₁) / T: with β = 0 every tensor is scaled by α, so
+    // the merged task vector's whole-model L1 norm becomes ‖Σ τ_t‖₁ / T (the unpruned sum).
+    let load = |n: &str| load_dir(&reference().join("models").join(n));
+    let base = load("base");
+    let fts: Vec<_> = ["ft1", "ft2", "ft3"].iter().map(|n| load(n)).collect();
+    let sum_l1: f64 = base
+        .iter()
+        .map(|(name, b)| {
+            (0..b.data.len())
+                .map(|e| {
+                    fts.iter()
+                        .map(|f| (f[name].data[e] - b.data[e]) as f64)
+                        .sum::<f64>()
+                        .abs()
+                })
+                .sum::<f64>()
+        })
+        .sum();
+    let want = sum_l1 / 3.0;
+    for (method, extra) in [
+        ("ties", "  density: 0.4\n"),
+        ("dare_ties", "  density: 0.5\n"),
+        ("breadcrumbs", "  density: 0.6\n  gamma: 0.05\n"),
+    ] {
+        let r = ref_recipe(
+            method,
+            Some("base"),
+            &["ft1", "ft2", "ft3"],
+            &format!("parameters:\n  weight: 1.0\n  lines_beta: 0.0\n{extra}"),
+        );
+        for (bname, backend) in backends() {
+            let tmp = tempfile::tempdir().unwrap();
+            let got = merge_text(tmp.path(), &r, backend.as_ref());
+            let l1: f64 = got
+                .iter()
+                .map(|(n, t)| {
+                    t.data
+                        .iter()
+                        .zip(&base[n].data)
+                        .map(|(x, b)| (x - b).abs() as f64)
+                        .sum::<f64>()
+                })
+                .sum();
+            assert!(
+                (l1 - want).abs() < 1e-5 * want,
+                "{method} on {bname}: ‖τ‖₁ {l1} vs ‖Σ τ_t‖₁ / T {want}"
+            );
+        }
+    }
+}
+
+#[test]
 fn lines_alpha_without_beta_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();

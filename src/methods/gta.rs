@@ -8,12 +8,13 @@
 //! the agreeing deltas, divide by the agreeing weights if `normalize`, scale by `lambda`, add
 //! to the base.
 
-use super::{Algo, BasePolicy, Ctx, Default, MethodInfo, ParamSpec, Params, Scope};
+use super::{Algo, BasePolicy, Ctx, Default, EachJob, MethodInfo, ParamSpec, Params, Scope};
 use crate::backend::{
-    keep_threshold, py_int_mul, Backend, Consensus, GtaSpec, Keep, Key, Query, RowLayout, Source,
-    Sparsity, Vote,
+    keep_threshold, py_int_mul, Backend, Consensus, GtaSpec, Job, Keep, Key, Query, RowLayout,
+    Segments, Source, Sparsity, Vector, Vote,
 };
-use crate::error::Result;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
 use crate::recipe::Kind;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,7 +119,7 @@ fn spec(
             kind: Kind::Float,
             scope: Scope::Shared,
             default: Default::Unset,
-            help: "LiNeS: the scale of the shallowest layer (and of embeddings, final norm, heads); unset: 1/(number of models), the paper's value for task arithmetic",
+            help: "LiNeS: the scale of the shallowest layer (and of embeddings, final norm, heads); unset: the paper's (‖Σ τ‖₁ / ‖merged τ‖₁) / number of models, which is 1/(number of models) for task arithmetic and is computed in an extra pass over the model for the methods that sparsify or elect signs",
         },
         ParamSpec {
             name: "int8_mask",
@@ -237,16 +238,101 @@ pub fn della_table(density: f64, epsilon: f64, len: usize) -> Vec<u32> {
 }
 
 /// LiNeS (Wang et al. 2024, ALGORITHMS.md §14): the factor on the merged task vector of a
-/// tensor at `depth` (layer / (L − 1), None outside the layers): α + β·depth, α defaulting
-/// to 1/T. For task arithmetic this is the paper's α = (‖Σ τ_t‖₁ / ‖τ_MTL‖₁) / T exactly;
-/// for the other methods the paper's α is a ratio of two whole-model norms, which the recipe
-/// gives as `lines_alpha`. None when LiNeS is off.
-pub fn lines_scale(params: &Params, depth: Option<f64>) -> Option<f64> {
+/// tensor at `depth` (layer / (L − 1), None outside the layers): α + β·depth. Unless the
+/// recipe gives `lines_alpha`, α is the paper's (‖Σ τ_t‖₁ / ‖τ_MTL‖₁) / T: for task
+/// arithmetic exactly 1/T; for the methods that sparsify or elect signs, `auto` (computed
+/// by [`globals`] in a pass over the whole model). None when LiNeS is off.
+pub fn lines_scale(params: &Params, depth: Option<f64>, auto: Option<f64>) -> Option<f64> {
     let beta = params.shared_opt("lines_beta")?;
     let alpha = params
         .shared_opt("lines_alpha")
+        .or(auto)
         .unwrap_or(1.0 / params.per_input.len().max(1) as f64);
     Some(alpha + beta * depth.unwrap_or(0.0))
+}
+
+/// Does this tensor's LiNeS α come from whole-model norms? LiNeS on, `lines_alpha` unset,
+/// and a method whose merged task vector is not the plain sum (where α = 1/T exactly).
+pub fn lines_auto(v: Variant, params: &Params) -> bool {
+    params.shared_opt("lines_beta").is_some()
+        && params.shared_opt("lines_alpha").is_none()
+        && !(v.sparsify == Sparsify::None && v.consensus == Consensus::None)
+}
+
+/// LiNeS' α for the methods that sparsify or elect signs, as the paper computes it:
+/// (‖Σ_t τ_t‖₁ / ‖τ_MTL‖₁) / T, L1 norms over the whole model, Σ over the unpruned task
+/// vectors, τ_MTL the method's own merged task vector (λ = 1, LiNeS off). This costs one
+/// extra merge of every tensor. `[α]`, or empty when no tensor needs it.
+pub fn globals(v: Variant, b: &dyn Backend, each: &EachJob, seed: u64) -> Result<Vec<f64>> {
+    let (mut sum_l1, mut mtl_l1, mut t_models) = (0f64, 0f64, 0usize);
+    let mut any = false;
+    let l1 = |bytes: &[u8], minus: &[u8]| -> f64 {
+        bytes
+            .chunks_exact(4)
+            .zip(minus.chunks_exact(4))
+            .map(|(x, y)| {
+                let d = f32::from_le_bytes(x.try_into().unwrap())
+                    - f32::from_le_bytes(y.try_into().unwrap());
+                d.abs() as f64
+            })
+            .sum()
+    };
+    each(&mut |job, params, shape| {
+        if !lines_auto(v, params) {
+            return Ok(());
+        }
+        any = true;
+        let m = job.models.len();
+        t_models = m;
+        let job = Job::new(
+            job.name,
+            job.base,
+            job.models.clone(),
+            job.load_dtype,
+            DType::F32,
+        )
+        .with_align(align(v, params, shape));
+        let n = job.numel;
+        let zeros = vec![0u8; n * 4];
+        let mut sum = vec![0u8; n * 4];
+        let deltas: Vec<Vector> = (0..m).map(Vector::Delta).collect();
+        b.combine(&job, &deltas, Segments::Whole, &vec![1.0; m], &mut sum)?;
+        sum_l1 += l1(&sum, &zeros);
+        let mut base = sum;
+        b.combine(&job, &[Vector::Base], Segments::Whole, &[1.0], &mut base)?;
+        let mut p = params.clone();
+        for (name, val) in p.shared.iter_mut() {
+            match *name {
+                "lines_beta" => *val = None,
+                "lambda" => *val = Some(crate::recipe::Value1::Float(1.0)),
+                _ => {}
+            }
+        }
+        let cx = Ctx {
+            job: &job,
+            shape,
+            params: &p,
+            seed,
+            depth: None,
+            globals: &[],
+        };
+        let mut merged = zeros;
+        let r = run(v, b, &cx, &mut merged);
+        b.end_job(&job);
+        r?;
+        mtl_l1 += l1(&merged, &base);
+        Ok(())
+    })?;
+    if !any {
+        return Ok(Vec::new());
+    }
+    if mtl_l1 <= 0.0 || mtl_l1.is_nan() {
+        return Err(Error::Param {
+            tensor: "(whole model)".into(),
+            msg: "the merged task vector is zero, so LiNeS' α = ‖Σ τ‖₁ / ‖τ_merged‖₁ / T is undefined; set `lines_alpha`".into(),
+        });
+    }
+    Ok(vec![sum_l1 / mtl_l1 / t_models as f64])
 }
 
 pub fn check(v: Variant, params: &Params) -> std::result::Result<(), String> {
@@ -287,7 +373,19 @@ pub fn run(v: Variant, b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> 
     let n = job.numel;
     let normalize = cx.params.shared_b("normalize");
     let rescale = cx.params.shared_b("rescale");
-    let lambda = match lines_scale(cx.params, cx.depth) {
+    let auto = if lines_auto(v, cx.params) {
+        match cx.globals.first() {
+            Some(a) => Some(*a),
+            None => {
+                return Err(cx.err(
+                    "LiNeS' α comes from whole-model norms here, which were not computed (merge through a plan, or set `lines_alpha`)".into(),
+                ))
+            }
+        }
+    } else {
+        None
+    };
+    let lambda = match lines_scale(cx.params, cx.depth, auto) {
         // one f64 product, rounded once: LiNeS multiplies the f32 task vector by a float64
         Some(s) => (cx.params.shared_f("lambda") * s) as f32,
         None => cx.params.shared_f("lambda") as f32,

@@ -353,12 +353,28 @@ pub type JobVisitor<'a> = dyn FnMut(&Job, &Params, &[usize]) -> Result<()> + 'a;
 /// Statistics of the whole model a method needs before it merges any tensor (Fisher norms,
 /// PCB's order statistics), computed on the backend in passes over every merged tensor;
 /// empty for the per-tensor methods. They reach the method as [`Ctx::globals`].
-pub fn whole_model(method: &MethodInfo, backend: &dyn Backend, each: &EachJob) -> Result<Vec<f64>> {
+pub fn whole_model(
+    method: &MethodInfo,
+    backend: &dyn Backend,
+    each: &EachJob,
+    seed: u64,
+) -> Result<Vec<f64>> {
     match method.algo {
+        Algo::Gta(v) => gta::globals(v, backend, each, seed),
         Algo::Fisher => fisher::globals(backend, each),
         Algo::Pcb => pcb::globals(backend, each),
         Algo::Opcm => opcm::globals(backend, each),
         _ => Ok(Vec::new()),
+    }
+}
+
+/// Does a tensor with these parameters take part in [`whole_model`]'s passes? (The
+/// executor skips the others, and skips the passes when no tensor does.)
+pub fn wants_globals(method: &MethodInfo, params: &Params) -> bool {
+    match method.algo {
+        Algo::Fisher | Algo::Pcb | Algo::Opcm => true,
+        Algo::Gta(v) => gta::lines_auto(v, params),
+        _ => false,
     }
 }
 
