@@ -8,8 +8,8 @@
 //! elements plus ties at the threshold; τ' = α·σ·sign(τ ⊙ keep) (a kept exact zero stays 0).
 //!
 //! The statistics (one sum / sum-of-squares reduction and a two-level radix selection over
-//! the whole model) run on the backend, one tensor at a time; the packing is a streaming pass
-//! on the CPU. Memory is that of one tensor.
+//! the whole model) and the ternarisation run on the backend, one tensor at a time; the bits
+//! are packed on the CPU. Memory is that of one tensor.
 //!
 //! # File layout (`compeft.safetensors`, format `smelt-compeft` version 1)
 //! For every float tensor `NAME` of n elements, with nnz the number of non-zeros of τ':
@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 
 use crate::backend::{Backend, Job, Segments, Source, Vector};
-use crate::dtype::{self, DType};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::io::model::ModelFolder;
 use crate::io::safetensors::SafetensorsFile;
@@ -154,6 +154,7 @@ fn with_job<T>(
     base: &ModelFolder,
     name: &str,
     backend: &dyn Backend,
+    out_dtype: DType,
     f: impl FnOnce(&Job) -> Result<T>,
 ) -> Result<T> {
     fn input<'a>(m: &'a ModelFolder, name: &str) -> crate::backend::Input<'a> {
@@ -168,7 +169,7 @@ fn with_job<T>(
         Some(input(base, name)),
         vec![input(model, name)],
         DType::F32,
-        DType::F32,
+        out_dtype,
     );
     let r = f(&job);
     backend.end_job(&job);
@@ -201,7 +202,7 @@ pub fn statistics(
     let (mut sum, mut sum2, mut total) = (0f64, 0f64, 0u64);
     for name in &names {
         tick(name);
-        with_job(model, base, name, backend, |job| {
+        with_job(model, base, name, backend, DType::F32, |job| {
             let h = backend.histogram(job, &[(Source::Delta(0), None)])?;
             h1.iter_mut().zip(&h[0]).for_each(|(a, c)| *a += c);
             let d = backend.dots(
@@ -233,7 +234,7 @@ pub fn statistics(
     let mut h2 = vec![0u64; 1 << 16];
     for name in &names {
         tick(name);
-        with_job(model, base, name, backend, |job| {
+        with_job(model, base, name, backend, DType::F32, |job| {
             let h = backend.histogram(job, &[(Source::Delta(0), Some(hb))])?;
             h2.iter_mut().zip(&h[0]).for_each(|(a, c)| *a += c);
             Ok(())
@@ -252,29 +253,34 @@ pub fn statistics(
     Ok((stats, names))
 }
 
-/// One tensor's keep and sign bit maps (see the module docs), and its non-zero count.
-pub fn pack(model: &ModelFolder, base: &ModelFolder, name: &str, threshold: f32) -> Packed {
-    let (t, b) = (model.get(name).unwrap(), base.get(name).unwrap());
-    let n = t.numel();
-    let thr = threshold.to_bits();
-    let (ts, bs) = (t.dtype().size(), b.dtype().size());
-    let parts: Vec<(Vec<u8>, Vec<u64>, usize)> = (0..n.div_ceil(CHUNK))
-        .into_par_iter()
+/// One tensor's keep and sign bit maps (see the module docs), and its non-zero count: the
+/// ternary codes sign(τ)·[|τ| ≥ threshold] come from the backend (as bf16, exact for
+/// -1, 0, 1), the bits are packed here.
+pub fn pack(
+    model: &ModelFolder,
+    base: &ModelFolder,
+    name: &str,
+    threshold: f32,
+    backend: &dyn Backend,
+) -> Result<Packed> {
+    let n = model.get(name).unwrap().numel();
+    let mut codes = vec![0u8; n * 2];
+    with_job(model, base, name, backend, DType::BF16, |job| {
+        backend.ternary(job, threshold.to_bits(), &mut codes)
+    })?;
+    // bf16 codes: 0x3f80 = 1, 0xbf80 = -1, 0 = 0
+    let parts: Vec<(Vec<u8>, Vec<u64>, usize)> = codes
+        .par_chunks(CHUNK * 2)
         .map(|c| {
-            let (lo, hi) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
-            let len = hi - lo;
-            let mut x = vec![0f32; len];
-            let mut y = vec![0f32; len];
-            dtype::decode(t.dtype(), &t.bytes()[lo * ts..hi * ts], &mut x);
-            dtype::decode(b.dtype(), &b.bytes()[lo * bs..hi * bs], &mut y);
+            let len = c.len() / 2;
             let mut keep = vec![0u8; len.div_ceil(8)];
             let mut signs = vec![0u64; len.div_ceil(64)];
             let mut nnz = 0usize;
-            for (e, (xv, yv)) in x.iter().zip(&y).enumerate() {
-                let d = xv - yv;
-                let on = d != 0.0 && d.abs().to_bits() >= thr;
+            for (e, w) in c.chunks_exact(2).enumerate() {
+                let v = u16::from_le_bytes([w[0], w[1]]);
+                let on = v & 0x7fff != 0;
                 keep[e >> 3] |= (on as u8) << (e & 7);
-                signs[nnz >> 6] |= ((on && d < 0.0) as u64) << (nnz & 63);
+                signs[nnz >> 6] |= ((on && v >> 15 == 1) as u64) << (nnz & 63);
                 nnz += on as usize;
             }
             (keep, signs, nnz)
@@ -294,7 +300,7 @@ pub fn pack(model: &ModelFolder, base: &ModelFolder, name: &str, threshold: f32)
         }
         at += c;
     }
-    Packed { keep, sign, nnz }
+    Ok(Packed { keep, sign, nnz })
 }
 
 pub struct Packed {
@@ -342,9 +348,9 @@ pub fn compress(
         .iter()
         .map(|n| {
             tick(n);
-            pack(model, base, n, stats.threshold).nnz
+            pack(model, base, n, stats.threshold, backend).map(|p| p.nnz)
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let shapes: BTreeMap<&str, &[usize]> = names
         .iter()
         .map(|n| (n.as_str(), model.get(n).unwrap().shape()))
@@ -399,7 +405,7 @@ pub fn compress(
     let mut nnz = 0u64;
     for (i, n) in names.iter().enumerate() {
         tick(n);
-        let p = pack(model, base, n, stats.threshold);
+        let p = pack(model, base, n, stats.threshold, backend)?;
         debug_assert_eq!(p.nnz, counts[i]);
         nnz += p.nnz as u64;
         staged.write_tensor(2 * i, &p.keep)?;

@@ -508,6 +508,28 @@ fn dots_and_combines_match() {
                 Tol::ulps(4),
             );
         }
+        // ComPEFT's ternary codes: exactly equal, at thresholds that cut through the data
+        let j = job("tern", &base, &models[..1], dt, DType::F32, DType::BF16);
+        for thr in [0.0f32, 1e-3, 0.3, 0.9, f32::INFINITY] {
+            let mut oa = vec![0u8; j.out_bytes()];
+            let mut ob = vec![0u8; j.out_bytes()];
+            Cpu.ternary(&j, thr.to_bits(), &mut oa).unwrap();
+            gpu.ternary(&j, thr.to_bits(), &mut ob).unwrap();
+            // equal as numbers (a zero's sign is not part of the code: the packing reads
+            // only magnitude and the sign of non-zeros)
+            let (ca, cb) = (decode(DType::BF16, &oa), decode(DType::BF16, &ob));
+            if let Some(i) = (0..n).find(|&i| ca[i] != cb[i]) {
+                panic!(
+                    "[{cfg}] n={n} {dt} ternary at {thr}: element {i}: cpu {} gpu {}",
+                    ca[i], cb[i]
+                );
+            }
+            let codes = decode(DType::BF16, &oa);
+            assert!(codes.iter().all(|c| [-1.0, 0.0, 1.0].contains(c)));
+            if thr == f32::INFINITY {
+                assert!(codes.iter().all(|c| *c == 0.0));
+            }
+        }
     });
 }
 

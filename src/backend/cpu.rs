@@ -940,6 +940,26 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn ternary(&self, job: &Job, threshold: u32, out: &mut [u8]) -> Result<()> {
+        let osz = job.out_dtype.size();
+        out.par_chunks_mut(CHUNK * osz).enumerate().for_each_init(
+            || Scratch::new(1),
+            |s, (c, oc)| {
+                let start = c * CHUNK;
+                let len = oc.len() / osz;
+                s.load_all(job, start, len, false);
+                let (b, x) = (&s.base[..len], &s.x[0][..len]);
+                for e in 0..len {
+                    let d = x[e] - b[e];
+                    let kept = d.abs().to_bits() >= threshold;
+                    s.acc[e] = if kept { sign(d) } else { 0.0 };
+                }
+                dtype::encode(job.out_dtype, &s.acc[..len], oc);
+            },
+        );
+        Ok(())
+    }
+
     fn nearswap(&self, job: &Job, t: f32, out: &mut [u8]) -> Result<()> {
         let osz = job.out_dtype.size();
         out.par_chunks_mut(CHUNK * osz).enumerate().for_each_init(

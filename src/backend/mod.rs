@@ -458,6 +458,11 @@ pub trait Backend: Send + Sync {
     /// PCB-merging ([`PcbSpec`]): with `beta_of = Some(i)` writes β_i instead of the merge.
     fn pcb(&self, job: &Job, spec: &PcbSpec, beta_of: Option<usize>, out: &mut [u8]) -> Result<()>;
 
+    /// ComPEFT's ternarisation: with d = models[0] − base, `out = sign(d)` where
+    /// |d| ≥ f32::from_bits(`threshold`) and 0 elsewhere (0 for d = 0, of either sign), in
+    /// job.out_dtype.
+    fn ternary(&self, job: &Job, threshold: u32, out: &mut [u8]) -> Result<()>;
+
     /// `op(a) · op(b)`, op transposing when asked.
     fn matmul(&self, a: &Mat, b: &Mat, ta: bool, tb: bool) -> Result<Mat>;
 

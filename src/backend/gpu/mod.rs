@@ -1405,6 +1405,28 @@ impl Backend for Gpu {
         self.apply(job, (Shader::Gta, "pcb"), header, models, None, None, out)
     }
 
+    fn ternary(&self, job: &Job, threshold: u32, out: &mut [u8]) -> Result<()> {
+        if job.numel == 0 {
+            return Ok(());
+        }
+        let (header, models) = {
+            let mut guard = self.state(job)?;
+            let st = guard.as_mut().unwrap();
+            let mut h = self.header(job, st, 0);
+            h.t = f32::from_bits(threshold);
+            (h, self.models_meta(job, st))
+        };
+        self.apply(
+            job,
+            (Shader::Gta, "ternary"),
+            header,
+            models,
+            None,
+            None,
+            out,
+        )
+    }
+
     fn nearswap(&self, job: &Job, t: f32, out: &mut [u8]) -> Result<()> {
         if job.numel == 0 {
             return Ok(());

@@ -64,6 +64,7 @@ impl Shader {
                 "weighted_sum",
                 "masked_sums",
                 "nearswap",
+                "ternary",
                 "fisher",
                 "pcb",
             ],
