@@ -692,7 +692,7 @@ fn run_lora(cmd: LoraCmd) -> anyhow::Result<()> {
                     fsync: false,
                 },
             )?;
-            let ad = plan.models[0].lora.as_ref().expect("adapter attached");
+            let ad = &plan.models[0].adapters[0].adapter;
             println!(
                 "applied {} ({} LoRA modules, {} full tensors) to {}: wrote {} tensors to {} in {:.2} s on {}",
                 adapter.display(),

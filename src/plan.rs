@@ -188,10 +188,10 @@ impl OpenModels {
         if let Some(i) = self.refs.iter().position(|x| x == r) {
             return Ok(i);
         }
-        let mut f = ModelFolder::open(&r.path, &r.raw)?;
-        if let Some(a) = &r.adapter {
-            let label = a.display().to_string();
-            f.attach_adapter(crate::lora::Adapter::open(a, &label)?)?;
+        let mut f = ModelFolder::open(&r.path, &r.label())?;
+        for a in &r.adapters {
+            let label = a.path.display().to_string();
+            f.attach_adapter(crate::lora::Adapter::open(&a.path, &label)?, a.scale)?;
         }
         self.refs.push(r.clone());
         self.folders.push(f);
@@ -283,7 +283,7 @@ impl Plan {
                 if srcs[..a].iter().any(|y| y.model == x.model) {
                     return Err(rerr(format!(
                         "slices[{si}] lists model {} twice; each model may appear once per slice",
-                        om.refs[x.model].raw
+                        om.refs[x.model].label()
                     )));
                 }
             }
@@ -308,7 +308,7 @@ impl Plan {
                         } else {
                             return Err(rerr(format!(
                                 "slices[{si}]: the base model {} must be one of the slice's sources",
-                                om.refs[b].raw
+                                om.refs[b].label()
                             )));
                         }
                     }
@@ -318,7 +318,8 @@ impl Plan {
                     if si == 0 && !srcs.iter().any(|x| x.model == b) {
                         warnings.push(format!(
                             "{} does not use a base model; base_model {} is ignored",
-                            method.name, om.refs[b].raw
+                            method.name,
+                            om.refs[b].label()
                         ));
                     }
                     false
@@ -353,6 +354,9 @@ impl Plan {
             Some(TokenizerSource::Model(r)) => Some(om.id(r)?),
         };
         let mut models = om.folders;
+        for m in &models {
+            warnings.extend(m.adapter_overrides());
+        }
 
         // Layer counts: a `models:` slice spans every layer of each model.
         let mut slice_len = Vec::new();
@@ -571,6 +575,24 @@ impl Plan {
                 dts.into_iter().collect::<Vec<_>>().join("/"),
                 gb(m.total_bytes())
             );
+            for a in &m.adapters {
+                let ad = &a.adapter;
+                let full = ad.replaced_tensors().count();
+                let _ = writeln!(
+                    s,
+                    "  + adapter {}: {} LoRA module{} (rank {}){}, ΔW ×{}",
+                    ad.label,
+                    ad.modules.len(),
+                    if ad.modules.len() == 1 { "" } else { "s" },
+                    ad.config.max_rank(),
+                    if full > 0 {
+                        format!(", {full} full tensor{}", if full == 1 { "" } else { "s" })
+                    } else {
+                        String::new()
+                    },
+                    a.scale
+                );
+            }
         }
         let params: usize = self.tasks.iter().map(|t| t.numel()).sum();
         let out_dt: BTreeSet<String> = self.tasks.iter().map(|t| t.out_dtype.to_string()).collect();

@@ -983,3 +983,360 @@ fn bad_adapters_are_named() {
         .to_string();
     assert!(e.contains("adapter folder") && e.contains("nope"), "{e}");
 }
+
+// ---- `adapters:` lists in recipes ---------------------------------------------------------
+
+/// s·B·A of every linear LoRA module of a fixture adapter, in f64, keyed by the base tensor
+/// it adds to; computed here from the adapter's own files (s = lora_alpha / r from its
+/// adapter_config.json, which for the adapters used here has no patterns and no rsLoRA).
+fn hand_deltas(name: &str) -> std::collections::BTreeMap<String, Vec<f64>> {
+    let dir = peft().join(name);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["use_rslora"], false, "{name}");
+    assert!(
+        cfg["rank_pattern"].as_object().unwrap().is_empty(),
+        "{name}"
+    );
+    assert!(
+        cfg["alpha_pattern"].as_object().unwrap().is_empty(),
+        "{name}"
+    );
+    let s = cfg["lora_alpha"].as_f64().unwrap() / cfg["r"].as_f64().unwrap();
+    let t = load_st(&dir.join("adapter_model.safetensors"));
+    let mut out = std::collections::BTreeMap::new();
+    for (k, a) in &t {
+        let Some(m) = k
+            .strip_prefix("base_model.model.")
+            .and_then(|k| k.strip_suffix(".lora_A.weight"))
+        else {
+            continue;
+        };
+        let b = &t[&format!("base_model.model.{m}.lora_B.weight")];
+        let (r, cols, rows) = (a.shape[0], a.shape[1], b.shape[0]);
+        let mut d = vec![0f64; rows * cols];
+        for i in 0..rows {
+            for j in 0..cols {
+                d[i * cols + j] = s
+                    * (0..r)
+                        .map(|k| b.data[i * r + k] as f64 * a.data[k * cols + j] as f64)
+                        .sum::<f64>();
+            }
+        }
+        out.insert(format!("{m}.weight"), d);
+    }
+    assert!(!out.is_empty(), "{name} has linear LoRA modules");
+    out
+}
+
+/// base + Σ_k scale_k·ΔW_k, by hand in f64.
+fn hand_applied(adapters: &[(&str, f64)]) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let base = load_st(&peft().join("base/model.safetensors"));
+    let deltas: Vec<_> = adapters.iter().map(|(n, s)| (hand_deltas(n), *s)).collect();
+    base.iter()
+        .map(|(name, w)| {
+            let v = w
+                .data
+                .iter()
+                .enumerate()
+                .map(|(e, x)| {
+                    let mut y = *x as f64;
+                    for (d, s) in &deltas {
+                        if let Some(d) = d.get(name) {
+                            y += s * d[e];
+                        }
+                    }
+                    y as f32
+                })
+                .collect();
+            (name.clone(), v)
+        })
+        .collect()
+}
+
+/// `adapters: [a, c]` stacks the adapters in order on every backend: it equals
+/// W + s_a·B_a·A_a + s_c·B_c·A_c computed by hand from the fixture files (c has another rank
+/// and also targets up_proj), `model: base+a` with `adapters: [c]` is the same model, a
+/// `scale` multiplies its adapter's ΔW (negative too), and an adapted `base_model` is used as
+/// the base. The GPU agrees with the CPU.
+#[test]
+fn recipe_adapter_list_stacks_in_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (b, a, c) = (p("base"), p("lora_a"), p("lora_c"));
+    let cases: Vec<(String, Vec<(&str, f64)>)> = vec![
+        (
+            format!("merge_method: passthrough\nmodels:\n  - model: {b}\n    adapters: [{a}, {c}]\n"),
+            vec![("lora_a", 1.0), ("lora_c", 1.0)],
+        ),
+        (
+            format!("merge_method: passthrough\nmodels:\n  - model: {b}+{a}\n    adapters:\n      - {c}\n"),
+            vec![("lora_a", 1.0), ("lora_c", 1.0)],
+        ),
+        (
+            format!("merge_method: passthrough\nmodels:\n  - model: {b}\n    adapters:\n      - {a}\n      - {{path: {c}, scale: 0.5}}\n"),
+            vec![("lora_a", 1.0), ("lora_c", 0.5)],
+        ),
+        (
+            format!("merge_method: passthrough\nmodels:\n  - model: {b}\n    adapters: [{{path: {a}, scale: -1.5}}]\n"),
+            vec![("lora_a", -1.5)],
+        ),
+        // base' = base + a; model = base + a + c; base' + 0.5·(model − base') = base + a + c/2
+        (
+            format!("merge_method: task_arithmetic\nbase_model:\n  model: {b}\n  adapters: [{a}]\nmodels:\n  - model: {b}\n    adapters: [{a}, {c}]\n    parameters: {{weight: 0.5}}\n"),
+            vec![("lora_a", 1.0), ("lora_c", 0.5)],
+        ),
+    ];
+    let base = load_st(&peft().join("base/model.safetensors"));
+    for (recipe, stack) in &cases {
+        let plan = plan_text(tmp.path(), recipe, None);
+        let want = hand_applied(stack);
+        let mut cpu = None;
+        for (bname, backend) in backends() {
+            let got = merge_plan(&plan, backend.as_ref());
+            assert_eq!(got.len(), want.len());
+            let mut changed = 0;
+            for (name, w) in &want {
+                assert_close(
+                    &format!("{stack:?} on {bname}: {name}"),
+                    &got[name].data,
+                    w,
+                    DType::F32,
+                    Tol::abs_rel(1e-6, 1e-5),
+                );
+                changed += (got[name].data != base[name].data) as usize;
+            }
+            // a and c adapt q and v in 2 layers, c also up_proj
+            let expect_changed = if stack.len() == 2 { 6 } else { 4 };
+            assert_eq!(changed, expect_changed, "{stack:?} on {bname}");
+            match &cpu {
+                None => cpu = Some(got),
+                Some(cpu) => {
+                    for (name, t) in cpu {
+                        assert_close(
+                            &format!("{stack:?}: {bname} against cpu: {name}"),
+                            &got[name].data,
+                            &t.data,
+                            DType::F32,
+                            Tol::abs_rel(1e-7, 1e-6),
+                        );
+                    }
+                }
+            }
+        }
+    }
+    // The scale changes the result: 0.5·ΔW_c is not ΔW_c.
+    let half = hand_applied(&[("lora_a", 1.0), ("lora_c", 0.5)]);
+    let full = hand_applied(&[("lora_a", 1.0), ("lora_c", 1.0)]);
+    let q = "model.layers.0.self_attn.q_proj.weight";
+    assert!(half[q]
+        .iter()
+        .zip(&full[q])
+        .any(|(x, y)| (x - y).abs() > 1e-3));
+}
+
+/// `adapters: [a, c]` gives the same bytes as `smelt lora apply base a`, then
+/// `smelt lora apply` of c onto that output (f32 model, CPU: the same additions in the same
+/// order). The dry run lists both adapters with their scales, the model card lists them,
+/// and the `--resume` fingerprint changes with the adapters, their order and their scales.
+#[test]
+fn recipe_adapter_list_equals_chained_apply_and_is_recorded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (b, a, c) = (p("base"), p("lora_a"), p("lora_c"));
+    let step1 = tmp.path().join("step1");
+    let step2 = tmp.path().join("step2");
+    for (base, adapter, out) in [
+        (b.clone(), &a, &step1),
+        (step1.display().to_string(), &c, &step2),
+    ] {
+        let o = smelt()
+            .args(["lora", "apply", &base, adapter, "-o"])
+            .arg(out)
+            .args(cpu_args())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let chained = load_dir(&step2);
+    let recipe = tmp.path().join("stack.yml");
+    std::fs::write(
+        &recipe,
+        format!("merge_method: passthrough\nmodels:\n  - model: {b}\n    adapters: [{a}, {c}]\n"),
+    )
+    .unwrap();
+    let out = tmp.path().join("stacked");
+    let o = run_merge(&recipe, &out, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stacked = load_dir(&out);
+    assert_eq!(stacked.len(), chained.len());
+    for (name, t) in &chained {
+        assert_close(name, &stacked[name].data, &t.data, DType::F32, Tol::EXACT);
+    }
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(card.contains("## LoRA adapters"), "{card}");
+    let rows: Vec<&str> = card.lines().filter(|l| l.contains("lora_")).collect();
+    assert!(
+        rows.iter()
+            .any(|l| l.contains("lora_a") && l.contains("| 1 |"))
+            && rows
+                .iter()
+                .any(|l| l.contains("lora_c") && l.contains("| 1 |")),
+        "{card}"
+    );
+
+    // dry run: both adapters under their model, with the scale
+    let scaled = tmp.path().join("scaled.yml");
+    std::fs::write(
+        &scaled,
+        format!("merge_method: passthrough\nmodels:\n  - model: {b}\n    adapters:\n      - {a}\n      - {{path: {c}, scale: 0.25}}\n"),
+    )
+    .unwrap();
+    let o = run_merge(&scaled, &tmp.path().join("dry"), &["--dry-run"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains("+ adapter")).collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(
+        lines[0].contains("lora_a") && lines[0].contains("rank 4") && lines[0].ends_with("ΔW ×1"),
+        "{text}"
+    );
+    assert!(
+        lines[1].contains("lora_c")
+            && lines[1].contains("rank 8")
+            && lines[1].ends_with("ΔW ×0.25"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("model 0     {b} + {a} + {c} ×0.25:")),
+        "{text}"
+    );
+    assert!(!tmp.path().join("dry").exists());
+
+    // --resume's fingerprint covers every adapter, its place and its scale
+    let fp = |adapters: &str| {
+        let plan = plan_text(
+            tmp.path(),
+            &format!(
+                "merge_method: passthrough\nmodels:\n  - model: {b}\n    adapters: {adapters}\n"
+            ),
+            None,
+        );
+        smelt::exec::fingerprint(&plan, &smelt::exec::layout(&plan, 1 << 30))
+    };
+    let prints = [
+        fp(&format!("[{a}, {c}]")),
+        fp(&format!("[{c}, {a}]")),
+        fp(&format!("[{a}, {{path: {c}, scale: 0.5}}]")),
+        fp(&format!("[{a}]")),
+    ];
+    for i in 0..prints.len() {
+        for j in 0..i {
+            assert_ne!(prints[i], prints[j], "fingerprints {j} and {i}");
+        }
+    }
+    assert_eq!(prints[0], fp(&format!("[{a}, {c}]")));
+}
+
+/// Recipe errors name the key: a missing adapter folder, an unknown key in an adapter entry
+/// or a model entry, a bad scale, a base_model mapping without `model`; and an adapter that
+/// targets a tensor the model lacks, or was made for another base, is refused naming the
+/// adapter, the module and the tensor.
+#[test]
+fn recipe_adapter_list_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (b, a) = (p("base"), p("lora_a"));
+    let parse_err = |text: String| {
+        let path = tmp.path().join("bad.yml");
+        std::fs::write(&path, &text).unwrap();
+        smelt::recipe::Recipe::load(&path)
+            .err()
+            .unwrap_or_else(|| panic!("must fail: {text}"))
+            .to_string()
+    };
+    let nope = tmp.path().join("nope");
+    let e = parse_err(format!(
+        "merge_method: passthrough\nmodels:\n  - model: {b}\n    adapters: [{a}, {}]\n",
+        nope.display()
+    ));
+    assert!(
+        e.contains("models[0].adapters[1]") && e.contains("nope") && e.contains("does not exist"),
+        "{e}"
+    );
+    let e = parse_err(format!(
+        "merge_method: passthrough\nmodels:\n  - model: {b}\n    adapters: [{{path: {a}, scal: 2}}]\n"
+    ));
+    assert!(
+        e.contains("models[0].adapters[0]") && e.contains("unknown key `scal`"),
+        "{e}"
+    );
+    let e = parse_err(format!(
+        "merge_method: passthrough\nmodels:\n  - model: {b}\n    adapter: [{a}]\n"
+    ));
+    assert!(e.contains("adapter") && e.contains("adapters"), "{e}");
+    let e = parse_err(format!(
+        "merge_method: passthrough\nmodels:\n  - model: {b}\n    adapters: [{{path: {a}, scale: .nan}}]\n"
+    ));
+    assert!(e.contains("adapters[0].scale"), "{e}");
+    let e = parse_err(format!(
+        "merge_method: passthrough\nmodels:\n  - model: {b}\n    adapters: {a}\n"
+    ));
+    assert!(
+        e.contains("models[0].adapters") && e.contains("list"),
+        "{e}"
+    );
+    let e = parse_err(format!(
+        "merge_method: task_arithmetic\nbase_model: {{adapters: [{a}]}}\nmodels:\n  - model: {b}\n"
+    ));
+    assert!(e.contains("base_model") && e.contains("no `model`"), "{e}");
+    let e = parse_err(format!(
+        "merge_method: task_arithmetic\nbase_model: {{model: {b}, adapter: [{a}]}}\nmodels:\n  - model: {b}\n"
+    ));
+    assert!(
+        e.contains("base_model") && e.contains("unknown key `adapter`"),
+        "{e}"
+    );
+
+    // an adapter whose module is not in the model (second in the list)
+    let odd = tmp.path().join("odd");
+    copy_dir(&peft().join("lora_a"), &odd);
+    let t = load_st(&odd.join("adapter_model.safetensors"));
+    let renamed: Vec<(String, &T)> = t
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.replace("layers.1.self_attn.v_proj", "layers.1.self_attn.x_proj"),
+                v,
+            )
+        })
+        .collect();
+    let refs: Vec<(&str, &T)> = renamed.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    write_st(&odd.join("adapter_model.safetensors"), &refs);
+    let plan_err = |text: String| {
+        let path = tmp.path().join("r.yml");
+        std::fs::write(&path, text).unwrap();
+        let r = smelt::recipe::Recipe::load(&path).unwrap();
+        smelt::plan::Plan::build(r, None)
+            .err()
+            .expect("must fail")
+            .to_string()
+    };
+    let e = plan_err(format!(
+        "merge_method: passthrough\nmodels:\n  - model: {b}\n    adapters: [{a}, {}]\n",
+        odd.display()
+    ));
+    assert!(
+        e.contains("odd")
+            && e.contains("model.layers.1.self_attn.x_proj")
+            && e.contains("does not have"),
+        "{e}"
+    );
+    // made for another base (hidden 24)
+    let e = plan_err(format!(
+        "merge_method: passthrough\nmodels:\n  - model: {b}\n    adapters: [{a}, {}]\n",
+        p("lora_other")
+    ));
+    assert!(
+        e.contains("lora_other") && e.contains("q_proj") && e.contains("[4, 24]"),
+        "{e}"
+    );
+}

@@ -515,7 +515,13 @@ impl Adapter {
     /// ΔW of a module, shaped like its base tensor: PEFT's `get_delta_weight`, the product
     /// on the backend and then the scale (f32, as PEFT computes it).
     pub fn delta(&self, m: &LoraModule, backend: &dyn Backend) -> Result<Mat> {
-        delta_of(&self.a(m), &self.b(m), m.kind, m.scale, backend)
+        self.delta_scaled(m, 1.0, backend)
+    }
+
+    /// ΔW of a module times `factor` (a recipe's adapter scale), folded into the one
+    /// multiplication by s: factor·s·B·A.
+    pub fn delta_scaled(&self, m: &LoraModule, factor: f64, backend: &dyn Backend) -> Result<Mat> {
+        delta_of(&self.a(m), &self.b(m), m.kind, m.scale * factor, backend)
     }
 
     /// Checks every module and replacement against the base model's tensors: present, 2-D
