@@ -239,7 +239,11 @@ enum LoraCmd {
         * svd, ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd: forms each module's \
         ΔW = s·B·A on the device, combines them with the weights (pruning ΔW for the ties/dare/\
         magnitude variants), and re-factors with a truncated SVD to --svd-rank (default: the \
-        largest input rank).\n\n\
+        largest input rank). --svd-clamp Q then clamps B' = U·diag(S) and A' = Vᵀ of each module \
+        to ±the Q-quantile of their values, as PEFT's svd_clamp does (torch.quantile's linear \
+        interpolation, to the bit). The quantile is over signed values, so which values are \
+        clipped depends on the SVD's sign choice per rank, which differs between implementations \
+        (and between smelt's CPU and GPU); smelt's result is PEFT's rule applied to its own SVD.\n\n\
         The merged adapter has r = lora_alpha = its rank (scale 1) and otherwise the first \
         adapter's config. As in PEFT, a first adapter with use_rslora makes the merged scale √r; \
         smelt warns when that happens. A single adapter is merged with linear whatever --method \
@@ -274,6 +278,10 @@ enum LoraCmd {
         /// Rank of the result of the SVD methods (default: the largest input rank).
         #[arg(long)]
         svd_rank: Option<usize>,
+        /// SVD methods: clamp the re-factored B' and A' to ±their Q-quantile (PEFT's
+        /// svd_clamp; Q in (0, 1], computed per module over both factors' values).
+        #[arg(long, value_name = "Q")]
+        svd_clamp: Option<f64>,
         /// Rank of the result of lego: the number of clusters (default: the largest input rank).
         #[arg(long)]
         rank: Option<usize>,
@@ -713,6 +721,7 @@ fn run_lora(cmd: LoraCmd) -> anyhow::Result<()> {
             density,
             majority_sign,
             svd_rank,
+            svd_clamp,
             rank,
             seed,
             out,
@@ -742,6 +751,14 @@ fn run_lora(cmd: LoraCmd) -> anyhow::Result<()> {
             if svd_rank == Some(0) {
                 bail!("--svd-rank must be at least 1");
             }
+            if let Some(q) = svd_clamp {
+                if !combination.is_some_and(|c| c.is_svd()) {
+                    bail!("--svd-clamp applies to the SVD methods only, not {method}");
+                }
+                if !(q > 0.0 && q <= 1.0) {
+                    bail!("--svd-clamp {q} is not a quantile in (0, 1]");
+                }
+            }
             let backend = make_backend(&device)?;
             let merged = match combination {
                 None => smelt::lora::lego::lego(&refs, &weights, rank, seed, backend.as_ref())?,
@@ -757,6 +774,7 @@ fn run_lora(cmd: LoraCmd) -> anyhow::Result<()> {
                             MajoritySign::Total
                         },
                         svd_rank,
+                        svd_clamp,
                         seed,
                         masks: None,
                     },
@@ -784,6 +802,9 @@ fn run_lora(cmd: LoraCmd) -> anyhow::Result<()> {
             ));
             if let Some(d) = density {
                 card.push_str(&format!(", density {d}"));
+            }
+            if let Some(q) = svd_clamp {
+                card.push_str(&format!(", svd_clamp {q}"));
             }
             if combination.is_none_or(|c| c.is_random()) {
                 card.push_str(&format!(", seed {seed}"));

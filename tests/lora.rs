@@ -144,6 +144,7 @@ fn open_adapter(name: &str) -> Adapter {
 }
 
 /// The options of a merge fixture, from manifest.json's recorded call.
+#[allow(clippy::type_complexity)]
 fn fixture_call(
     case: &str,
 ) -> (
@@ -153,6 +154,7 @@ fn fixture_call(
     Option<f64>,
     MajoritySign,
     Option<usize>,
+    Option<f64>,
 ) {
     let m = manifest();
     let call = &m["merges"][case]["add_weighted_adapter"];
@@ -178,7 +180,8 @@ fn fixture_call(
         .get("svd_rank")
         .and_then(|v| v.as_u64())
         .map(|v| v as usize);
-    (names, comb, weights, density, maj, svd_rank)
+    let svd_clamp = call.get("svd_clamp").and_then(|v| v.as_f64());
+    (names, comb, weights, density, maj, svd_rank, svd_clamp)
 }
 
 /// Runs a fixture's merge on `backend`, with PEFT's stored DARE masks injected when `masks`.
@@ -187,7 +190,8 @@ fn run_fixture(
     backend: &dyn smelt::backend::Backend,
     inject: bool,
 ) -> (merge::MergedAdapter, Vec<String>) {
-    let (names, combination, weights, density, majority_sign, svd_rank) = fixture_call(case);
+    let (names, combination, weights, density, majority_sign, svd_rank, svd_clamp) =
+        fixture_call(case);
     let adapters: Vec<Adapter> = names.iter().map(|n| open_adapter(n)).collect();
     let refs: Vec<&Adapter> = adapters.iter().collect();
     let mask_path = peft().join(case).join("masks.safetensors");
@@ -210,6 +214,7 @@ fn run_fixture(
             density,
             majority_sign,
             svd_rank,
+            svd_clamp,
             seed: 7,
             masks: Some(&lookup),
         },
@@ -221,11 +226,15 @@ fn run_fixture(
 
 /// Every merge fixture: the merged ΔW (s'·B'·A', what PEFT applies) equals PEFT's
 /// delta.safetensors; for the factor methods and cat, A' and B' equal PEFT's tensors too.
-/// DARE fixtures run with PEFT's stored masks injected. All backends.
+/// DARE fixtures run with PEFT's stored masks injected. All backends. (svd_clamp depends on
+/// the SVD's signs: `svd_clamp_matches_peft` has its own comparison.)
 #[test]
 fn merge_matches_add_weighted_adapter() {
     let m = manifest();
     for (case, _) in m["merges"].as_object().unwrap() {
+        if fixture_call(case).6.is_some() {
+            continue;
+        }
         let expected_delta = load_st(&peft().join(case).join("delta.safetensors"));
         let expected_ad = load_st(&peft().join(case).join("adapter_model.safetensors"));
         let cfg: serde_json::Value = serde_json::from_str(
@@ -326,6 +335,7 @@ fn dare_linear_by_statistics() {
                 density: Some(density),
                 majority_sign: MajoritySign::Total,
                 svd_rank: None,
+                svd_clamp: None,
                 seed,
                 masks: None,
             },
@@ -428,6 +438,7 @@ fn merge_refuses_what_peft_refuses() {
         density,
         majority_sign: MajoritySign::Total,
         svd_rank: None,
+        svd_clamp: None,
         seed: 0,
         masks: None,
     };
@@ -1339,4 +1350,235 @@ fn recipe_adapter_list_errors() {
         e.contains("lora_other") && e.contains("q_proj") && e.contains("[4, 24]"),
         "{e}"
     );
+}
+
+// ---- svd_clamp ----------------------------------------------------------------------------
+
+fn mat(t: &T) -> smelt::linalg::Mat {
+    smelt::linalg::Mat {
+        rows: t.shape[0],
+        cols: t.shape[1],
+        data: t.data.clone(),
+    }
+}
+
+/// B·A in f64.
+fn product(b: &smelt::linalg::Mat, a: &smelt::linalg::Mat) -> Vec<f32> {
+    let mut out = vec![0f32; b.rows * a.cols];
+    for i in 0..b.rows {
+        for j in 0..a.cols {
+            out[i * a.cols + j] = (0..a.rows)
+                .map(|k| b.at(i, k) as f64 * a.at(k, j) as f64)
+                .sum::<f64>() as f32;
+        }
+    }
+    out
+}
+
+/// PEFT's svd_clamp (fixture merge_ab_svd_clamp: svd of a and b, q = 0.9).
+///
+/// 1. The clamp step on the factors PEFT handed to torch.quantile (pre_clamp.safetensors)
+///    gives PEFT's quantile and PEFT's clamped A' and B' bit for bit, and clips values in
+///    every module.
+/// 2. End to end on every backend: PEFT's quantile is over signed values, so the result
+///    depends on each rank's sign, which SVD implementations choose freely. Per module and
+///    rank, PEFT's unclamped factors are flipped to the sign of smelt's own (unclamped) SVD
+///    factors, which must be the same singular vectors (|cos| > 0.999); the clamp of those
+///    must give smelt's clamped ΔW within the SVD fixtures' tolerance, and PEFT's own ΔW
+///    where no sign differs. The clamped ΔW must differ from the unclamped one.
+/// 3. The CLI takes --svd-clamp, records it in the card, and refuses it where it has no
+///    meaning.
+#[test]
+fn svd_clamp_matches_peft() {
+    let case = "merge_ab_svd_clamp";
+    let dir = peft().join(case);
+    let q = fixture_call(case).6.expect("the case has svd_clamp");
+    let pre = load_st(&dir.join("pre_clamp.safetensors"));
+    let ad = load_st(&dir.join("adapter_model.safetensors"));
+    let peft_delta = load_st(&dir.join("delta.safetensors"));
+    let modules: Vec<String> = pre
+        .keys()
+        .filter_map(|k| k.strip_suffix(".hi"))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(modules.len(), 4, "q and v of 2 layers");
+    let pre_ab = |m: &str| {
+        (
+            mat(&pre[&format!("{m}.lora_A")]),
+            mat(&pre[&format!("{m}.lora_B")]),
+        )
+    };
+    for m in &modules {
+        let (mut a, mut b) = pre_ab(m);
+        let (a0, b0) = (a.data.clone(), b.data.clone());
+        let r = a.rows;
+        let hi = merge::clamp_factors(&mut a, &mut b, r, q);
+        assert_eq!(
+            hi.to_bits(),
+            pre[&format!("{m}.hi")].data[0].to_bits(),
+            "{m}: quantile {hi} vs torch's {}",
+            pre[&format!("{m}.hi")].data[0]
+        );
+        let key = |f: &str| format!("base_model.model.{m}.{f}.weight");
+        assert_close(
+            &format!("{m} A'"),
+            &a.data,
+            &ad[&key("lora_A")].data,
+            DType::F32,
+            Tol::EXACT,
+        );
+        assert_close(
+            &format!("{m} B'"),
+            &b.data,
+            &ad[&key("lora_B")].data,
+            DType::F32,
+            Tol::EXACT,
+        );
+        assert!(a.data != a0 && b.data != b0, "{m}: nothing clipped");
+    }
+
+    let (names, combination, weights, ..) = fixture_call(case);
+    let adapters: Vec<Adapter> = names.iter().map(|n| open_adapter(n)).collect();
+    let refs: Vec<&Adapter> = adapters.iter().collect();
+    let run = |clamp: Option<f64>, backend: &dyn smelt::backend::Backend| {
+        merge::merge(
+            &refs,
+            &MergeOptions {
+                combination,
+                weights: weights.clone(),
+                density: None,
+                majority_sign: MajoritySign::Total,
+                svd_rank: None,
+                svd_clamp: clamp,
+                seed: 0,
+                masks: None,
+            },
+            backend,
+        )
+        .unwrap()
+    };
+    for (bname, backend) in backends() {
+        let clamped = run(Some(q), backend.as_ref());
+        let plain = run(None, backend.as_ref());
+        assert_eq!(clamped.modules.len(), modules.len());
+        let mut same_signs = 0;
+        for (cm, pm) in clamped.modules.iter().zip(&plain.modules) {
+            let what = format!("{bname} {}", cm.name);
+            let (mut ea, mut eb) = pre_ab(&cm.name);
+            let r = ea.rows;
+            let mut flips = 0;
+            for j in 0..r {
+                let cos: f64 = (0..ea.cols)
+                    .map(|c| pm.a.at(j, c) as f64 * ea.at(j, c) as f64)
+                    .sum();
+                assert!(cos.abs() > 0.999, "{what}: rank {j} cos {cos}");
+                if cos < 0.0 {
+                    flips += 1;
+                    ea.data[j * ea.cols..(j + 1) * ea.cols]
+                        .iter_mut()
+                        .for_each(|x| *x = -*x);
+                    for i in 0..eb.rows {
+                        eb.data[i * r + j] = -eb.data[i * r + j];
+                    }
+                }
+            }
+            merge::clamp_factors(&mut ea, &mut eb, r, q);
+            let want = product(&eb, &ea);
+            let got = clamped.delta(cm, backend.as_ref()).unwrap();
+            let tol = Tol::abs_rel(2e-6, 1e-5);
+            assert_close(&what, &got.data, &want, DType::F32, tol);
+            let unclamped = plain.delta(pm, backend.as_ref()).unwrap();
+            assert!(
+                got.data
+                    .iter()
+                    .zip(&unclamped.data)
+                    .any(|(x, y)| (x - y).abs() > 1e-3),
+                "{what}: clamping changed nothing"
+            );
+            if flips == 0 {
+                same_signs += 1;
+                let e = &peft_delta[&format!("{}.weight", cm.name)];
+                assert_close(
+                    &format!("{what} vs PEFT"),
+                    &got.data,
+                    &e.data,
+                    DType::F32,
+                    tol,
+                );
+            }
+        }
+        eprintln!(
+            "svd_clamp on {bname}: {same_signs} of {} modules have PEFT's signs",
+            modules.len()
+        );
+    }
+
+    // The CLI: written adapter = the in-process CPU merge; the card records the quantile.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("clamped");
+    let o = smelt()
+        .args([
+            "lora",
+            "merge",
+            &p("lora_a"),
+            &p("lora_b"),
+            "--method",
+            "svd",
+            "--weights",
+            "0.7,0.3",
+            "--svd-clamp",
+            "0.9",
+            "-o",
+        ])
+        .arg(&out)
+        .args(cpu_args())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let cpu = run(Some(q), &smelt::backend::cpu::Cpu::new());
+    let got = load_st(&out.join("adapter_model.safetensors"));
+    for (k, _, data) in cpu.tensors() {
+        assert_close(&k, &got[&k].data, data, DType::F32, Tol::EXACT);
+    }
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(card.contains("svd_clamp 0.9"), "{card}");
+    for (args, msg) in [
+        (vec!["--method", "svd", "--svd-clamp", "0"], "(0, 1]"),
+        (vec!["--method", "svd", "--svd-clamp", "1.5"], "(0, 1]"),
+        (
+            vec!["--method", "cat", "--svd-clamp", "0.9"],
+            "SVD methods only",
+        ),
+    ] {
+        let bad = tmp.path().join("bad");
+        let o = smelt()
+            .args(["lora", "merge", &p("lora_a"), &p("lora_b")])
+            .args(&args)
+            .arg("-o")
+            .arg(&bad)
+            .args(cpu_args())
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{args:?}");
+        assert!(stderr(&o).contains(msg), "{args:?}: {}", stderr(&o));
+        assert!(!bad.exists());
+    }
+    let e = merge::merge(
+        &refs,
+        &MergeOptions {
+            combination: Combination::Linear,
+            weights: weights.clone(),
+            density: None,
+            majority_sign: MajoritySign::Total,
+            svd_rank: None,
+            svd_clamp: Some(0.9),
+            seed: 0,
+            masks: None,
+        },
+        &smelt::backend::cpu::Cpu::new(),
+    )
+    .err()
+    .expect("linear has no SVD to clamp")
+    .to_string();
+    assert!(e.contains("svd_clamp") && e.contains("linear"), "{e}");
 }
