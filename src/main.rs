@@ -246,7 +246,10 @@ enum LoraCmd {
         (and between smelt's CPU and GPU); smelt's result is PEFT's rule applied to its own SVD.\n\n\
         The merged adapter has r = lora_alpha = its rank (scale 1) and otherwise the first \
         adapter's config. As in PEFT, a first adapter with use_rslora makes the merged scale √r; \
-        smelt warns when that happens. A single adapter is merged with linear whatever --method \
+        smelt warns when that happens. Adapters with modules_to_save are merged as PEFT does: two \
+        with a trained copy of the same module are refused, and otherwise the trained copies are \
+        dropped with a warning (those modules stay as in the base; apply the adapters in a recipe \
+        and merge the models to keep them). A single adapter is merged with linear whatever --method \
         says, as PEFT does. DARE draws its masks from smelt's seeded generator (--seed), not \
         torch's, so its result matches PEFT's in distribution, not value.\n\n\
         * lego (LoRA-LEGO, Zhao et al. 2025; not in PEFT): every rank-1 unit (row j of A with \

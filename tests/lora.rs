@@ -236,7 +236,6 @@ fn merge_matches_add_weighted_adapter() {
             continue;
         }
         let expected_delta = load_st(&peft().join(case).join("delta.safetensors"));
-        let expected_ad = load_st(&peft().join(case).join("adapter_model.safetensors"));
         let cfg: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(peft().join(case).join("adapter_config.json")).unwrap(),
         )
@@ -297,6 +296,18 @@ fn merge_matches_add_weighted_adapter() {
             }
             if !svd {
                 let got = merged.tensors();
+                // PEFT's copies of the base's modules_to_save modules (merge_mts_a_cat):
+                // equal to the base, and not written by smelt (the module loads as the base's)
+                let base = load_st(&peft().join("base/model.safetensors"));
+                let mut expected_ad = load_st(&peft().join(case).join("adapter_model.safetensors"));
+                expected_ad.retain(|k, t| {
+                    let saved = !k.contains(".lora_") && !k.contains(".base_layer.");
+                    if saved {
+                        let name = k.trim_start_matches("base_model.model.");
+                        assert_eq!(t.data, base[name].data, "{what}: PEFT's {k} is the base's");
+                    }
+                    !saved
+                });
                 assert_eq!(got.len(), expected_ad.len(), "{what}: tensor count");
                 for (k, shape, data) in got {
                     let e = &expected_ad[&k];
@@ -468,16 +479,25 @@ fn merge_refuses_what_peft_refuses() {
         .unwrap()
         .to_string();
     assert!(e.contains("1 weights for 2 adapters"), "{e}");
+    // two adapters with a trained lm_head copy: PEFT's ValueError (manifest: errors)
     let mts = open_adapter("lora_mts");
     let e = merge::merge(
-        &[&a, &mts],
+        &[&mts, &mts],
         &opts(Combination::Cat, None, vec![0.7, 0.3]),
         &cpu,
     )
     .err()
     .unwrap()
     .to_string();
-    assert!(e.contains("modules_to_save"), "{e}");
+    let peft_msg = manifest()["errors"]["mts_mts_shared_modules_to_save"]["message_first_line"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let core = peft_msg.split(", but found").next().unwrap();
+    assert!(
+        e.contains("module lm_head") && e.contains("modules_to_save") && e.contains(core),
+        "{e}\nPEFT: {peft_msg}"
+    );
 }
 
 /// `smelt lora merge` through the binary: the written folder holds PEFT's keys, shapes and
@@ -1581,4 +1601,102 @@ fn svd_clamp_matches_peft() {
     .expect("linear has no SVD to clamp")
     .to_string();
     assert!(e.contains("svd_clamp") && e.contains("linear"), "{e}");
+}
+
+// ---- modules_to_save through lora merge ---------------------------------------------------
+
+/// PEFT 0.21.2 merges an adapter with modules_to_save (lora_mts: a trained lm_head) with
+/// others, and drops the trained copy: merge_mts_a_cat holds a copy of the BASE's lm_head.
+/// `smelt lora merge lora_mts lora_a` writes PEFT's LoRA factors, warns that the lm_head copy
+/// is not carried, writes no lm_head and `modules_to_save: null`, and applied to the base it
+/// gives the model PEFT's merged adapter gives: base + PEFT's ΔW, lm_head the base's (not
+/// lora_mts's). The other order works the same; every backend.
+#[test]
+fn merge_with_modules_to_save_follows_peft() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = load_st(&peft().join("base/model.safetensors"));
+    let fixture = peft().join("merge_mts_a_cat");
+    let peft_ad = load_st(&fixture.join("adapter_model.safetensors"));
+    let peft_delta = load_st(&fixture.join("delta.safetensors"));
+    let mts_lm = load_st(&peft().join("lora_mts/adapter_model.safetensors"))
+        ["base_model.model.lm_head.weight"]
+        .data
+        .clone();
+    assert_eq!(
+        peft_ad["base_model.model.lm_head.weight"].data, base["lm_head.weight"].data,
+        "PEFT's merged adapter holds the base's lm_head"
+    );
+    assert_ne!(mts_lm, base["lm_head.weight"].data);
+    // base + PEFT's merged ΔW; lm_head stays the base's
+    let expected: std::collections::BTreeMap<String, Vec<f32>> = base
+        .iter()
+        .map(|(k, t)| {
+            let v = match peft_delta.get(k) {
+                Some(d) => t.data.iter().zip(&d.data).map(|(x, y)| x + y).collect(),
+                None => t.data.clone(),
+            };
+            (k.clone(), v)
+        })
+        .collect();
+    for (first, second) in [("lora_mts", "lora_a"), ("lora_a", "lora_mts")] {
+        let out = tmp.path().join(format!("{first}_{second}"));
+        let (w1, w2) = if first == "lora_mts" {
+            ("0.7", "0.3")
+        } else {
+            ("0.3", "0.7")
+        };
+        let o = smelt()
+            .args([
+                "lora",
+                "merge",
+                &p(first),
+                &p(second),
+                "--method",
+                "cat",
+                "--weights",
+            ])
+            .arg(format!("{w1},{w2}"))
+            .arg("-o")
+            .arg(&out)
+            .args(cpu_args())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        let e = stderr(&o);
+        assert!(
+            e.contains("modules_to_save (lm_head)") && e.contains("stay as in the base"),
+            "{e}"
+        );
+        let got = load_st(&out.join("adapter_model.safetensors"));
+        assert!(got.keys().all(|k| k.contains(".lora_")), "{:?}", got.keys());
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert!(cfg["modules_to_save"].is_null(), "{cfg}");
+        if first == "lora_mts" {
+            // PEFT's exact order: the factors are PEFT's
+            for (k, t) in &got {
+                assert_close(k, &t.data, &peft_ad[k].data, DType::F32, Tol::FIXTURE);
+            }
+        }
+        let recipe = format!(
+            "merge_method: passthrough\nmodels:\n  - model: {}+{}\n",
+            p("base"),
+            out.display()
+        );
+        let plan = plan_text(tmp.path(), &recipe, None);
+        for (bname, backend) in backends() {
+            let applied = merge_plan(&plan, backend.as_ref());
+            for (k, want) in &expected {
+                assert_close(
+                    &format!("{first}+{second} on {bname}: {k}"),
+                    &applied[k].data,
+                    want,
+                    DType::F32,
+                    Tol::abs_rel(2e-7, 2e-6),
+                );
+            }
+        }
+    }
 }

@@ -394,17 +394,7 @@ pub fn merge(
             "density {density} keeps everything: {combination} prunes nothing"
         ));
     }
-    for a in adapters {
-        if !a.config.modules_to_save.is_empty() {
-            return Err(Error::BadModel {
-                path: a.dir.clone(),
-                msg: format!(
-                    "has modules_to_save ({}): full trained copies of modules cannot be merged as LoRA factors; apply the adapters to the model and merge the models instead",
-                    a.config.modules_to_save.join(", ")
-                ),
-            });
-        }
-    }
+    check_modules_to_save(adapters, &mut warnings)?;
     let ranks: Vec<usize> = adapters.iter().map(|a| a.config.max_rank()).collect();
     let rank = match combination {
         Combination::Cat => ranks.iter().sum(),
@@ -605,10 +595,14 @@ pub fn merge(
     }
 
     // Full base_layer copies (written by PEFT for embedding targets) carry over from the
-    // first adapter that has each.
+    // first adapter that has each; trained modules_to_save copies do not (see
+    // `check_modules_to_save`).
     let mut full: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
     for a in adapters {
         for t in a.replaced_tensors() {
+            if a.is_saved_module_tensor(t) {
+                continue;
+            }
             let info = a.replacement(t).unwrap();
             if full.iter().any(|(k, _, _)| *k == info.name) {
                 continue;
@@ -628,6 +622,16 @@ pub fn merge(
     config.insert("rank_pattern".into(), Value::Object(Map::new()));
     config.insert("alpha_pattern".into(), Value::Object(Map::new()));
     config.insert("peft_type".into(), "LORA".into());
+    if first
+        .raw
+        .get("modules_to_save")
+        .is_some_and(|v| !v.is_null())
+    {
+        // PEFT lists the first adapter's modules_to_save and saves copies of the base's
+        // modules for them; smelt has no base here, and without the list the module loads
+        // as the base's: the same model.
+        config.insert("modules_to_save".into(), Value::Null);
+    }
     Ok(MergedAdapter {
         config,
         modules,
@@ -636,6 +640,58 @@ pub fn merge(
         scale: new_scale,
         warnings,
     })
+}
+
+/// Whether a modules_to_save entry (PEFT matches a module `m` when `m == e` or `m` ends
+/// with `.e`) and a module name, or two entries, name the same module.
+fn same_module(x: &str, y: &str) -> bool {
+    x == y || x.ends_with(&format!(".{y}")) || y.ends_with(&format!(".{x}"))
+}
+
+/// `modules_to_save` as PEFT 0.21.2's `add_weighted_adapter` treats it: two adapters with a
+/// trained copy of the same module are refused (PEFT raises "Cannot add weighted adapters if
+/// they target the same module with modules_to_save"); otherwise the merge goes ahead and
+/// the trained copies are dropped: the merged config copies the first adapter's
+/// `modules_to_save` list, but the copy PEFT makes for the new adapter is a fresh deepcopy
+/// of the base module, so the merged adapter leaves those modules as in the base
+/// (fixture merge_mts_a_cat). smelt warns that the trained copies are not carried.
+fn check_modules_to_save(adapters: &[&Adapter], warnings: &mut Vec<String>) -> Result<()> {
+    // per adapter: the modules it has copies of (tensors) and the names its config lists
+    let saved: Vec<Vec<String>> = adapters
+        .iter()
+        .map(|a| {
+            let mut v = a.saved_modules();
+            v.extend(a.config.modules_to_save.iter().cloned());
+            v
+        })
+        .collect();
+    for j in 0..adapters.len() {
+        for i in 0..j {
+            let shared = saved[i]
+                .iter()
+                .find(|x| saved[j].iter().any(|y| same_module(x, y)));
+            if let Some(m) = shared {
+                return Err(err(format!(
+                    "{} and {} both carry a trained copy of module {m} (modules_to_save): two full copies of one module cannot be merged as LoRA factors, and neither can be preferred, so PEFT's add_weighted_adapter refuses this too (\"Cannot add weighted adapters if they target the same module with modules_to_save\"). Apply the adapters to the base model and merge the models instead: a recipe entry `{{model: BASE, adapters: [...]}}` per adapter",
+                    adapters[i].label, adapters[j].label
+                )));
+            }
+        }
+    }
+    for (a, s) in adapters.iter().zip(&saved) {
+        if !s.is_empty() {
+            let mut names = a.saved_modules();
+            if names.is_empty() {
+                names = a.config.modules_to_save.clone();
+            }
+            warnings.push(format!(
+                "{} has modules_to_save ({}): as in PEFT's add_weighted_adapter, the merged adapter does not carry their trained copies (PEFT saves copies of the base's modules instead), so those modules stay as in the base model; to keep them, apply the adapters to the base and merge the models in a recipe",
+                a.label,
+                names.join(", ")
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// B' = U[:, :r]·diag(S[:r]), A' = Vᵀ[:r] from the SVD of `d` on the backend; zero ranks
