@@ -238,10 +238,11 @@ pub fn whole_model_sums(plan: &Plan, backend: &dyn Backend) -> Result<Vec<f64>> 
     Ok(v)
 }
 
-/// For each input of a task (base first, then the models): the tensor with its LoRA ΔW
-/// added, when the input is a `MODEL+ADAPTER` whose adapter targets that tensor. This is
-/// PEFT's `merge_and_unload`: W + ΔW in W's dtype, ΔW = s·B·A formed on the backend. Only
-/// this tensor's ΔW exists at any time.
+/// For each input of a task (base first, then the models): the tensor with its LoRA ΔWs
+/// added, when the input is a model with adapters (`MODEL+ADAPTER`, `adapters:`) that target
+/// that tensor. This is PEFT's `merge_and_unload`, one adapter after another: W + Σ ΔW_k in
+/// W's dtype, each ΔW_k = scale_k·s_k·B_k·A_k formed on the backend and added before the
+/// next is formed, so only one ΔW exists at any time.
 fn lora_inputs(plan: &Plan, backend: &dyn Backend, t: &TensorTask) -> Result<Vec<Option<Vec<u8>>>> {
     t.base
         .iter()
@@ -257,27 +258,30 @@ fn lora_inputs(plan: &Plan, backend: &dyn Backend, t: &TensorTask) -> Result<Vec
                 crate::dtype::encode(r.dtype(), &w, &mut bytes);
                 return Ok(Some(bytes));
             }
-            let Some(module) = m.lora.as_ref().and_then(|a| a.module_for(&ti.tensor)) else {
+            let deltas = m.deltas_for(&ti.tensor);
+            if deltas.is_empty() {
                 return Ok(None);
-            };
-            let ad = m.lora.as_ref().unwrap();
+            }
             let r = m.get(&ti.tensor).expect("planned tensor exists");
             let mut w = vec![0f32; r.numel()];
             crate::dtype::decode(r.dtype(), r.bytes(), &mut w);
-            let d = ad.delta(module, backend)?;
-            if d.data.len() != w.len() {
-                return Err(Error::Param {
-                    tensor: ti.tensor.clone(),
-                    msg: format!(
-                        "the ΔW of adapter {} is {}x{} but the tensor has {} elements",
-                        ad.label,
-                        d.rows,
-                        d.cols,
-                        w.len()
-                    ),
-                });
+            for (applied, module) in deltas {
+                let ad = &applied.adapter;
+                let d = ad.delta_scaled(module, applied.scale, backend)?;
+                if d.data.len() != w.len() {
+                    return Err(Error::Param {
+                        tensor: ti.tensor.clone(),
+                        msg: format!(
+                            "the ΔW of adapter {} is {}x{} but the tensor has {} elements",
+                            ad.label,
+                            d.rows,
+                            d.cols,
+                            w.len()
+                        ),
+                    });
+                }
+                w.iter_mut().zip(&d.data).for_each(|(x, dx)| *x += dx);
             }
-            w.iter_mut().zip(&d.data).for_each(|(x, dx)| *x += dx);
             let mut bytes = vec![0u8; w.len() * r.dtype().size()];
             crate::dtype::encode(r.dtype(), &w, &mut bytes);
             Ok(Some(bytes))

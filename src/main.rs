@@ -323,10 +323,17 @@ enum LoraCmd {
         * svd, ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd: forms each module's \
         ΔW = s·B·A on the device, combines them with the weights (pruning ΔW for the ties/dare/\
         magnitude variants), and re-factors with a truncated SVD to --svd-rank (default: the \
-        largest input rank).\n\n\
+        largest input rank). --svd-clamp Q then clamps B' = U·diag(S) and A' = Vᵀ of each module \
+        to ±the Q-quantile of their values, as PEFT's svd_clamp does (torch.quantile's linear \
+        interpolation, to the bit). The quantile is over signed values, so which values are \
+        clipped depends on the SVD's sign choice per rank, which differs between implementations \
+        (and between smelt's CPU and GPU); smelt's result is PEFT's rule applied to its own SVD.\n\n\
         The merged adapter has r = lora_alpha = its rank (scale 1) and otherwise the first \
         adapter's config. As in PEFT, a first adapter with use_rslora makes the merged scale √r; \
-        smelt warns when that happens. A single adapter is merged with linear whatever --method \
+        smelt warns when that happens. Adapters with modules_to_save are merged as PEFT does: two \
+        with a trained copy of the same module are refused, and otherwise the trained copies are \
+        dropped with a warning (those modules stay as in the base; apply the adapters in a recipe \
+        and merge the models to keep them). A single adapter is merged with linear whatever --method \
         says, as PEFT does. DARE draws its masks from smelt's seeded generator (--seed), not \
         torch's, so its result matches PEFT's in distribution, not value.\n\n\
         * lego (LoRA-LEGO, Zhao et al. 2025; not in PEFT): every rank-1 unit (row j of A with \
@@ -358,6 +365,10 @@ enum LoraCmd {
         /// Rank of the result of the SVD methods (default: the largest input rank).
         #[arg(long)]
         svd_rank: Option<usize>,
+        /// SVD methods: clamp the re-factored B' and A' to ±their Q-quantile (PEFT's
+        /// svd_clamp; Q in (0, 1], computed per module over both factors' values).
+        #[arg(long, value_name = "Q")]
+        svd_clamp: Option<f64>,
         /// Rank of the result of lego: the number of clusters (default: the largest input rank).
         #[arg(long)]
         rank: Option<usize>,
@@ -890,7 +901,7 @@ fn run_lora(cmd: LoraCmd) -> anyhow::Result<()> {
                     fsync: false,
                 },
             )?;
-            let ad = plan.models[0].lora.as_ref().expect("adapter attached");
+            let ad = &plan.models[0].adapters[0].adapter;
             println!(
                 "applied {} ({} LoRA modules, {} full tensors) to {}: wrote {} tensors to {} in {:.2} s on {}",
                 adapter.display(),
@@ -912,6 +923,7 @@ fn run_lora(cmd: LoraCmd) -> anyhow::Result<()> {
             density,
             majority_sign,
             svd_rank,
+            svd_clamp,
             rank,
             seed,
             out,
@@ -941,6 +953,14 @@ fn run_lora(cmd: LoraCmd) -> anyhow::Result<()> {
             if svd_rank == Some(0) {
                 bail!("--svd-rank must be at least 1");
             }
+            if let Some(q) = svd_clamp {
+                if !combination.is_some_and(|c| c.is_svd()) {
+                    bail!("--svd-clamp applies to the SVD methods only, not {method}");
+                }
+                if !(q > 0.0 && q <= 1.0) {
+                    bail!("--svd-clamp {q} is not a quantile in (0, 1]");
+                }
+            }
             let backend = make_backend(&device)?;
             let merged = match combination {
                 None => smelt::lora::lego::lego(&refs, &weights, rank, seed, backend.as_ref())?,
@@ -956,6 +976,7 @@ fn run_lora(cmd: LoraCmd) -> anyhow::Result<()> {
                             MajoritySign::Total
                         },
                         svd_rank,
+                        svd_clamp,
                         seed,
                         masks: None,
                     },
@@ -983,6 +1004,9 @@ fn run_lora(cmd: LoraCmd) -> anyhow::Result<()> {
             ));
             if let Some(d) = density {
                 card.push_str(&format!(", density {d}"));
+            }
+            if let Some(q) = svd_clamp {
+                card.push_str(&format!(", svd_clamp {q}"));
             }
             if combination.is_none_or(|c| c.is_random()) {
                 card.push_str(&format!(", seed {seed}"));

@@ -192,7 +192,7 @@ impl OpenModels {
         if let Some(i) = self.refs.iter().position(|x| x == r) {
             return Ok(i);
         }
-        let mut f = if crate::compeft::is_compressed(&r.path) && r.adapter.is_none() {
+        let mut f = if crate::compeft::is_compressed(&r.path) && r.adapters.is_empty() {
             // a compressed task vector on its own: added to the base it records
             let c = crate::compeft::Compressed::open(&r.path)?;
             if !c.base.exists() {
@@ -205,18 +205,27 @@ impl OpenModels {
                     ),
                 });
             }
-            let mut f = ModelFolder::open(&c.base, &r.raw)?;
+            let mut f = ModelFolder::open(&c.base, &r.label())?;
             f.attach_compressed(c)?;
             f
         } else {
-            ModelFolder::open(&r.path, &r.raw)?
+            ModelFolder::open(&r.path, &r.label())?
         };
-        if let Some(a) = &r.adapter {
-            if crate::compeft::is_compressed(a) {
-                f.attach_compressed(crate::compeft::Compressed::open(a)?)?;
+        for a in &r.adapters {
+            if crate::compeft::is_compressed(&a.path) {
+                if a.scale != 1.0 {
+                    return Err(Error::BadModel {
+                        path: a.path.clone(),
+                        msg: format!(
+                            "is a compressed task vector; `scale` ({}) applies to LoRA adapters only",
+                            a.scale
+                        ),
+                    });
+                }
+                f.attach_compressed(crate::compeft::Compressed::open(&a.path)?)?;
             } else {
-                let label = a.display().to_string();
-                f.attach_adapter(crate::lora::Adapter::open(a, &label)?)?;
+                let label = a.path.display().to_string();
+                f.attach_adapter(crate::lora::Adapter::open(&a.path, &label)?, a.scale)?;
             }
         }
         self.refs.push(r.clone());
@@ -309,7 +318,7 @@ impl Plan {
                 if srcs[..a].iter().any(|y| y.model == x.model) {
                     return Err(rerr(format!(
                         "slices[{si}] lists model {} twice; each model may appear once per slice",
-                        om.refs[x.model].raw
+                        om.refs[x.model].label()
                     )));
                 }
             }
@@ -334,7 +343,7 @@ impl Plan {
                         } else {
                             return Err(rerr(format!(
                                 "slices[{si}]: the base model {} must be one of the slice's sources",
-                                om.refs[b].raw
+                                om.refs[b].label()
                             )));
                         }
                     }
@@ -344,7 +353,8 @@ impl Plan {
                     if si == 0 && !srcs.iter().any(|x| x.model == b) {
                         warnings.push(format!(
                             "{} does not use a base model; base_model {} is ignored",
-                            method.name, om.refs[b].raw
+                            method.name,
+                            om.refs[b].label()
                         ));
                     }
                     false
@@ -379,6 +389,9 @@ impl Plan {
             Some(TokenizerSource::Model(r)) => Some(om.id(r)?),
         };
         let mut models = om.folders;
+        for m in &models {
+            warnings.extend(m.adapter_overrides());
+        }
 
         // Layer counts: a `models:` slice spans every layer of each model.
         let mut slice_len = Vec::new();
@@ -599,6 +612,24 @@ impl Plan {
                 dts.into_iter().collect::<Vec<_>>().join("/"),
                 gb(m.total_bytes())
             );
+            for a in &m.adapters {
+                let ad = &a.adapter;
+                let full = ad.replaced_tensors().count();
+                let _ = writeln!(
+                    s,
+                    "  + adapter {}: {} LoRA module{} (rank {}){}, ΔW ×{}",
+                    ad.label,
+                    ad.modules.len(),
+                    if ad.modules.len() == 1 { "" } else { "s" },
+                    ad.config.max_rank(),
+                    if full > 0 {
+                        format!(", {full} full tensor{}", if full == 1 { "" } else { "s" })
+                    } else {
+                        String::new()
+                    },
+                    a.scale
+                );
+            }
         }
         let params: usize = self.tasks.iter().map(|t| t.numel()).sum();
         let out_dt: BTreeSet<String> = self.tasks.iter().map(|t| t.out_dtype.to_string()).collect();

@@ -144,6 +144,7 @@ fn open_adapter(name: &str) -> Adapter {
 }
 
 /// The options of a merge fixture, from manifest.json's recorded call.
+#[allow(clippy::type_complexity)]
 fn fixture_call(
     case: &str,
 ) -> (
@@ -153,6 +154,7 @@ fn fixture_call(
     Option<f64>,
     MajoritySign,
     Option<usize>,
+    Option<f64>,
 ) {
     let m = manifest();
     let call = &m["merges"][case]["add_weighted_adapter"];
@@ -178,7 +180,8 @@ fn fixture_call(
         .get("svd_rank")
         .and_then(|v| v.as_u64())
         .map(|v| v as usize);
-    (names, comb, weights, density, maj, svd_rank)
+    let svd_clamp = call.get("svd_clamp").and_then(|v| v.as_f64());
+    (names, comb, weights, density, maj, svd_rank, svd_clamp)
 }
 
 /// Runs a fixture's merge on `backend`, with PEFT's stored DARE masks injected when `masks`.
@@ -187,7 +190,8 @@ fn run_fixture(
     backend: &dyn smelt::backend::Backend,
     inject: bool,
 ) -> (merge::MergedAdapter, Vec<String>) {
-    let (names, combination, weights, density, majority_sign, svd_rank) = fixture_call(case);
+    let (names, combination, weights, density, majority_sign, svd_rank, svd_clamp) =
+        fixture_call(case);
     let adapters: Vec<Adapter> = names.iter().map(|n| open_adapter(n)).collect();
     let refs: Vec<&Adapter> = adapters.iter().collect();
     let mask_path = peft().join(case).join("masks.safetensors");
@@ -210,6 +214,7 @@ fn run_fixture(
             density,
             majority_sign,
             svd_rank,
+            svd_clamp,
             seed: 7,
             masks: Some(&lookup),
         },
@@ -221,13 +226,16 @@ fn run_fixture(
 
 /// Every merge fixture: the merged ΔW (s'·B'·A', what PEFT applies) equals PEFT's
 /// delta.safetensors; for the factor methods and cat, A' and B' equal PEFT's tensors too.
-/// DARE fixtures run with PEFT's stored masks injected. All backends.
+/// DARE fixtures run with PEFT's stored masks injected. All backends. (svd_clamp depends on
+/// the SVD's signs: `svd_clamp_matches_peft` has its own comparison.)
 #[test]
 fn merge_matches_add_weighted_adapter() {
     let m = manifest();
     for (case, _) in m["merges"].as_object().unwrap() {
+        if fixture_call(case).6.is_some() {
+            continue;
+        }
         let expected_delta = load_st(&peft().join(case).join("delta.safetensors"));
-        let expected_ad = load_st(&peft().join(case).join("adapter_model.safetensors"));
         let cfg: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(peft().join(case).join("adapter_config.json")).unwrap(),
         )
@@ -288,6 +296,18 @@ fn merge_matches_add_weighted_adapter() {
             }
             if !svd {
                 let got = merged.tensors();
+                // PEFT's copies of the base's modules_to_save modules (merge_mts_a_cat):
+                // equal to the base, and not written by smelt (the module loads as the base's)
+                let base = load_st(&peft().join("base/model.safetensors"));
+                let mut expected_ad = load_st(&peft().join(case).join("adapter_model.safetensors"));
+                expected_ad.retain(|k, t| {
+                    let saved = !k.contains(".lora_") && !k.contains(".base_layer.");
+                    if saved {
+                        let name = k.trim_start_matches("base_model.model.");
+                        assert_eq!(t.data, base[name].data, "{what}: PEFT's {k} is the base's");
+                    }
+                    !saved
+                });
                 assert_eq!(got.len(), expected_ad.len(), "{what}: tensor count");
                 for (k, shape, data) in got {
                     let e = &expected_ad[&k];
@@ -326,6 +346,7 @@ fn dare_linear_by_statistics() {
                 density: Some(density),
                 majority_sign: MajoritySign::Total,
                 svd_rank: None,
+                svd_clamp: None,
                 seed,
                 masks: None,
             },
@@ -428,6 +449,7 @@ fn merge_refuses_what_peft_refuses() {
         density,
         majority_sign: MajoritySign::Total,
         svd_rank: None,
+        svd_clamp: None,
         seed: 0,
         masks: None,
     };
@@ -457,16 +479,25 @@ fn merge_refuses_what_peft_refuses() {
         .unwrap()
         .to_string();
     assert!(e.contains("1 weights for 2 adapters"), "{e}");
+    // two adapters with a trained lm_head copy: PEFT's ValueError (manifest: errors)
     let mts = open_adapter("lora_mts");
     let e = merge::merge(
-        &[&a, &mts],
+        &[&mts, &mts],
         &opts(Combination::Cat, None, vec![0.7, 0.3]),
         &cpu,
     )
     .err()
     .unwrap()
     .to_string();
-    assert!(e.contains("modules_to_save"), "{e}");
+    let peft_msg = manifest()["errors"]["mts_mts_shared_modules_to_save"]["message_first_line"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let core = peft_msg.split(", but found").next().unwrap();
+    assert!(
+        e.contains("module lm_head") && e.contains("modules_to_save") && e.contains(core),
+        "{e}\nPEFT: {peft_msg}"
+    );
 }
 
 /// `smelt lora merge` through the binary: the written folder holds PEFT's keys, shapes and
@@ -982,4 +1013,902 @@ fn bad_adapters_are_named() {
         .expect_err("must fail")
         .to_string();
     assert!(e.contains("adapter folder") && e.contains("nope"), "{e}");
+}
+
+// ---- `adapters:` lists in recipes ---------------------------------------------------------
+
+/// s·B·A of every linear LoRA module of a fixture adapter, in f64, keyed by the base tensor
+/// it adds to; computed here from the adapter's own files (s = lora_alpha / r from its
+/// adapter_config.json, which for the adapters used here has no patterns and no rsLoRA).
+fn hand_deltas(name: &str) -> std::collections::BTreeMap<String, Vec<f64>> {
+    let dir = peft().join(name);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["use_rslora"], false, "{name}");
+    assert!(
+        cfg["rank_pattern"].as_object().unwrap().is_empty(),
+        "{name}"
+    );
+    assert!(
+        cfg["alpha_pattern"].as_object().unwrap().is_empty(),
+        "{name}"
+    );
+    let s = cfg["lora_alpha"].as_f64().unwrap() / cfg["r"].as_f64().unwrap();
+    let t = load_st(&dir.join("adapter_model.safetensors"));
+    let mut out = std::collections::BTreeMap::new();
+    for (k, a) in &t {
+        let Some(m) = k
+            .strip_prefix("base_model.model.")
+            .and_then(|k| k.strip_suffix(".lora_A.weight"))
+        else {
+            continue;
+        };
+        let b = &t[&format!("base_model.model.{m}.lora_B.weight")];
+        let (r, cols, rows) = (a.shape[0], a.shape[1], b.shape[0]);
+        let mut d = vec![0f64; rows * cols];
+        for i in 0..rows {
+            for j in 0..cols {
+                d[i * cols + j] = s
+                    * (0..r)
+                        .map(|k| b.data[i * r + k] as f64 * a.data[k * cols + j] as f64)
+                        .sum::<f64>();
+            }
+        }
+        out.insert(format!("{m}.weight"), d);
+    }
+    assert!(!out.is_empty(), "{name} has linear LoRA modules");
+    out
+}
+
+/// base + Σ_k scale_k·ΔW_k, by hand in f64.
+fn hand_applied(adapters: &[(&str, f64)]) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let base = load_st(&peft().join("base/model.safetensors"));
+    let deltas: Vec<_> = adapters.iter().map(|(n, s)| (hand_deltas(n), *s)).collect();
+    base.iter()
+        .map(|(name, w)| {
+            let v = w
+                .data
+                .iter()
+                .enumerate()
+                .map(|(e, x)| {
+                    let mut y = *x as f64;
+                    for (d, s) in &deltas {
+                        if let Some(d) = d.get(name) {
+                            y += s * d[e];
+                        }
+                    }
+                    y as f32
+                })
+                .collect();
+            (name.clone(), v)
+        })
+        .collect()
+}
+
+/// `adapters: [a, c]` stacks the adapters in order on every backend: it equals
+/// W + s_a·B_a·A_a + s_c·B_c·A_c computed by hand from the fixture files (c has another rank
+/// and also targets up_proj), `model: base+a` with `adapters: [c]` is the same model, a
+/// `scale` multiplies its adapter's ΔW (negative too), and an adapted `base_model` is used as
+/// the base. The GPU agrees with the CPU.
+#[test]
+fn recipe_adapter_list_stacks_in_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (b, a, c) = (p("base"), p("lora_a"), p("lora_c"));
+    let cases: Vec<(String, Vec<(&str, f64)>)> = vec![
+        (
+            format!("merge_method: passthrough\nmodels:\n  - model: {b}\n    adapters: [{a}, {c}]\n"),
+            vec![("lora_a", 1.0), ("lora_c", 1.0)],
+        ),
+        (
+            format!("merge_method: passthrough\nmodels:\n  - model: {b}+{a}\n    adapters:\n      - {c}\n"),
+            vec![("lora_a", 1.0), ("lora_c", 1.0)],
+        ),
+        (
+            format!("merge_method: passthrough\nmodels:\n  - model: {b}\n    adapters:\n      - {a}\n      - {{path: {c}, scale: 0.5}}\n"),
+            vec![("lora_a", 1.0), ("lora_c", 0.5)],
+        ),
+        (
+            format!("merge_method: passthrough\nmodels:\n  - model: {b}\n    adapters: [{{path: {a}, scale: -1.5}}]\n"),
+            vec![("lora_a", -1.5)],
+        ),
+        // base' = base + a; model = base + a + c; base' + 0.5·(model − base') = base + a + c/2
+        (
+            format!("merge_method: task_arithmetic\nbase_model:\n  model: {b}\n  adapters: [{a}]\nmodels:\n  - model: {b}\n    adapters: [{a}, {c}]\n    parameters: {{weight: 0.5}}\n"),
+            vec![("lora_a", 1.0), ("lora_c", 0.5)],
+        ),
+    ];
+    let base = load_st(&peft().join("base/model.safetensors"));
+    for (recipe, stack) in &cases {
+        let plan = plan_text(tmp.path(), recipe, None);
+        let want = hand_applied(stack);
+        let mut cpu = None;
+        for (bname, backend) in backends() {
+            let got = merge_plan(&plan, backend.as_ref());
+            assert_eq!(got.len(), want.len());
+            let mut changed = 0;
+            for (name, w) in &want {
+                assert_close(
+                    &format!("{stack:?} on {bname}: {name}"),
+                    &got[name].data,
+                    w,
+                    DType::F32,
+                    Tol::abs_rel(1e-6, 1e-5),
+                );
+                changed += (got[name].data != base[name].data) as usize;
+            }
+            // a and c adapt q and v in 2 layers, c also up_proj
+            let expect_changed = if stack.len() == 2 { 6 } else { 4 };
+            assert_eq!(changed, expect_changed, "{stack:?} on {bname}");
+            match &cpu {
+                None => cpu = Some(got),
+                Some(cpu) => {
+                    for (name, t) in cpu {
+                        assert_close(
+                            &format!("{stack:?}: {bname} against cpu: {name}"),
+                            &got[name].data,
+                            &t.data,
+                            DType::F32,
+                            Tol::abs_rel(1e-7, 1e-6),
+                        );
+                    }
+                }
+            }
+        }
+    }
+    // `slices:` sources take the list too
+    let recipe = format!(
+        "merge_method: passthrough\nslices:\n  - sources:\n      - model: {b}\n        layer_range: [0, 2]\n        adapters: [{a}, {{path: {c}, scale: 0.5}}]\n"
+    );
+    let want = hand_applied(&[("lora_a", 1.0), ("lora_c", 0.5)]);
+    let got = merge_plan(
+        &plan_text(tmp.path(), &recipe, None),
+        &smelt::backend::cpu::Cpu::new(),
+    );
+    assert!(got.contains_key("model.layers.1.mlp.up_proj.weight"));
+    for (name, t) in &got {
+        assert_close(
+            &format!("slices: {name}"),
+            &t.data,
+            &want[name],
+            DType::F32,
+            Tol::abs_rel(1e-6, 1e-5),
+        );
+    }
+    // The scale changes the result: 0.5·ΔW_c is not ΔW_c.
+    let half = hand_applied(&[("lora_a", 1.0), ("lora_c", 0.5)]);
+    let full = hand_applied(&[("lora_a", 1.0), ("lora_c", 1.0)]);
+    let q = "model.layers.0.self_attn.q_proj.weight";
+    assert!(half[q]
+        .iter()
+        .zip(&full[q])
+        .any(|(x, y)| (x - y).abs() > 1e-3));
+}
+
+/// `adapters: [a, c]` gives the same bytes as `smelt lora apply base a`, then
+/// `smelt lora apply` of c onto that output (f32 model, CPU: the same additions in the same
+/// order). The dry run lists both adapters with their scales, the model card lists them,
+/// and the `--resume` fingerprint changes with the adapters, their order and their scales.
+#[test]
+fn recipe_adapter_list_equals_chained_apply_and_is_recorded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (b, a, c) = (p("base"), p("lora_a"), p("lora_c"));
+    let step1 = tmp.path().join("step1");
+    let step2 = tmp.path().join("step2");
+    for (base, adapter, out) in [
+        (b.clone(), &a, &step1),
+        (step1.display().to_string(), &c, &step2),
+    ] {
+        let o = smelt()
+            .args(["lora", "apply", &base, adapter, "-o"])
+            .arg(out)
+            .args(cpu_args())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let chained = load_dir(&step2);
+    let recipe = tmp.path().join("stack.yml");
+    std::fs::write(
+        &recipe,
+        format!("merge_method: passthrough\nmodels:\n  - model: {b}\n    adapters: [{a}, {c}]\n"),
+    )
+    .unwrap();
+    let out = tmp.path().join("stacked");
+    let o = run_merge(&recipe, &out, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stacked = load_dir(&out);
+    assert_eq!(stacked.len(), chained.len());
+    for (name, t) in &chained {
+        assert_close(name, &stacked[name].data, &t.data, DType::F32, Tol::EXACT);
+    }
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(card.contains("## LoRA adapters"), "{card}");
+    let rows: Vec<&str> = card.lines().filter(|l| l.contains("lora_")).collect();
+    assert!(
+        rows.iter()
+            .any(|l| l.contains("lora_a") && l.contains("| 1 |"))
+            && rows
+                .iter()
+                .any(|l| l.contains("lora_c") && l.contains("| 1 |")),
+        "{card}"
+    );
+
+    // dry run: both adapters under their model, with the scale
+    let scaled = tmp.path().join("scaled.yml");
+    std::fs::write(
+        &scaled,
+        format!("merge_method: passthrough\nmodels:\n  - model: {b}\n    adapters:\n      - {a}\n      - {{path: {c}, scale: 0.25}}\n"),
+    )
+    .unwrap();
+    let o = run_merge(&scaled, &tmp.path().join("dry"), &["--dry-run"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains("+ adapter")).collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(
+        lines[0].contains("lora_a") && lines[0].contains("rank 4") && lines[0].ends_with("ΔW ×1"),
+        "{text}"
+    );
+    assert!(
+        lines[1].contains("lora_c")
+            && lines[1].contains("rank 8")
+            && lines[1].ends_with("ΔW ×0.25"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("model 0     {b} + {a} + {c} ×0.25:")),
+        "{text}"
+    );
+    assert!(!tmp.path().join("dry").exists());
+
+    // --resume's fingerprint covers every adapter, its place and its scale
+    let fp = |adapters: &str| {
+        let plan = plan_text(
+            tmp.path(),
+            &format!(
+                "merge_method: passthrough\nmodels:\n  - model: {b}\n    adapters: {adapters}\n"
+            ),
+            None,
+        );
+        smelt::exec::fingerprint(&plan, &smelt::exec::layout(&plan, 1 << 30))
+    };
+    let prints = [
+        fp(&format!("[{a}, {c}]")),
+        fp(&format!("[{c}, {a}]")),
+        fp(&format!("[{a}, {{path: {c}, scale: 0.5}}]")),
+        fp(&format!("[{a}]")),
+    ];
+    for i in 0..prints.len() {
+        for j in 0..i {
+            assert_ne!(prints[i], prints[j], "fingerprints {j} and {i}");
+        }
+    }
+    assert_eq!(prints[0], fp(&format!("[{a}, {c}]")));
+}
+
+/// Recipe errors name the key: a missing adapter folder, an unknown key in an adapter entry
+/// or a model entry, a bad scale, a base_model mapping without `model`; and an adapter that
+/// targets a tensor the model lacks, or was made for another base, is refused naming the
+/// adapter, the module and the tensor.
+#[test]
+fn recipe_adapter_list_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (b, a) = (p("base"), p("lora_a"));
+    let parse_err = |text: String| {
+        let path = tmp.path().join("bad.yml");
+        std::fs::write(&path, &text).unwrap();
+        smelt::recipe::Recipe::load(&path)
+            .err()
+            .unwrap_or_else(|| panic!("must fail: {text}"))
+            .to_string()
+    };
+    let nope = tmp.path().join("nope");
+    let e = parse_err(format!(
+        "merge_method: passthrough\nmodels:\n  - model: {b}\n    adapters: [{a}, {}]\n",
+        nope.display()
+    ));
+    assert!(
+        e.contains("models[0].adapters[1]") && e.contains("nope") && e.contains("does not exist"),
+        "{e}"
+    );
+    let e = parse_err(format!(
+        "merge_method: passthrough\nmodels:\n  - model: {b}\n    adapters: [{{path: {a}, scal: 2}}]\n"
+    ));
+    assert!(
+        e.contains("models[0].adapters[0]") && e.contains("unknown key `scal`"),
+        "{e}"
+    );
+    let e = parse_err(format!(
+        "merge_method: passthrough\nmodels:\n  - model: {b}\n    adapter: [{a}]\n"
+    ));
+    assert!(e.contains("adapter") && e.contains("adapters"), "{e}");
+    let e = parse_err(format!(
+        "merge_method: passthrough\nmodels:\n  - model: {b}\n    adapters: [{{path: {a}, scale: .nan}}]\n"
+    ));
+    assert!(e.contains("adapters[0].scale"), "{e}");
+    let e = parse_err(format!(
+        "merge_method: passthrough\nmodels:\n  - model: {b}\n    adapters: {a}\n"
+    ));
+    assert!(
+        e.contains("models[0].adapters") && e.contains("list"),
+        "{e}"
+    );
+    let e = parse_err(format!(
+        "merge_method: task_arithmetic\nbase_model: {{adapters: [{a}]}}\nmodels:\n  - model: {b}\n"
+    ));
+    assert!(e.contains("base_model") && e.contains("no `model`"), "{e}");
+    let e = parse_err(format!(
+        "merge_method: task_arithmetic\nbase_model: {{model: {b}, adapter: [{a}]}}\nmodels:\n  - model: {b}\n"
+    ));
+    assert!(
+        e.contains("base_model") && e.contains("unknown key `adapter`"),
+        "{e}"
+    );
+
+    // an adapter whose module is not in the model (second in the list)
+    let odd = tmp.path().join("odd");
+    copy_dir(&peft().join("lora_a"), &odd);
+    let t = load_st(&odd.join("adapter_model.safetensors"));
+    let renamed: Vec<(String, &T)> = t
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.replace("layers.1.self_attn.v_proj", "layers.1.self_attn.x_proj"),
+                v,
+            )
+        })
+        .collect();
+    let refs: Vec<(&str, &T)> = renamed.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    write_st(&odd.join("adapter_model.safetensors"), &refs);
+    let plan_err = |text: String| {
+        let path = tmp.path().join("r.yml");
+        std::fs::write(&path, text).unwrap();
+        let r = smelt::recipe::Recipe::load(&path).unwrap();
+        smelt::plan::Plan::build(r, None)
+            .err()
+            .expect("must fail")
+            .to_string()
+    };
+    let e = plan_err(format!(
+        "merge_method: passthrough\nmodels:\n  - model: {b}\n    adapters: [{a}, {}]\n",
+        odd.display()
+    ));
+    assert!(
+        e.contains("odd")
+            && e.contains("model.layers.1.self_attn.x_proj")
+            && e.contains("does not have"),
+        "{e}"
+    );
+    // made for another base (hidden 24)
+    let e = plan_err(format!(
+        "merge_method: passthrough\nmodels:\n  - model: {b}\n    adapters: [{a}, {}]\n",
+        p("lora_other")
+    ));
+    assert!(
+        e.contains("lora_other") && e.contains("q_proj") && e.contains("[4, 24]"),
+        "{e}"
+    );
+}
+
+// ---- svd_clamp ----------------------------------------------------------------------------
+
+fn mat(t: &T) -> smelt::linalg::Mat {
+    smelt::linalg::Mat {
+        rows: t.shape[0],
+        cols: t.shape[1],
+        data: t.data.clone(),
+    }
+}
+
+/// B·A in f64.
+fn product(b: &smelt::linalg::Mat, a: &smelt::linalg::Mat) -> Vec<f32> {
+    let mut out = vec![0f32; b.rows * a.cols];
+    for i in 0..b.rows {
+        for j in 0..a.cols {
+            out[i * a.cols + j] = (0..a.rows)
+                .map(|k| b.at(i, k) as f64 * a.at(k, j) as f64)
+                .sum::<f64>() as f32;
+        }
+    }
+    out
+}
+
+/// PEFT's svd_clamp (fixture merge_ab_svd_clamp: svd of a and b, q = 0.9).
+///
+/// 1. The clamp step on the factors PEFT handed to torch.quantile (pre_clamp.safetensors)
+///    gives PEFT's quantile and PEFT's clamped A' and B' bit for bit, and clips values in
+///    every module.
+/// 2. End to end on every backend: PEFT's quantile is over signed values, so the result
+///    depends on each rank's sign, which SVD implementations choose freely. Per module and
+///    rank, PEFT's unclamped factors are flipped to the sign of smelt's own (unclamped) SVD
+///    factors, which must be the same singular vectors (|cos| > 0.999); the clamp of those
+///    must give smelt's clamped ΔW within the SVD fixtures' tolerance, and PEFT's own ΔW
+///    where no sign differs. The clamped ΔW must differ from the unclamped one.
+/// 3. The CLI takes --svd-clamp, records it in the card, and refuses it where it has no
+///    meaning.
+#[test]
+fn svd_clamp_matches_peft() {
+    let case = "merge_ab_svd_clamp";
+    let dir = peft().join(case);
+    let q = fixture_call(case).6.expect("the case has svd_clamp");
+    let pre = load_st(&dir.join("pre_clamp.safetensors"));
+    let ad = load_st(&dir.join("adapter_model.safetensors"));
+    let peft_delta = load_st(&dir.join("delta.safetensors"));
+    let modules: Vec<String> = pre
+        .keys()
+        .filter_map(|k| k.strip_suffix(".hi"))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(modules.len(), 4, "q and v of 2 layers");
+    let pre_ab = |m: &str| {
+        (
+            mat(&pre[&format!("{m}.lora_A")]),
+            mat(&pre[&format!("{m}.lora_B")]),
+        )
+    };
+    for m in &modules {
+        let (mut a, mut b) = pre_ab(m);
+        let (a0, b0) = (a.data.clone(), b.data.clone());
+        let r = a.rows;
+        let hi = merge::clamp_factors(&mut a, &mut b, r, q);
+        assert_eq!(
+            hi.to_bits(),
+            pre[&format!("{m}.hi")].data[0].to_bits(),
+            "{m}: quantile {hi} vs torch's {}",
+            pre[&format!("{m}.hi")].data[0]
+        );
+        let key = |f: &str| format!("base_model.model.{m}.{f}.weight");
+        assert_close(
+            &format!("{m} A'"),
+            &a.data,
+            &ad[&key("lora_A")].data,
+            DType::F32,
+            Tol::EXACT,
+        );
+        assert_close(
+            &format!("{m} B'"),
+            &b.data,
+            &ad[&key("lora_B")].data,
+            DType::F32,
+            Tol::EXACT,
+        );
+        assert!(a.data != a0 && b.data != b0, "{m}: nothing clipped");
+    }
+
+    let (names, combination, weights, ..) = fixture_call(case);
+    let adapters: Vec<Adapter> = names.iter().map(|n| open_adapter(n)).collect();
+    let refs: Vec<&Adapter> = adapters.iter().collect();
+    let run = |clamp: Option<f64>, backend: &dyn smelt::backend::Backend| {
+        merge::merge(
+            &refs,
+            &MergeOptions {
+                combination,
+                weights: weights.clone(),
+                density: None,
+                majority_sign: MajoritySign::Total,
+                svd_rank: None,
+                svd_clamp: clamp,
+                seed: 0,
+                masks: None,
+            },
+            backend,
+        )
+        .unwrap()
+    };
+    for (bname, backend) in backends() {
+        let clamped = run(Some(q), backend.as_ref());
+        let plain = run(None, backend.as_ref());
+        assert_eq!(clamped.modules.len(), modules.len());
+        let mut same_signs = 0;
+        for (cm, pm) in clamped.modules.iter().zip(&plain.modules) {
+            let what = format!("{bname} {}", cm.name);
+            let (mut ea, mut eb) = pre_ab(&cm.name);
+            let r = ea.rows;
+            let mut flips = 0;
+            for j in 0..r {
+                let cos: f64 = (0..ea.cols)
+                    .map(|c| pm.a.at(j, c) as f64 * ea.at(j, c) as f64)
+                    .sum();
+                assert!(cos.abs() > 0.999, "{what}: rank {j} cos {cos}");
+                if cos < 0.0 {
+                    flips += 1;
+                    ea.data[j * ea.cols..(j + 1) * ea.cols]
+                        .iter_mut()
+                        .for_each(|x| *x = -*x);
+                    for i in 0..eb.rows {
+                        eb.data[i * r + j] = -eb.data[i * r + j];
+                    }
+                }
+            }
+            merge::clamp_factors(&mut ea, &mut eb, r, q);
+            let want = product(&eb, &ea);
+            let got = clamped.delta(cm, backend.as_ref()).unwrap();
+            let tol = Tol::abs_rel(2e-6, 1e-5);
+            assert_close(&what, &got.data, &want, DType::F32, tol);
+            let unclamped = plain.delta(pm, backend.as_ref()).unwrap();
+            assert!(
+                got.data
+                    .iter()
+                    .zip(&unclamped.data)
+                    .any(|(x, y)| (x - y).abs() > 1e-3),
+                "{what}: clamping changed nothing"
+            );
+            if flips == 0 {
+                same_signs += 1;
+                let e = &peft_delta[&format!("{}.weight", cm.name)];
+                assert_close(
+                    &format!("{what} vs PEFT"),
+                    &got.data,
+                    &e.data,
+                    DType::F32,
+                    tol,
+                );
+            }
+        }
+        eprintln!(
+            "svd_clamp on {bname}: {same_signs} of {} modules have PEFT's signs",
+            modules.len()
+        );
+    }
+
+    // The CLI: written adapter = the in-process CPU merge; the card records the quantile.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("clamped");
+    let o = smelt()
+        .args([
+            "lora",
+            "merge",
+            &p("lora_a"),
+            &p("lora_b"),
+            "--method",
+            "svd",
+            "--weights",
+            "0.7,0.3",
+            "--svd-clamp",
+            "0.9",
+            "-o",
+        ])
+        .arg(&out)
+        .args(cpu_args())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let cpu = run(Some(q), &smelt::backend::cpu::Cpu::new());
+    let got = load_st(&out.join("adapter_model.safetensors"));
+    for (k, _, data) in cpu.tensors() {
+        assert_close(&k, &got[&k].data, data, DType::F32, Tol::EXACT);
+    }
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(card.contains("svd_clamp 0.9"), "{card}");
+    for (args, msg) in [
+        (vec!["--method", "svd", "--svd-clamp", "0"], "(0, 1]"),
+        (vec!["--method", "svd", "--svd-clamp", "1.5"], "(0, 1]"),
+        (
+            vec!["--method", "cat", "--svd-clamp", "0.9"],
+            "SVD methods only",
+        ),
+    ] {
+        let bad = tmp.path().join("bad");
+        let o = smelt()
+            .args(["lora", "merge", &p("lora_a"), &p("lora_b")])
+            .args(&args)
+            .arg("-o")
+            .arg(&bad)
+            .args(cpu_args())
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{args:?}");
+        assert!(stderr(&o).contains(msg), "{args:?}: {}", stderr(&o));
+        assert!(!bad.exists());
+    }
+    let e = merge::merge(
+        &refs,
+        &MergeOptions {
+            combination: Combination::Linear,
+            weights: weights.clone(),
+            density: None,
+            majority_sign: MajoritySign::Total,
+            svd_rank: None,
+            svd_clamp: Some(0.9),
+            seed: 0,
+            masks: None,
+        },
+        &smelt::backend::cpu::Cpu::new(),
+    )
+    .err()
+    .expect("linear has no SVD to clamp")
+    .to_string();
+    assert!(e.contains("svd_clamp") && e.contains("linear"), "{e}");
+}
+
+// ---- modules_to_save through lora merge ---------------------------------------------------
+
+/// PEFT 0.21.2 merges an adapter with modules_to_save (lora_mts: a trained lm_head) with
+/// others, and drops the trained copy: merge_mts_a_cat holds a copy of the BASE's lm_head.
+/// `smelt lora merge lora_mts lora_a` writes PEFT's LoRA factors, warns that the lm_head copy
+/// is not carried, writes no lm_head and `modules_to_save: null`, and applied to the base it
+/// gives the model PEFT's merged adapter gives: base + PEFT's ΔW, lm_head the base's (not
+/// lora_mts's). The other order works the same; every backend.
+#[test]
+fn merge_with_modules_to_save_follows_peft() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = load_st(&peft().join("base/model.safetensors"));
+    let fixture = peft().join("merge_mts_a_cat");
+    let peft_ad = load_st(&fixture.join("adapter_model.safetensors"));
+    let peft_delta = load_st(&fixture.join("delta.safetensors"));
+    let mts_lm = load_st(&peft().join("lora_mts/adapter_model.safetensors"))
+        ["base_model.model.lm_head.weight"]
+        .data
+        .clone();
+    assert_eq!(
+        peft_ad["base_model.model.lm_head.weight"].data, base["lm_head.weight"].data,
+        "PEFT's merged adapter holds the base's lm_head"
+    );
+    assert_ne!(mts_lm, base["lm_head.weight"].data);
+    // base + PEFT's merged ΔW; lm_head stays the base's
+    let expected: std::collections::BTreeMap<String, Vec<f32>> = base
+        .iter()
+        .map(|(k, t)| {
+            let v = match peft_delta.get(k) {
+                Some(d) => t.data.iter().zip(&d.data).map(|(x, y)| x + y).collect(),
+                None => t.data.clone(),
+            };
+            (k.clone(), v)
+        })
+        .collect();
+    for (first, second) in [("lora_mts", "lora_a"), ("lora_a", "lora_mts")] {
+        let out = tmp.path().join(format!("{first}_{second}"));
+        let (w1, w2) = if first == "lora_mts" {
+            ("0.7", "0.3")
+        } else {
+            ("0.3", "0.7")
+        };
+        let o = smelt()
+            .args([
+                "lora",
+                "merge",
+                &p(first),
+                &p(second),
+                "--method",
+                "cat",
+                "--weights",
+            ])
+            .arg(format!("{w1},{w2}"))
+            .arg("-o")
+            .arg(&out)
+            .args(cpu_args())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        let e = stderr(&o);
+        assert!(
+            e.contains("modules_to_save (lm_head)") && e.contains("stay as in the base"),
+            "{e}"
+        );
+        let got = load_st(&out.join("adapter_model.safetensors"));
+        assert!(got.keys().all(|k| k.contains(".lora_")), "{:?}", got.keys());
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert!(cfg["modules_to_save"].is_null(), "{cfg}");
+        if first == "lora_mts" {
+            // PEFT's exact order: the factors are PEFT's
+            for (k, t) in &got {
+                assert_close(k, &t.data, &peft_ad[k].data, DType::F32, Tol::FIXTURE);
+            }
+        }
+        let recipe = format!(
+            "merge_method: passthrough\nmodels:\n  - model: {}+{}\n",
+            p("base"),
+            out.display()
+        );
+        let plan = plan_text(tmp.path(), &recipe, None);
+        for (bname, backend) in backends() {
+            let applied = merge_plan(&plan, backend.as_ref());
+            for (k, want) in &expected {
+                assert_close(
+                    &format!("{first}+{second} on {bname}: {k}"),
+                    &applied[k].data,
+                    want,
+                    DType::F32,
+                    Tol::abs_rel(2e-7, 2e-6),
+                );
+            }
+        }
+    }
+}
+
+// ---- extraction with the GPU's randomised SVD ---------------------------------------------
+
+/// A larger extraction, where the GPU backend's `svd(ΔW, Some(R))` takes its randomised
+/// path (min side 384 > 64 and 2·(R + 10) < 384: a uniform random sketch of R + 10
+/// columns, two power iterations, then an exact SVD of the small projection), against the
+/// CPU's exact SVD. ΔW of two 384x512 / 512x384 weights is a rank-16 signal with singular
+/// values falling by 0.8 per rank, plus uniform noise N far below the signal's smallest
+/// singular value. For each rank R in 4, 16, 24 and each backend:
+/// * the Frobenius error ‖ΔW − B·A‖ falls strictly with R, and at R = 16 it is at most
+///   ‖N‖ (Eckart–Young: the signal itself is a rank-16 candidate), with f32 slack;
+/// * the reported retained energy agrees with the measured error;
+///
+/// And the GPU against the CPU (the CPU's truncated SVD is optimal):
+/// * where R cuts the signal (R ≤ 16, a 20% gap between neighbouring singular values):
+///   retained energy within 1e-5 (absolute, of a fraction), error at most 1e-3 above the
+///   CPU's (relative), reconstructed ΔW (B·A) within 1e-4·‖ΔW‖;
+/// * at R = 24, inside the flat noise spectrum, where a sketch with 10 extra columns is not
+///   near-optimal: both keep all the signal and differ only in which noise directions they
+///   keep, so the energies differ by at most ‖N‖²/‖ΔW‖², the GPU's error is at most ‖N‖
+///   (with f32 slack) and the reconstructions differ by at most 2‖N‖;
+/// * the GPU's factors are not the CPU's bit for bit (it did not fall back to the exact SVD).
+///
+/// Only the first GPU backend runs: the SVD's products are whole-matrix GPU products that do
+/// not depend on the tile size, and lavapipe is slow (about 3 s for the GPU's half on an idle
+/// 2-core machine).
+#[test]
+fn gpu_randomised_svd_extraction_agrees_with_cpu() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut rng = Lcg(0x5eed_1a2b);
+    let shapes = [
+        ("model.layers.0.self_attn.o_proj.weight", 384usize, 512usize),
+        ("model.layers.0.mlp.up_proj.weight", 512, 384),
+    ];
+    let (signal_rank, noise) = (16, 1e-4f64);
+    let mut base_t = Vec::new();
+    let mut tuned_t = Vec::new();
+    let mut truth = Vec::new(); // (ΔW as stored: tuned − base, ‖N‖)
+    for (name, rows, cols) in shapes {
+        let w: Vec<f32> = (0..rows * cols).map(|_| 0.02 * rng.sym()).collect();
+        let mut d = vec![0f64; rows * cols];
+        for i in 0..signal_rank {
+            let sigma = 0.5 * 0.8f64.powi(i as i32);
+            let x: Vec<f64> = (0..rows)
+                .map(|_| rng.sym().signum() as f64 / (rows as f64).sqrt())
+                .collect();
+            let y: Vec<f64> = (0..cols)
+                .map(|_| rng.sym().signum() as f64 / (cols as f64).sqrt())
+                .collect();
+            for r in 0..rows {
+                for c in 0..cols {
+                    d[r * cols + c] += sigma * x[r] * y[c];
+                }
+            }
+        }
+        let mut n2 = 0f64;
+        for v in d.iter_mut() {
+            let e = noise * rng.sym() as f64;
+            n2 += e * e;
+            *v += e;
+        }
+        let tuned: Vec<f32> = w.iter().zip(&d).map(|(a, b)| a + *b as f32).collect();
+        let stored: Vec<f64> = tuned.iter().zip(&w).map(|(t, b)| (t - b) as f64).collect();
+        base_t.push((name, T::f32(&[rows, cols], w)));
+        tuned_t.push((name, T::f32(&[rows, cols], tuned)));
+        truth.push((name, rows, cols, stored, n2.sqrt()));
+    }
+    let refs = |v: &[(&'static str, T)]| -> Vec<(&'static str, T)> {
+        v.iter()
+            .map(|(n, t)| (*n, T::f32(&t.shape, t.data.clone())))
+            .collect()
+    };
+    let write = |dir: &str, v: &[(&'static str, T)]| {
+        let owned = refs(v);
+        let list: Vec<(&str, &T)> = owned.iter().map(|(n, t)| (*n, t)).collect();
+        write_model(&tmp.path().join(dir), 1, &list);
+        smelt::io::model::ModelFolder::open(&tmp.path().join(dir), dir).unwrap()
+    };
+    let base = write("base", &base_t);
+    let tuned = write("tuned", &tuned_t);
+
+    let mut backends = backends();
+    backends.retain(|(n, _)| n != "gpu-streamed");
+    if backends.len() == 1 {
+        eprintln!("no GPU: only the CPU's half of this test ran");
+    }
+    // per backend, per rank: (energy, error, B·A, A) of each tensor
+    type Run = Vec<(f64, f64, Vec<f64>, Vec<f32>)>;
+    let mut runs: Vec<(String, Vec<Run>)> = Vec::new();
+    let ranks = [4usize, 16, 24];
+    for (bname, backend) in &backends {
+        let t0 = std::time::Instant::now();
+        let mut per_rank = Vec::new();
+        let mut last = vec![f64::INFINITY; shapes.len()];
+        for &rank in &ranks {
+            let ex = smelt::lora::extract::extract(&base, &tuned, rank, backend.as_ref()).unwrap();
+            assert_eq!(ex.modules.len(), shapes.len());
+            let mut run: Run = Vec::new();
+            for (k, (name, rows, cols, d, nn)) in truth.iter().enumerate() {
+                let m = &ex.adapter.modules[ex
+                    .adapter
+                    .modules
+                    .iter()
+                    .position(|m| format!("{}.weight", m.name) == *name)
+                    .unwrap()];
+                let rep = ex.modules.iter().find(|r| r.tensor == *name).unwrap();
+                let mut ba = vec![0f64; rows * cols];
+                for i in 0..*rows {
+                    for j in 0..*cols {
+                        ba[i * cols + j] = (0..rank)
+                            .map(|q| m.b.at(i, q) as f64 * m.a.at(q, j) as f64)
+                            .sum();
+                    }
+                }
+                let err = d
+                    .iter()
+                    .zip(&ba)
+                    .map(|(x, y)| (x - y).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
+                let norm = d.iter().map(|x| x * x).sum::<f64>().sqrt();
+                let what = format!("{bname} {name} rank {rank}");
+                assert!(err < last[k], "{what}: error {err} not below {}", last[k]);
+                last[k] = err;
+                let predicted = ((1.0 - rep.energy).max(0.0)).sqrt() * rep.norm;
+                assert!(
+                    (err - predicted).abs() <= 1e-3 * norm,
+                    "{what}: measured error {err:e}, from the reported energy {predicted:e}"
+                );
+                if rank == signal_rank {
+                    assert!(
+                        err <= nn * (1.0 + 1e-3),
+                        "{what}: error {err:e} above the noise ‖N‖ = {nn:e}"
+                    );
+                }
+                run.push((rep.energy, err, ba, m.a.data.clone()));
+            }
+            per_rank.push(run);
+        }
+        eprintln!(
+            "extraction at ranks {ranks:?} of 2 tensors 384x512 on {bname}: {:.2} s",
+            t0.elapsed().as_secs_f64()
+        );
+        runs.push((bname.clone(), per_rank));
+    }
+    let (cpu, gpus) = runs.split_first().unwrap();
+    assert_eq!(cpu.0, "cpu");
+    for (bname, per_rank) in gpus {
+        for (ri, &rank) in ranks.iter().enumerate() {
+            for (k, (name, _, _, d, nn)) in truth.iter().enumerate() {
+                let (ec, errc, bac, ac) = &cpu.1[ri][k];
+                let (eg, errg, bag, ag) = &per_rank[ri][k];
+                let norm = d.iter().map(|x| x * x).sum::<f64>().sqrt();
+                let diff = bac
+                    .iter()
+                    .zip(bag)
+                    .map(|(x, y)| (x - y).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
+                let what = format!("{bname} vs cpu, {name} rank {rank}");
+                eprintln!(
+                    "{what}: energy {ec:.7} vs {eg:.7}, error {errc:.4e} vs {errg:.4e}, ‖BA_gpu − BA_cpu‖/‖ΔW‖ {:.2e}",
+                    diff / norm
+                );
+                let in_signal = rank <= signal_rank;
+                let de = if in_signal { 1e-5 } else { (nn / norm).powi(2) };
+                assert!(
+                    (ec - eg).abs() <= de,
+                    "{what}: energy {ec} vs {eg} (bound {de:e})"
+                );
+                let max_err = if in_signal {
+                    errc * (1.0 + 1e-3)
+                } else {
+                    nn * (1.0 + 1e-3)
+                };
+                assert!(
+                    *errg <= max_err,
+                    "{what}: error {errg:e} > {max_err:e} (cpu {errc:e})"
+                );
+                assert!(
+                    *errc <= errg * (1.0 + 1e-5),
+                    "{what}: cpu error {errc:e} above the gpu's {errg:e}"
+                );
+                let bound = if in_signal { 1e-4 * norm } else { 2.0 * nn };
+                assert!(diff <= bound, "{what}: ‖ΔB·A‖ {diff:e} > {bound:e}");
+                assert!(
+                    ac != ag,
+                    "{what}: the GPU's factors are the CPU's exact SVD"
+                );
+            }
+        }
+    }
 }

@@ -131,6 +131,26 @@ pub fn model_card(plan: &Plan, out_name: &str) -> String {
             input_digest(m)
         ));
     }
+    if plan.models.iter().any(|m| !m.adapters.is_empty()) {
+        s.push_str(
+            "\n## LoRA adapters\n\nApplied to their model in this order (ΔW = scale · s · B·A, \
+             s = lora_alpha/r):\n\n\
+             | model | adapter | scale | LoRA modules | rank | full tensors |\n|---|---|---|---|---|---|\n",
+        );
+        for m in &plan.models {
+            for a in &m.adapters {
+                s.push_str(&format!(
+                    "| `{}` | `{}` | {} | {} | {} | {} |\n",
+                    m.label,
+                    a.adapter.label,
+                    a.scale,
+                    a.adapter.modules.len(),
+                    a.adapter.config.max_rank(),
+                    a.adapter.replaced_tensors().count()
+                ));
+            }
+        }
+    }
     s.push_str(&format!(
         "\n## Settings\n\n- seed: {}\n- compute: f32, inputs loaded as {}\n- tensors: {}\n\n",
         plan.seed,
@@ -160,10 +180,11 @@ pub fn input_digest(m: &ModelFolder) -> String {
     const SAMPLES: usize = 16;
     const SAMPLE: usize = 64 * 1024;
     let mut h = Sha256::new();
-    // An attached adapter is part of the input: its config and tensors.
-    if let Some(a) = &m.lora {
+    // Applied adapters are part of the input: their order, scales, configs and tensors.
+    for a in &m.adapters {
+        h.update(a.scale.to_le_bytes());
         h.update(
-            serde_json::to_string(&a.config.raw)
+            serde_json::to_string(&a.adapter.config.raw)
                 .unwrap_or_default()
                 .as_bytes(),
         );
@@ -172,7 +193,7 @@ pub fn input_digest(m: &ModelFolder) -> String {
     for f in m
         .files()
         .iter()
-        .chain(m.lora.iter().map(|a| &a.file))
+        .chain(m.adapters.iter().map(|a| &a.adapter.file))
         .chain(compeft)
     {
         for t in f.tensors() {

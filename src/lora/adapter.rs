@@ -491,6 +491,32 @@ impl Adapter {
         self.replacements.keys()
     }
 
+    /// Whether the full tensor that replaces `tensor` is a trained `modules_to_save` copy
+    /// (`<M>.weight`), not a `base_layer` copy of the base (`<M>.base_layer.weight`).
+    pub fn is_saved_module_tensor(&self, tensor: &str) -> bool {
+        self.replacements
+            .get(tensor)
+            .is_some_and(|k| !k.contains(".base_layer."))
+    }
+
+    /// The modules whose trained full copy the adapter carries (`modules_to_save`), from its
+    /// tensors, in natural order: `lm_head` for `base_model.model.lm_head.weight`.
+    pub fn saved_modules(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .replacements
+            .keys()
+            .filter(|t| self.is_saved_module_tensor(t))
+            .map(|t| {
+                t.rsplit_once('.')
+                    .map_or(t.as_str(), |(m, _)| m)
+                    .to_string()
+            })
+            .collect();
+        out.sort_by(|x, y| natural_cmp(x, y));
+        out.dedup();
+        out
+    }
+
     /// A tensor of the adapter file as an f32 matrix.
     pub fn matrix(&self, key: &str) -> Mat {
         let t = self.file.get(key).expect("key of this adapter");
@@ -515,7 +541,13 @@ impl Adapter {
     /// ΔW of a module, shaped like its base tensor: PEFT's `get_delta_weight`, the product
     /// on the backend and then the scale (f32, as PEFT computes it).
     pub fn delta(&self, m: &LoraModule, backend: &dyn Backend) -> Result<Mat> {
-        delta_of(&self.a(m), &self.b(m), m.kind, m.scale, backend)
+        self.delta_scaled(m, 1.0, backend)
+    }
+
+    /// ΔW of a module times `factor` (a recipe's adapter scale), folded into the one
+    /// multiplication by s: factor·s·B·A.
+    pub fn delta_scaled(&self, m: &LoraModule, factor: f64, backend: &dyn Backend) -> Result<Mat> {
+        delta_of(&self.a(m), &self.b(m), m.kind, m.scale * factor, backend)
     }
 
     /// Checks every module and replacement against the base model's tensors: present, 2-D

@@ -154,6 +154,9 @@ pub struct MergeOptions<'a> {
     pub majority_sign: MajoritySign,
     /// Rank of the SVD methods' result (default: the largest input rank).
     pub svd_rank: Option<usize>,
+    /// PEFT's `svd_clamp`: the quantile q in (0, 1] of the re-factored B' and A' values
+    /// that both are clamped to, ±; SVD methods only.
+    pub svd_clamp: Option<f64>,
     /// Seed of the DARE draws.
     pub seed: u64,
     pub masks: Option<MaskSource<'a>>,
@@ -349,11 +352,27 @@ pub fn merge(
         )));
     }
     let mut warnings = Vec::new();
+    if let Some(q) = opts.svd_clamp {
+        if !opts.combination.is_svd() {
+            return Err(err(format!(
+                "svd_clamp applies to the SVD methods only, not {}",
+                opts.combination
+            )));
+        }
+        if !(q > 0.0 && q <= 1.0) {
+            return Err(err(format!("svd_clamp {q} is not a quantile in (0, 1]")));
+        }
+    }
     // One adapter: PEFT runs `linear` whatever was asked.
     let combination = if adapters.len() == 1 && opts.combination != Combination::Linear {
         warnings.push(format!(
-            "one adapter: PEFT merges it with `linear`, not `{}`; so does smelt",
-            opts.combination
+            "one adapter: PEFT merges it with `linear`, not `{}`{}; so does smelt",
+            opts.combination,
+            if opts.svd_clamp.is_some() {
+                ", and ignores svd_clamp"
+            } else {
+                ""
+            }
         ));
         Combination::Linear
     } else {
@@ -375,17 +394,7 @@ pub fn merge(
             "density {density} keeps everything: {combination} prunes nothing"
         ));
     }
-    for a in adapters {
-        if !a.config.modules_to_save.is_empty() {
-            return Err(Error::BadModel {
-                path: a.dir.clone(),
-                msg: format!(
-                    "has modules_to_save ({}): full trained copies of modules cannot be merged as LoRA factors; apply the adapters to the model and merge the models instead",
-                    a.config.modules_to_save.join(", ")
-                ),
-            });
-        }
-    }
+    check_modules_to_save(adapters, &mut warnings)?;
     let ranks: Vec<usize> = adapters.iter().map(|a| a.config.max_rank()).collect();
     let rank = match combination {
         Combination::Cat => ranks.iter().sum(),
@@ -525,7 +534,13 @@ pub fn merge(
                 if kind.transposed() {
                     dm = dm.transpose();
                 }
-                refactor(&dm, rank, backend)?
+                let (mut a, mut b) = refactor(&dm, rank, backend)?;
+                if let Some(q) = opts.svd_clamp {
+                    // the ranks the SVD gave (zero padding beyond them is not PEFT's)
+                    let k = rank.min(dm.rows).min(dm.cols);
+                    clamp_factors(&mut a, &mut b, k, q);
+                }
+                (a, b)
             }
             c => {
                 let r0 = present[0].1.r;
@@ -580,10 +595,14 @@ pub fn merge(
     }
 
     // Full base_layer copies (written by PEFT for embedding targets) carry over from the
-    // first adapter that has each.
+    // first adapter that has each; trained modules_to_save copies do not (see
+    // `check_modules_to_save`).
     let mut full: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
     for a in adapters {
         for t in a.replaced_tensors() {
+            if a.is_saved_module_tensor(t) {
+                continue;
+            }
             let info = a.replacement(t).unwrap();
             if full.iter().any(|(k, _, _)| *k == info.name) {
                 continue;
@@ -603,6 +622,16 @@ pub fn merge(
     config.insert("rank_pattern".into(), Value::Object(Map::new()));
     config.insert("alpha_pattern".into(), Value::Object(Map::new()));
     config.insert("peft_type".into(), "LORA".into());
+    if first
+        .raw
+        .get("modules_to_save")
+        .is_some_and(|v| !v.is_null())
+    {
+        // PEFT lists the first adapter's modules_to_save and saves copies of the base's
+        // modules for them; smelt has no base here, and without the list the module loads
+        // as the base's: the same model.
+        config.insert("modules_to_save".into(), Value::Null);
+    }
     Ok(MergedAdapter {
         config,
         modules,
@@ -611,6 +640,58 @@ pub fn merge(
         scale: new_scale,
         warnings,
     })
+}
+
+/// Whether a modules_to_save entry (PEFT matches a module `m` when `m == e` or `m` ends
+/// with `.e`) and a module name, or two entries, name the same module.
+fn same_module(x: &str, y: &str) -> bool {
+    x == y || x.ends_with(&format!(".{y}")) || y.ends_with(&format!(".{x}"))
+}
+
+/// `modules_to_save` as PEFT 0.21.2's `add_weighted_adapter` treats it: two adapters with a
+/// trained copy of the same module are refused (PEFT raises "Cannot add weighted adapters if
+/// they target the same module with modules_to_save"); otherwise the merge goes ahead and
+/// the trained copies are dropped: the merged config copies the first adapter's
+/// `modules_to_save` list, but the copy PEFT makes for the new adapter is a fresh deepcopy
+/// of the base module, so the merged adapter leaves those modules as in the base
+/// (fixture merge_mts_a_cat). smelt warns that the trained copies are not carried.
+fn check_modules_to_save(adapters: &[&Adapter], warnings: &mut Vec<String>) -> Result<()> {
+    // per adapter: the modules it has copies of (tensors) and the names its config lists
+    let saved: Vec<Vec<String>> = adapters
+        .iter()
+        .map(|a| {
+            let mut v = a.saved_modules();
+            v.extend(a.config.modules_to_save.iter().cloned());
+            v
+        })
+        .collect();
+    for j in 0..adapters.len() {
+        for i in 0..j {
+            let shared = saved[i]
+                .iter()
+                .find(|x| saved[j].iter().any(|y| same_module(x, y)));
+            if let Some(m) = shared {
+                return Err(err(format!(
+                    "{} and {} both carry a trained copy of module {m} (modules_to_save): two full copies of one module cannot be merged as LoRA factors, and neither can be preferred, so PEFT's add_weighted_adapter refuses this too (\"Cannot add weighted adapters if they target the same module with modules_to_save\"). Apply the adapters to the base model and merge the models instead: a recipe entry `{{model: BASE, adapters: [...]}}` per adapter",
+                    adapters[i].label, adapters[j].label
+                )));
+            }
+        }
+    }
+    for (a, s) in adapters.iter().zip(&saved) {
+        if !s.is_empty() {
+            let mut names = a.saved_modules();
+            if names.is_empty() {
+                names = a.config.modules_to_save.clone();
+            }
+            warnings.push(format!(
+                "{} has modules_to_save ({}): as in PEFT's add_weighted_adapter, the merged adapter does not carry their trained copies (PEFT saves copies of the base's modules instead), so those modules stay as in the base model; to keep them, apply the adapters to the base and merge the models in a recipe",
+                a.label,
+                names.join(", ")
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// B' = U[:, :r]·diag(S[:r]), A' = Vᵀ[:r] from the SVD of `d` on the backend; zero ranks
@@ -628,6 +709,47 @@ pub fn refactor(d: &Mat, r: usize, backend: &dyn Backend) -> Result<(Mat, Mat)> 
             .copy_from_slice(&svd.vt.data[j * d.cols..(j + 1) * d.cols]);
     }
     Ok((a, b))
+}
+
+/// PEFT's `svd_clamp` on re-factored factors: hi = `torch.quantile(cat(B'.flatten(),
+/// A'.flatten()), q)` over the first `k` ranks, and every value of both clamped to
+/// [−hi, hi]. Returns hi.
+///
+/// The quantile is torch's (`interpolation="linear"`), reproduced to the bit (checked
+/// against torch 2.15 on 4000 random cases and on the fixture): q rounded to f32 (the
+/// tensor's dtype), the values sorted in f32, rank = q·(n − 1) in f64, weight
+/// w = rank − ⌊rank⌋ rounded to f32, and torch's lerp of the two neighbours a ≤ b in f32
+/// with fused multiply-adds: a + w·(b − a) for w < 0.5, else b − (b − a)·(1 − w).
+pub fn clamp_factors(a: &mut Mat, b: &mut Mat, k: usize, q: f64) -> f32 {
+    let k = k.min(a.rows).min(b.cols);
+    let mut vals: Vec<f32> = Vec::with_capacity(k * (a.cols + b.rows));
+    for i in 0..b.rows {
+        vals.extend_from_slice(&b.data[i * b.cols..i * b.cols + k]);
+    }
+    vals.extend_from_slice(&a.data[..k * a.cols]);
+    if vals.is_empty() {
+        return 0.0;
+    }
+    vals.sort_by(|x, y| x.total_cmp(y));
+    let rank = (q as f32) as f64 * (vals.len() - 1) as f64;
+    let (lo, hi_i) = (rank.floor() as usize, rank.ceil() as usize);
+    let w = (rank - lo as f64) as f32;
+    let (x0, x1) = (vals[lo], vals[hi_i.min(vals.len() - 1)]);
+    let d = x1 - x0;
+    let hi = if w.abs() < 0.5 {
+        w.mul_add(d, x0)
+    } else {
+        (-d).mul_add(1.0 - w, x1)
+    };
+    // torch's clamp(min, max) is min(max(x, min), max)
+    let clamp = |x: &mut f32| *x = x.max(-hi).min(hi);
+    for i in 0..b.rows {
+        b.data[i * b.cols..i * b.cols + k]
+            .iter_mut()
+            .for_each(clamp);
+    }
+    a.data[..k * a.cols].iter_mut().for_each(clamp);
+    hi
 }
 
 #[cfg(test)]

@@ -14,21 +14,56 @@ use crate::error::{Error, Result};
 use crate::methods::{self, MethodInfo};
 pub use params::{Kind, Scalar, Setting, Value1};
 
-/// A model named by a recipe, resolved against the recipe's folder.
+/// A LoRA adapter folder applied to a model: mergekit's `model+adapter`, or an entry of
+/// smelt's `adapters:` list.
 #[derive(Clone, Debug)]
-pub struct ModelRef {
+pub struct AdapterRef {
     /// As written in the recipe.
     pub raw: String,
     pub path: PathBuf,
-    /// A LoRA adapter folder applied on top (mergekit's `model+adapter`).
-    pub adapter: Option<PathBuf>,
+    /// Multiplies the adapter's ΔW (1 unless the recipe gives a `scale`).
+    pub scale: f64,
+}
+
+/// A model named by a recipe, resolved against the recipe's folder.
+#[derive(Clone, Debug)]
+pub struct ModelRef {
+    /// The `model:` string as written in the recipe (with a `+adapter` if it has one).
+    pub raw: String,
+    pub path: PathBuf,
+    /// LoRA adapters applied on top, in order: the one of `model+adapter` first, then those
+    /// of the `adapters:` list.
+    pub adapters: Vec<AdapterRef>,
+    /// How many of `adapters` are already named in `raw` (0 or 1: the `+adapter`).
+    pub in_raw: usize,
 }
 
 impl ModelRef {
-    /// Identity used to match the base model among sources.
-    pub fn key(&self) -> (PathBuf, Option<PathBuf>) {
+    /// Identity used to match the base model among sources: the model, and every adapter
+    /// with its scale, in order.
+    pub fn key(&self) -> (PathBuf, Vec<(PathBuf, u64)>) {
         let canon = |p: &PathBuf| p.canonicalize().unwrap_or_else(|_| p.clone());
-        (canon(&self.path), self.adapter.as_ref().map(canon))
+        (
+            canon(&self.path),
+            self.adapters
+                .iter()
+                .map(|a| (canon(&a.path), a.scale.to_bits()))
+                .collect(),
+        )
+    }
+
+    /// How the model is named in messages, the plan and the model card: the `model:` string,
+    /// then ` + ADAPTER` (with ` ×SCALE` unless 1) for each adapter of the `adapters:` list.
+    pub fn label(&self) -> String {
+        let mut s = self.raw.clone();
+        for a in &self.adapters[self.in_raw..] {
+            s.push_str(" + ");
+            s.push_str(&a.raw);
+            if a.scale != 1.0 {
+                s.push_str(&format!(" ×{}", a.scale));
+            }
+        }
+        s
     }
 }
 
@@ -84,8 +119,9 @@ pub struct Recipe {
 #[serde(deny_unknown_fields)]
 struct RawRecipe {
     merge_method: String,
+    /// A path, or `{model: PATH, adapters: [...]}`.
     #[serde(default)]
-    base_model: Option<String>,
+    base_model: Option<Value>,
     #[serde(default)]
     models: Option<Vec<RawModel>>,
     #[serde(default)]
@@ -114,6 +150,8 @@ struct RawRecipe {
 struct RawModel {
     model: String,
     #[serde(default)]
+    adapters: Option<Value>,
+    #[serde(default)]
     parameters: Option<BTreeMap<String, Value>>,
 }
 
@@ -123,6 +161,8 @@ struct RawSource {
     model: String,
     layer_range: [i64; 2],
     #[serde(default)]
+    adapters: Option<Value>,
+    #[serde(default)]
     parameters: Option<BTreeMap<String, Value>>,
 }
 
@@ -131,7 +171,7 @@ struct RawSource {
 struct RawSlice {
     sources: Vec<RawSource>,
     #[serde(default)]
-    base_model: Option<String>,
+    base_model: Option<Value>,
     #[serde(default)]
     parameters: Option<BTreeMap<String, Value>>,
     #[serde(default)]
@@ -236,38 +276,123 @@ impl Recipe {
             ))
         })?;
 
-        let mref = |raw: &str, what: &str| -> Result<ModelRef> {
-            if raw.trim().is_empty() {
-                return Err(err(format!("{what}: empty model path")));
-            }
-            let p = Path::new(raw);
-            let resolved = if p.is_absolute() {
+        let resolve = |s: &str| {
+            let p = Path::new(s);
+            if p.is_absolute() {
                 p.to_path_buf()
             } else {
                 dir.join(p)
+            }
+        };
+        // `adapters:`: a list of adapter folders, each a path or {path, scale}.
+        let adapter_list = |v: &Value, what: &str| -> Result<Vec<AdapterRef>> {
+            let what = format!("{what}.adapters");
+            let Value::Sequence(items) = v else {
+                return Err(err(format!(
+                    "{what}: expected a list of LoRA adapter folders (each a path or {{path: PATH, scale: NUMBER}}), got {}",
+                    params::describe(v)
+                )));
             };
-            let resolve = |s: &str| {
-                let p = Path::new(s);
-                if p.is_absolute() {
-                    p.to_path_buf()
-                } else {
-                    dir.join(p)
+            if items.is_empty() {
+                return Err(err(format!(
+                    "{what} is empty; list adapter folders or remove the key"
+                )));
+            }
+            let mut out = Vec::new();
+            for (k, item) in items.iter().enumerate() {
+                let w = format!("{what}[{k}]");
+                let (raw, scale) = match item {
+                    Value::String(s) => (s.clone(), 1.0),
+                    Value::Mapping(m) => {
+                        let (mut path, mut scale) = (None, 1.0);
+                        for (key, val) in m {
+                            match key.as_str() {
+                                Some("path") => {
+                                    path = Some(val.as_str().map(str::to_string).ok_or_else(
+                                        || {
+                                            err(format!(
+                                                "{w}.path: expected the adapter folder's path, got {}",
+                                                params::describe(val)
+                                            ))
+                                        },
+                                    )?)
+                                }
+                                Some("scale") => {
+                                    scale = val.as_f64().filter(|x| x.is_finite()).ok_or_else(
+                                        || {
+                                            err(format!(
+                                                "{w}.scale: expected a finite number (it multiplies the adapter's ΔW), got {}",
+                                                params::describe(val)
+                                            ))
+                                        },
+                                    )?
+                                }
+                                _ => {
+                                    return Err(err(format!(
+                                        "{w}: unknown key `{}`; an adapter entry takes `path` and `scale`",
+                                        key.as_str()
+                                            .map(str::to_string)
+                                            .unwrap_or_else(|| params::describe(key))
+                                    )))
+                                }
+                            }
+                        }
+                        let path = path.ok_or_else(|| {
+                            err(format!("{w}: no `path` (the adapter folder)"))
+                        })?;
+                        (path, scale)
+                    }
+                    other => {
+                        return Err(err(format!(
+                            "{w}: expected an adapter folder's path or {{path: PATH, scale: NUMBER}}, got {}",
+                            params::describe(other)
+                        )))
+                    }
+                };
+                if raw.trim().is_empty() {
+                    return Err(err(format!("{w}: empty adapter path")));
                 }
-            };
+                let path = resolve(&raw);
+                if !path.exists() {
+                    return Err(err(format!(
+                        "{w}: the adapter folder {} does not exist",
+                        path.display()
+                    )));
+                }
+                out.push(AdapterRef { raw, path, scale });
+            }
+            Ok(out)
+        };
+        let mref = |raw: &str, adapters: Option<&Value>, what: &str| -> Result<ModelRef> {
+            if raw.trim().is_empty() {
+                return Err(err(format!("{what}: empty model path")));
+            }
+            let listed = adapters
+                .map(|v| adapter_list(v, what))
+                .transpose()?
+                .unwrap_or_default();
+            let resolved = resolve(raw);
             if !resolved.exists() && raw.contains('+') {
                 // `model+adapter`: the split where both sides exist (paths may hold '+').
-                let splits: Vec<(PathBuf, PathBuf)> = raw
+                let splits: Vec<(PathBuf, PathBuf, usize)> = raw
                     .match_indices('+')
-                    .map(|(i, _)| (resolve(&raw[..i]), resolve(&raw[i + 1..])))
+                    .map(|(i, _)| (resolve(&raw[..i]), resolve(&raw[i + 1..]), i))
                     .collect();
-                if let Some((m, a)) = splits.iter().find(|(m, a)| m.exists() && a.exists()) {
+                if let Some((m, a, i)) = splits.iter().find(|(m, a, _)| m.exists() && a.exists()) {
+                    let mut adapters = vec![AdapterRef {
+                        raw: raw[i + 1..].to_string(),
+                        path: a.clone(),
+                        scale: 1.0,
+                    }];
+                    adapters.extend(listed);
                     return Ok(ModelRef {
                         raw: raw.to_string(),
                         path: m.clone(),
-                        adapter: Some(a.clone()),
+                        adapters,
+                        in_raw: 1,
                     });
                 }
-                let (m, a) = &splits[0];
+                let (m, a, _) = &splits[0];
                 return Err(err(format!(
                     "{what}: `{raw}` reads as MODEL+LORA_ADAPTER, but {}",
                     if !m.exists() {
@@ -280,8 +405,46 @@ impl Recipe {
             Ok(ModelRef {
                 raw: raw.to_string(),
                 path: resolved,
-                adapter: None,
+                adapters: listed,
+                in_raw: 0,
             })
+        };
+        // `base_model:` is a path, or {model: PATH, adapters: [...]} for an adapted base.
+        let base_ref = |v: &Value, what: &str| -> Result<ModelRef> {
+            match v {
+                Value::String(s) => mref(s, None, what),
+                Value::Mapping(m) => {
+                    let (mut model, mut adapters) = (None, None);
+                    for (key, val) in m {
+                        match key.as_str() {
+                            Some("model") => {
+                                model = Some(val.as_str().ok_or_else(|| {
+                                    err(format!(
+                                        "{what}.model: expected a model path, got {}",
+                                        params::describe(val)
+                                    ))
+                                })?)
+                            }
+                            Some("adapters") => adapters = Some(val),
+                            _ => {
+                                return Err(err(format!(
+                                    "{what}: unknown key `{}`; a base_model mapping takes `model` and `adapters`",
+                                    key.as_str()
+                                        .map(str::to_string)
+                                        .unwrap_or_else(|| params::describe(key))
+                                )))
+                            }
+                        }
+                    }
+                    let model =
+                        model.ok_or_else(|| err(format!("{what}: no `model` (the model path)")))?;
+                    mref(model, adapters, what)
+                }
+                other => Err(err(format!(
+                    "{what}: expected a model path or {{model: PATH, adapters: [...]}}, got {}",
+                    params::describe(other)
+                ))),
+            }
         };
         let pmap = |m: &Option<BTreeMap<String, Value>>, what: &str| -> Result<ParamMap> {
             let mut out = ParamMap::new();
@@ -313,8 +476,8 @@ impl Recipe {
 
         let base_model = raw
             .base_model
-            .as_deref()
-            .map(|b| mref(b, "base_model"))
+            .as_ref()
+            .map(|b| base_ref(b, "base_model"))
             .transpose()?;
         let parameters = pmap(&raw.parameters, "parameters")?;
         let (slices, from_models) = match (&raw.models, &raw.slices) {
@@ -330,7 +493,7 @@ impl Recipe {
                 let mut sources = Vec::new();
                 for (i, m) in models.iter().enumerate() {
                     sources.push(SourceDef {
-                        model: mref(&m.model, &format!("models[{i}]"))?,
+                        model: mref(&m.model, m.adapters.as_ref(), &format!("models[{i}]"))?,
                         layer_range: None,
                         parameters: pmap(&m.parameters, &format!("models[{i}].parameters"))?,
                     });
@@ -376,7 +539,7 @@ impl Recipe {
                             )));
                         }
                         sources.push(SourceDef {
-                            model: mref(&src.model, &what)?,
+                            model: mref(&src.model, src.adapters.as_ref(), &what)?,
                             layer_range: Some((a as usize, b as usize)),
                             parameters: pmap(&src.parameters, &format!("{what}.parameters"))?,
                         });
@@ -385,8 +548,8 @@ impl Recipe {
                         sources,
                         base_model: s
                             .base_model
-                            .as_deref()
-                            .map(|b| mref(b, &format!("slices[{si}].base_model")))
+                            .as_ref()
+                            .map(|b| base_ref(b, &format!("slices[{si}].base_model")))
                             .transpose()?,
                         parameters: pmap(&s.parameters, &format!("slices[{si}].parameters"))?,
                     });
@@ -413,7 +576,7 @@ impl Recipe {
                     "tokenizer_source: `union` (vocabulary merging) is not supported yet; use `base` or a model path".into(),
                 ))
             }
-            Some(m) => Some(TokenizerSource::Model(mref(m, "tokenizer_source")?)),
+            Some(m) => Some(TokenizerSource::Model(mref(m, None, "tokenizer_source")?)),
         };
         Ok(Recipe {
             path: path.to_path_buf(),
@@ -486,14 +649,14 @@ fn yaml_msg(m: &str) -> String {
     m.replace("invalid type: ", "wrong type: ")
         .replace("a sequence", "a list")
         .replace("struct RawRecipe", "a recipe mapping")
-        .replace("struct RawModel", "a {model, parameters} mapping")
+        .replace("struct RawModel", "a {model, adapters, parameters} mapping")
         .replace(
             "struct RawSlice",
             "a {sources, base_model, parameters} mapping",
         )
         .replace(
             "struct RawSource",
-            "a {model, layer_range, parameters} mapping",
+            "a {model, layer_range, adapters, parameters} mapping",
         )
 }
 
