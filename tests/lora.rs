@@ -1912,3 +1912,58 @@ fn gpu_randomised_svd_extraction_agrees_with_cpu() {
         }
     }
 }
+
+/// `refactor` (the SVD methods of `lora merge`, extraction) fixes each singular pair's sign
+/// (largest |entry| of each row of A' positive): B'·A' is the SVD's, and the factors from the
+/// GPU's randomised SVD equal the CPU's exact ones up to the SVD's own accuracy, so
+/// `--svd-clamp`'s quantile over signed values does not depend on the backend.
+#[test]
+fn refactored_factors_have_a_fixed_sign_on_every_backend() {
+    use smelt::linalg::Mat;
+    let (rows, cols, signal, r) = (384usize, 512usize, 16usize, 8usize);
+    let mut rng = Lcg(0xfac7);
+    let mut d = vec![0f64; rows * cols];
+    for i in 0..signal {
+        let sigma = 0.6f64.powi(i as i32);
+        let x: Vec<f64> = (0..rows).map(|_| rng.sym() as f64).collect();
+        let y: Vec<f64> = (0..cols).map(|_| rng.sym() as f64).collect();
+        for a in 0..rows {
+            for c in 0..cols {
+                d[a * cols + c] += sigma * x[a] * y[c] / ((rows * cols) as f64).sqrt();
+            }
+        }
+    }
+    let dw = Mat {
+        rows,
+        cols,
+        data: d.iter().map(|x| *x as f32).collect(),
+    };
+    let mut results = Vec::new();
+    for (bname, backend) in backends() {
+        let (a, b) = smelt::lora::merge::refactor(&dw, r, backend.as_ref()).unwrap();
+        for j in 0..r {
+            let row = &a.data[j * cols..(j + 1) * cols];
+            let big = row
+                .iter()
+                .fold(0f32, |m, &x| if x.abs() > m.abs() { x } else { m });
+            assert!(
+                big > 0.0,
+                "{bname}: row {j} of A' has its largest entry negative"
+            );
+        }
+        results.push((bname, a, b));
+    }
+    let (_, a0, b0) = &results[0];
+    for (bname, a, b) in &results[1..] {
+        for (k, (x, y)) in a.data.iter().zip(&a0.data).enumerate() {
+            assert!((x - y).abs() < 1e-3, "{bname}: A'[{k}] {x} vs cpu {y}");
+        }
+        let scale = b0.data.iter().fold(0f32, |m, x| m.max(x.abs()));
+        for (k, (x, y)) in b.data.iter().zip(&b0.data).enumerate() {
+            assert!(
+                (x - y).abs() < 1e-3 * scale,
+                "{bname}: B'[{k}] {x} vs cpu {y}"
+            );
+        }
+    }
+}

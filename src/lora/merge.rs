@@ -702,11 +702,21 @@ pub fn refactor(d: &Mat, r: usize, backend: &dyn Backend) -> Result<(Mat, Mat)> 
     let mut b = Mat::zeros(d.rows, r);
     let mut a = Mat::zeros(r, d.cols);
     for j in 0..k.min(r) {
+        // a singular pair's sign is arbitrary and differs between SVD algorithms (the CPU's
+        // exact SVD, the GPU's randomised one): fix it so the largest |entry| of row j of
+        // A' is positive. B'·A' is unchanged (both factors flip), and the factors, hence
+        // --svd-clamp's quantile over their signed values, agree across backends.
+        let row = &svd.vt.data[j * d.cols..(j + 1) * d.cols];
+        let big = row
+            .iter()
+            .fold(0f32, |m, &x| if x.abs() > m.abs() { x } else { m });
+        let f = if big < 0.0 { -1.0 } else { 1.0 };
         for i in 0..d.rows {
-            b.data[i * r + j] = svd.u.at(i, j) * svd.s[j];
+            b.data[i * r + j] = f * (svd.u.at(i, j) * svd.s[j]);
         }
-        a.data[j * d.cols..(j + 1) * d.cols]
-            .copy_from_slice(&svd.vt.data[j * d.cols..(j + 1) * d.cols]);
+        for (o, x) in a.data[j * d.cols..(j + 1) * d.cols].iter_mut().zip(row) {
+            *o = f * x;
+        }
     }
     Ok((a, b))
 }
