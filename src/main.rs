@@ -42,8 +42,9 @@ struct Cli {
 
 #[derive(clap::Args)]
 struct DeviceArgs {
-    /// Where the math runs: `auto` uses a GPU when one works and says so when it falls back
-    /// to the CPU; `gpu` fails if no GPU can be used; `cpu` never touches the GPU.
+    /// Where the math runs: `auto` uses a GPU when one works (not a software Vulkan renderer
+    /// such as lavapipe unless --adapter names it) and says so when it falls back to the CPU;
+    /// `gpu` fails if no GPU can be used; `cpu` never touches the GPU.
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     device: DeviceChoice,
     /// GPU adapter to use: an index or part of a name from `smelt devices`.
@@ -78,6 +79,19 @@ fn make_backend(d: &DeviceArgs) -> anyhow::Result<Box<dyn Backend>> {
         tile_elems: None,
     };
     match Gpu::new(&opts) {
+        // A software Vulkan driver (lavapipe/llvmpipe, SwiftShader) runs the kernels on the
+        // CPU far slower than smelt's own CPU path: auto takes it only when it is named.
+        Ok(g)
+            if d.device == DeviceChoice::Auto
+                && d.adapter.is_none()
+                && g.ctx.info.device_type == "Cpu" =>
+        {
+            log::info!(
+                "the only GPU adapter is {} (a software renderer, slower than smelt's CPU path); running on the CPU (--device gpu or --adapter uses it anyway)",
+                g.ctx.info.name
+            );
+            Ok(Box::new(Cpu::new()))
+        }
         Ok(g) => Ok(Box::new(g)),
         Err(e) if d.device == DeviceChoice::Auto => {
             log::info!("no usable GPU ({e}); running on the CPU");

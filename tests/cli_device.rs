@@ -99,3 +99,31 @@ fn auto_falls_back_to_the_cpu_and_gpu_refuses_without_an_adapter() {
     );
     assert!(!out.exists());
 }
+
+#[test]
+fn auto_passes_over_a_software_renderer_unless_it_is_named() {
+    let Some(ctx) = common::gpu_context() else {
+        return;
+    };
+    let root = env!("CARGO_MANIFEST_DIR");
+    let recipe = format!("{root}/assets/recipes/linear.yml");
+    let tmp = tempfile::tempdir().unwrap();
+    let o = merge(&recipe, &tmp.path().join("auto"), "auto", &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    if ctx.info.device_type == "Cpu" {
+        // lavapipe (CI): the CPU path is faster, and auto says why it did not use the adapter
+        assert!(out.contains("on cpu"), "{out}");
+        assert!(stderr(&o).contains("software renderer"), "{}", stderr(&o));
+        // named, it is used
+        let mut c = smelt();
+        c.args(["merge", &recipe, "-o"])
+            .arg(tmp.path().join("named"))
+            .args(["--device", "auto", "--adapter", "0"]);
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(String::from_utf8_lossy(&o.stdout).contains("on gpu"));
+    } else {
+        assert!(out.contains("on gpu"), "{out}");
+    }
+}
