@@ -209,6 +209,18 @@ fn keep_factors(keep: &Keep, cx: &KeepCtx, start: usize, d: &[f32], m: &mut [f32
     }
 }
 
+/// Adds |d|, |d|·k and (d·k)² of up to eight elements into lanes 0.. of the three sums.
+#[inline(always)]
+fn masked_lanes(t: &mut [[f64; 8]; 3], d: &[f32], k: &[f32]) {
+    for l in 0..d.len() {
+        let a = d[l].abs() as f64;
+        let kd = (d[l] * k[l]) as f64;
+        t[0][l] += a;
+        t[1][l] += a * k[l] as f64;
+        t[2][l] += kd * kd;
+    }
+}
+
 /// 1.0 where the element's random word (top 24 bits) is below `threshold(global index)`.
 #[inline]
 fn random_factors(stream: &Stream, start: usize, m: &mut [f32], threshold: impl Fn(usize) -> u32) {
@@ -220,8 +232,16 @@ fn random_factors(stream: &Stream, start: usize, m: &mut [f32], threshold: impl 
     let mut at = start;
     for mg in &mut groups {
         let w = stream.blocks((at / 4) as u64);
-        for (e, mv) in mg.iter_mut().enumerate() {
-            *mv = ((w[e % 4][e / 4] >> 8) < threshold(at + e)) as u32 as f32;
+        // element 4·l + k is word k of block l: the lane-major words in element order first,
+        // then one simple (vectorised) compare per element
+        let mut ws = [0u32; 4 * LANES];
+        for l in 0..LANES {
+            for k in 0..4 {
+                ws[4 * l + k] = w[k][l];
+            }
+        }
+        for (e, (mv, &x)) in mg.iter_mut().zip(&ws).enumerate() {
+            *mv = ((x >> 8) < threshold(at + e)) as u32 as f32;
         }
         at += group;
     }
@@ -659,17 +679,15 @@ impl Backend for Cpu {
                         keep_factors(&sp.keep[i], &cx, start, &s.x[i][..len], &mut s.acc[..len]);
                         // eight independent f64 lanes (in a fixed order): vectorised, and
                         // the same sums whatever the thread count
+                        // (whole groups of eight as arrays, so that the lane loop has a
+                        // length the compiler knows; then the remainder, into lanes 0..)
                         let mut t = [[0.0f64; 8]; 3];
-                        let (d8, k8) = (s.x[i][..len].chunks(8), s.acc[..len].chunks(8));
-                        for (d, k) in d8.zip(k8) {
-                            for l in 0..d.len() {
-                                let a = d[l].abs() as f64;
-                                let kd = (d[l] * k[l]) as f64;
-                                t[0][l] += a;
-                                t[1][l] += a * k[l] as f64;
-                                t[2][l] += kd * kd;
-                            }
+                        let (dc, dr) = s.x[i][..len].as_chunks::<8>();
+                        let (kc, kr) = s.acc[..len].as_chunks::<8>();
+                        for (d, k) in dc.iter().zip(kc) {
+                            masked_lanes(&mut t, d, k);
                         }
+                        masked_lanes(&mut t, dr, kr);
                         *o = t.map(|lanes| lanes.iter().sum());
                     }
                     out
