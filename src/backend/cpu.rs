@@ -51,6 +51,10 @@ pub fn load(input: &Input, start: usize, load: DType, dst: &mut [f32]) {
 struct Scratch {
     base: Vec<f32>,
     x: Vec<Vec<f32>>,
+    /// Per-model buffers beside `x` (gta's votes).
+    y: Vec<Vec<f32>>,
+    /// Model buffers not in use by the current job (x and y hold exactly `models`).
+    spare: Vec<Vec<f32>>,
     acc: Vec<f32>,
     acc2: Vec<f32>,
     acc3: Vec<f32>,
@@ -58,17 +62,71 @@ struct Scratch {
     bits: Vec<u32>,
 }
 
-impl Scratch {
-    fn new(models: usize) -> Self {
-        Scratch {
-            base: vec![0.0; CHUNK],
-            x: (0..models).map(|_| vec![0.0; CHUNK]).collect(),
-            acc: vec![0.0; CHUNK],
-            acc2: vec![0.0; CHUNK],
-            acc3: vec![0.0; CHUNK],
-            var: vec![0.0; CHUNK],
-            bits: Vec::with_capacity(CHUNK),
+thread_local! {
+    /// Scratches of finished work on this thread, reused: a fresh one is 8+ buffers of
+    /// 64 KiB to allocate, page-fault and zero, and rayon asks for one per split.
+    static POOL: std::cell::RefCell<Vec<Scratch>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A [`Scratch`] taken from this thread's pool; goes back to it when dropped.
+struct Pooled(Option<Scratch>);
+
+impl std::ops::Deref for Pooled {
+    type Target = Scratch;
+    fn deref(&self) -> &Scratch {
+        self.0.as_ref().unwrap()
+    }
+}
+
+impl std::ops::DerefMut for Pooled {
+    fn deref_mut(&mut self) -> &mut Scratch {
+        self.0.as_mut().unwrap()
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.take() {
+            // during thread teardown the pool may be gone: then the scratch is just freed
+            let _ = POOL.try_with(|p| p.borrow_mut().push(s));
         }
+    }
+}
+
+fn buf() -> Vec<f32> {
+    vec![0.0; CHUNK]
+}
+
+impl Scratch {
+    /// A scratch for `models` models: reused from this thread's pool when there is one.
+    /// Its buffers hold whatever the last user left; every kernel writes before it reads.
+    fn take(models: usize) -> Pooled {
+        let mut s = POOL
+            .try_with(|p| p.borrow_mut().pop())
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| Scratch {
+                base: buf(),
+                x: Vec::new(),
+                y: Vec::new(),
+                spare: Vec::new(),
+                acc: buf(),
+                acc2: buf(),
+                acc3: buf(),
+                var: buf(),
+                bits: Vec::with_capacity(CHUNK),
+            });
+        for v in [&mut s.x, &mut s.y] {
+            while v.len() > models {
+                let b = v.pop().unwrap();
+                s.spare.push(b);
+            }
+            while v.len() < models {
+                let b = s.spare.pop().unwrap_or_else(buf);
+                v.push(b);
+            }
+        }
+        Pooled(Some(s))
     }
 
     /// Loads the base and every model, and turns the models into deltas when `deltas`.
@@ -151,6 +209,18 @@ fn keep_factors(keep: &Keep, cx: &KeepCtx, start: usize, d: &[f32], m: &mut [f32
     }
 }
 
+/// Adds |d|, |d|·k and (d·k)² of up to eight elements into lanes 0.. of the three sums.
+#[inline(always)]
+fn masked_lanes(t: &mut [[f64; 8]; 3], d: &[f32], k: &[f32]) {
+    for l in 0..d.len() {
+        let a = d[l].abs() as f64;
+        let kd = (d[l] * k[l]) as f64;
+        t[0][l] += a;
+        t[1][l] += a * k[l] as f64;
+        t[2][l] += kd * kd;
+    }
+}
+
 /// 1.0 where the element's random word (top 24 bits) is below `threshold(global index)`.
 #[inline]
 fn random_factors(stream: &Stream, start: usize, m: &mut [f32], threshold: impl Fn(usize) -> u32) {
@@ -162,8 +232,16 @@ fn random_factors(stream: &Stream, start: usize, m: &mut [f32], threshold: impl 
     let mut at = start;
     for mg in &mut groups {
         let w = stream.blocks((at / 4) as u64);
-        for (e, mv) in mg.iter_mut().enumerate() {
-            *mv = ((w[e % 4][e / 4] >> 8) < threshold(at + e)) as u32 as f32;
+        // element 4·l + k is word k of block l: the lane-major words in element order first,
+        // then one simple (vectorised) compare per element
+        let mut ws = [0u32; 4 * LANES];
+        for l in 0..LANES {
+            for k in 0..4 {
+                ws[4 * l + k] = w[k][l];
+            }
+        }
+        for (e, (mv, &x)) in mg.iter_mut().zip(&ws).enumerate() {
+            *mv = ((x >> 8) < threshold(at + e)) as u32 as f32;
         }
         at += group;
     }
@@ -308,11 +386,16 @@ fn bucket_for(h: &[u64], k: u64, above: u64) -> (u32, u64) {
     unreachable!("rank {k} beyond the histogram's total {acc}")
 }
 
-/// Sample size of [`bracket_select`], taken in runs of contiguous elements.
+/// Sample size of [`bracket_select`] (at most; n/64 for smaller tensors, at least
+/// MIN_SAMPLE), taken in runs of contiguous elements.
 const SAMPLE: usize = 1 << 16;
+const MIN_SAMPLE: usize = 1 << 13;
 const SAMPLE_RUN: usize = 16;
+/// Below this many elements a sample would be much of the tensor: the bracket is then the
+/// whole range (every element a candidate), still one pass.
+const SMALL: usize = 4 * SAMPLE;
 
-/// Exact rank selection in one pass over the data, for large tensors: a deterministic sample
+/// Exact rank selection in one pass over the data: a deterministic sample
 /// of the keys brackets each wanted threshold; one pass counts the keys above each bracket
 /// and collects those inside it; the answer is found among the collected few percent. When a
 /// bracket misses (the sample was unlucky), returns None and the caller runs the two-pass
@@ -326,47 +409,70 @@ fn bracket_select(job: &Job, queries: &[Query]) -> Option<Vec<RankCut>> {
             srcs.push(q.source);
         }
     }
-    // the sampled keys of each source, largest first
-    // SAMPLE keys per source from evenly spaced runs of SAMPLE_RUN contiguous elements: runs
-    // cost one decode each instead of a cache miss per key, and enough runs spread over
-    // the tensor to follow how magnitudes vary across rows
-    let runs = SAMPLE / SAMPLE_RUN;
-    let stride = n / runs;
-    let mut samples: Vec<Vec<u32>> = vec![Vec::with_capacity(SAMPLE); srcs.len()];
-    let mut s = Scratch::new(m);
-    for r in 0..runs {
-        s.load_all(job, r * stride, SAMPLE_RUN, false);
-        for (si, &src) in srcs.iter().enumerate() {
-            source_bits(src, &mut s, SAMPLE_RUN);
-            samples[si].extend_from_slice(&s.bits);
+    let brackets: Vec<(usize, u32, u32)> = if n < SMALL {
+        // the whole range: every element is a candidate
+        queries
+            .iter()
+            .map(|q| {
+                (
+                    srcs.iter().position(|s| *s == q.source).unwrap(),
+                    0,
+                    u32::MAX,
+                )
+            })
+            .collect()
+    } else {
+        // ns keys per source from evenly spaced runs of SAMPLE_RUN contiguous elements:
+        // runs cost one decode each instead of a cache miss per key, and enough runs spread
+        // over the tensor to follow how magnitudes vary across rows
+        let ns = (n / 64).clamp(MIN_SAMPLE, SAMPLE) / SAMPLE_RUN * SAMPLE_RUN;
+        let runs = ns / SAMPLE_RUN;
+        let stride = n / runs;
+        let mut samples: Vec<Vec<u32>> = vec![Vec::with_capacity(ns); srcs.len()];
+        let mut s = Scratch::take(m);
+        for r in 0..runs {
+            s.load_all(job, r * stride, SAMPLE_RUN, false);
+            for (si, &src) in srcs.iter().enumerate() {
+                source_bits(src, &mut s, SAMPLE_RUN);
+                samples[si].extend_from_slice(&s.bits);
+            }
         }
-    }
-    for keys in samples.iter_mut() {
-        keys.sort_unstable_by(|a, b| b.cmp(a));
-    }
-    // bracket [lo, hi] of key bits per query
-    let brackets: Vec<(usize, u32, u32)> = queries
-        .iter()
-        .map(|q| {
-            let si = srcs.iter().position(|s| *s == q.source).unwrap();
-            let r = q.k as f64 / n as f64;
-            let margin = (5.0 * (r * (1.0 - r) * SAMPLE as f64).sqrt()) as usize + 32;
-            let at = (r * SAMPLE as f64) as usize;
-            let hi = samples[si][at.saturating_sub(margin).min(SAMPLE - 1)];
-            let lo = samples[si][(at + margin).min(SAMPLE - 1)];
-            let lo = if at + margin >= SAMPLE { 0 } else { lo };
-            let hi = if at < margin { u32::MAX } else { hi };
-            (si, lo, hi)
-        })
-        .collect();
-    // one pass: per query the count above its bracket and the (key, index) inside it
-    // per chunk: the count above each bracket, and the (key, index) pairs inside it
-    type Found = (Vec<u64>, Vec<Vec<(u32, u32)>>);
+        // bracket [lo, hi] of key bits per query: two order statistics of the sample
+        // (selected, not sorted: a sort of the sample costs more than the pass)
+        queries
+            .iter()
+            .map(|q| {
+                let si = srcs.iter().position(|s| *s == q.source).unwrap();
+                let keys = &mut samples[si];
+                // the j-th largest sampled key
+                let mut nth = |j: usize| *keys.select_nth_unstable_by(j, |a, b| b.cmp(a)).1;
+                let r = q.k as f64 / n as f64;
+                let margin = (5.0 * (r * (1.0 - r) * ns as f64).sqrt()) as usize + 32;
+                let at = (r * ns as f64) as usize;
+                let hi = if at < margin {
+                    u32::MAX
+                } else {
+                    nth((at - margin).min(ns - 1))
+                };
+                let lo = if at + margin >= ns {
+                    0
+                } else {
+                    nth(at + margin)
+                };
+                (si, lo, hi)
+            })
+            .collect()
+    };
+    // one pass: per chunk, the count above each bracket and the candidates inside it, as
+    // (key descending, index ascending) in one u64 with the key complemented: the order that
+    // defines ranks is then plain ascending order
+    type Found = (Vec<u64>, Vec<Vec<u64>>);
     let per_chunk: Vec<Found> = (0..chunks(n))
         .into_par_iter()
         .map_init(
-            || Scratch::new(m),
+            || Scratch::take(m),
             |s, c| {
+                let s: &mut Scratch = s;
                 let (start, len) = chunk_range(n, c);
                 s.load_all(job, start, len, false);
                 let mut above = vec![0u64; queries.len()];
@@ -377,16 +483,23 @@ fn bracket_select(job: &Job, queries: &[Query]) -> Option<Vec<RankCut>> {
                         if qs != si {
                             continue;
                         }
-                        let mut count = 0u64;
-                        for (j, &a) in s.bits.iter().enumerate() {
-                            let gt = a > hi;
-                            count += gt as u64;
-                            // rare (a few percent): a predictable branch
-                            if !gt && a >= lo {
-                                inside[qi].push((a, (start + j) as u32));
+                        // a vectorised count; then per 64 keys a bit mask of those inside
+                        // (compares without branches), whose set bits are collected
+                        let bits = &s.bits[..len];
+                        above[qi] = bits.iter().map(|&a| (a > hi) as u32).sum::<u32>() as u64;
+                        let span = hi.wrapping_sub(lo);
+                        let found = &mut inside[qi];
+                        for (w, blk) in bits.chunks(64).enumerate() {
+                            let mut mask = 0u64;
+                            for (l, &a) in blk.iter().enumerate() {
+                                mask |= ((a.wrapping_sub(lo) <= span) as u64) << l;
+                            }
+                            while mask != 0 {
+                                let j = w * 64 + mask.trailing_zeros() as usize;
+                                mask &= mask - 1;
+                                found.push(((!bits[j] as u64) << 32) | (start + j) as u64);
                             }
                         }
-                        above[qi] += count;
                     }
                 }
                 (above, inside)
@@ -398,34 +511,25 @@ fn bracket_select(job: &Job, queries: &[Query]) -> Option<Vec<RankCut>> {
         let above: u64 = per_chunk.iter().map(|c| c.0[qi]).sum();
         // (key descending, index ascending) is the order that defines ranks: as one u64 with
         // the key complemented it is plain ascending order
-        let mut cand: Vec<u64> = per_chunk
+        let mut cand: Vec<u64> = Vec::with_capacity(per_chunk.iter().map(|c| c.1[qi].len()).sum());
+        per_chunk
             .iter()
-            .flat_map(|c| c.1[qi].iter().map(|&(a, i)| ((!a as u64) << 32) | i as u64))
-            .collect();
+            .for_each(|c| cand.extend_from_slice(&c.1[qi]));
         if q.k <= above || q.k > above + cand.len() as u64 {
             return None;
         }
         let want = (q.k - above - 1) as usize;
         let (_, &mut kth, _) = cand.select_nth_unstable(want);
-        let t = !((kth >> 32) as u32);
-        let gt = above + cand.iter().filter(|&&c| !((c >> 32) as u32) > t).count() as u64;
-        let mut equal: Vec<u32> = cand
-            .iter()
-            .filter(|&&c| !((c >> 32) as u32) == t)
-            .map(|&c| c as u32)
-            .collect();
-        let quota = (q.k - gt) as usize;
-        out.push(if quota == equal.len() {
-            RankCut {
-                bits: t,
-                index: u32::MAX,
-            }
-        } else {
-            equal.sort_unstable();
-            RankCut {
-                bits: t,
-                index: equal[quota - 1] + 1,
-            }
+        // kth is the element of rank k - 1: key t at index i. The cut keeps every key above
+        // t and the keys equal to t up to index i; when i is the last index holding t, all
+        // of them (index u32::MAX). Equal keys all lie inside the bracket.
+        let (key, i) = (kth >> 32, kth as u32);
+        let more = cand.iter().fold(false, |acc, &c| {
+            acc | (((c >> 32) == key) & ((c as u32) > i))
+        });
+        out.push(RankCut {
+            bits: !(key as u32),
+            index: if more { i + 1 } else { u32::MAX },
         });
     }
     Some(out)
@@ -443,7 +547,7 @@ impl Backend for Cpu {
             .copied()
             .filter(|q| q.k > 0 && q.k < n)
             .collect();
-        if job.numel >= 16 * SAMPLE && !hard.is_empty() {
+        if !hard.is_empty() {
             if let Some(cuts) = bracket_select(job, &hard) {
                 let mut it = cuts.into_iter();
                 return Ok(queries
@@ -471,12 +575,17 @@ impl Backend for Cpu {
     fn histogram(&self, job: &Job, sources: &[(Source, Option<u32>)]) -> Result<Vec<Vec<u64>>> {
         let n = job.numel;
         let nq = sources.len();
-        let h = (0..chunks(n))
+        // a few splits per thread: each costs a 512 KiB histogram per source to zero and
+        // to add up (counts: the sum is the same however the chunks are split)
+        let nc = chunks(n);
+        let min = nc.div_ceil(4 * rayon::current_num_threads()).max(1);
+        let h = (0..nc)
             .into_par_iter()
+            .with_min_len(min)
             .fold(
                 || {
                     (
-                        Scratch::new(job.models.len()),
+                        Scratch::take(job.models.len()),
                         vec![vec![0u64; 1 << 16]; nq],
                     )
                 },
@@ -516,8 +625,9 @@ impl Backend for Cpu {
         let counts: Vec<u64> = (0..chunks(n))
             .into_par_iter()
             .map_init(
-                || Scratch::new(job.models.len()),
+                || Scratch::take(job.models.len()),
                 |s, c| {
+                    let s: &mut Scratch = s;
                     let (start, len) = chunk_range(n, c);
                     s.load_all(job, start, len, false);
                     source_bits(src, s, len);
@@ -529,7 +639,7 @@ impl Backend for Cpu {
         for (c, &cnt) in counts.iter().enumerate() {
             if before + cnt > q {
                 let (start, len) = chunk_range(n, c);
-                let mut s = Scratch::new(job.models.len());
+                let mut s = Scratch::take(job.models.len());
                 s.load_all(job, start, len, false);
                 source_bits(src, &mut s, len);
                 let j = s
@@ -555,8 +665,9 @@ impl Backend for Cpu {
         let partials: Vec<Vec<[f64; 3]>> = (0..chunks(n))
             .into_par_iter()
             .map_init(
-                || Scratch::new(m),
+                || Scratch::take(m),
                 |s, c| {
+                    let s: &mut Scratch = s;
                     let (start, len) = chunk_range(n, c);
                     s.load_all(job, start, len, true);
                     if var {
@@ -568,17 +679,15 @@ impl Backend for Cpu {
                         keep_factors(&sp.keep[i], &cx, start, &s.x[i][..len], &mut s.acc[..len]);
                         // eight independent f64 lanes (in a fixed order): vectorised, and
                         // the same sums whatever the thread count
+                        // (whole groups of eight as arrays, so that the lane loop has a
+                        // length the compiler knows; then the remainder, into lanes 0..)
                         let mut t = [[0.0f64; 8]; 3];
-                        let (d8, k8) = (s.x[i][..len].chunks(8), s.acc[..len].chunks(8));
-                        for (d, k) in d8.zip(k8) {
-                            for l in 0..d.len() {
-                                let a = d[l].abs() as f64;
-                                let kd = (d[l] * k[l]) as f64;
-                                t[0][l] += a;
-                                t[1][l] += a * k[l] as f64;
-                                t[2][l] += kd * kd;
-                            }
+                        let (dc, dr) = s.x[i][..len].as_chunks::<8>();
+                        let (kc, kr) = s.acc[..len].as_chunks::<8>();
+                        for (d, k) in dc.iter().zip(kc) {
+                            masked_lanes(&mut t, d, k);
                         }
+                        masked_lanes(&mut t, dr, kr);
                         *o = t.map(|lanes| lanes.iter().sum());
                     }
                     out
@@ -610,8 +719,9 @@ impl Backend for Cpu {
             }
         };
         out.par_chunks_mut(CHUNK * osz).enumerate().for_each_init(
-            || (Scratch::new(m), vec![vec![0.0f32; CHUNK]; m]),
-            |(s, votes), (c, oc)| {
+            || Scratch::take(m),
+            |s, (c, oc)| {
+                let s: &mut Scratch = s;
                 let start = c * CHUNK;
                 let len = oc.len() / osz;
                 s.load_all(job, start, len, true);
@@ -623,7 +733,7 @@ impl Backend for Cpu {
                     let k = &mut s.acc[..len];
                     keep_factors(&sp.keep[i], &cx, start, &s.x[i][..len], k);
                     let (sc, w) = (spec.scale[i], spec.weights[i]);
-                    let (x, v) = (&mut s.x[i][..len], &mut votes[i][..len]);
+                    let (x, v) = (&mut s.x[i][..len], &mut s.y[i][..len]);
                     for ((x, v), k) in x.iter_mut().zip(v.iter_mut()).zip(k.iter()) {
                         let u = (*x * *k) * sc;
                         *v = u;
@@ -646,7 +756,7 @@ impl Backend for Cpu {
                         for i in 0..m {
                             let v = match spec.vote {
                                 Vote::Weighted => &s.x[i][..len],
-                                Vote::Unweighted => &votes[i][..len],
+                                Vote::Unweighted => &s.y[i][..len],
                             };
                             if spec.consensus == Consensus::Sum {
                                 mix.iter_mut().zip(v).for_each(|(a, x)| *a += *x);
@@ -718,8 +828,9 @@ impl Backend for Cpu {
         let m = job.models.len();
         let osz = job.out_dtype.size();
         out.par_chunks_mut(CHUNK * osz).enumerate().for_each_init(
-            || Scratch::new(m),
+            || Scratch::take(m),
             |s, (c, oc)| {
+                let s: &mut Scratch = s;
                 let start = c * CHUNK;
                 let len = oc.len() / osz;
                 let acc = &mut s.acc[..len];
@@ -753,7 +864,7 @@ impl Backend for Cpu {
         let partials: Vec<(usize, Vec<f64>)> = (0..chunks(n))
             .into_par_iter()
             .map_init(
-                || (Scratch::new(m), vec![Vec::new(); vecs.len()]),
+                || (Scratch::take(m), vec![Vec::new(); vecs.len()]),
                 |(s, vals), c| {
                     let (start, len) = chunk_range(n, c);
                     s.load_all(job, start, len, false);
@@ -823,7 +934,7 @@ impl Backend for Cpu {
         let nt = terms.len();
         let osz = job.out_dtype.size();
         out.par_chunks_mut(CHUNK * osz).enumerate().for_each_init(
-            || (Scratch::new(m), Vec::new()),
+            || (Scratch::take(m), Vec::new()),
             |(s, v), (c, oc)| {
                 let start = c * CHUNK;
                 let len = oc.len() / osz;
@@ -866,8 +977,9 @@ impl Backend for Cpu {
         assert_eq!(job.models.len(), 2 * m, "fisher: a Fisher input per model");
         let osz = job.out_dtype.size();
         out.par_chunks_mut(CHUNK * osz).enumerate().for_each_init(
-            || Scratch::new(2),
+            || Scratch::take(2),
             |s, (c, oc)| {
+                let s: &mut Scratch = s;
                 let start = c * CHUNK;
                 let len = oc.len() / osz;
                 let (num, den) = (&mut s.acc[..len], &mut s.acc2[..len]);
@@ -896,8 +1008,9 @@ impl Backend for Cpu {
         let n = m as f32;
         let osz = job.out_dtype.size();
         out.par_chunks_mut(CHUNK * osz).enumerate().for_each_init(
-            || Scratch::new(m),
+            || Scratch::take(m),
             |s, (c, oc)| {
+                let s: &mut Scratch = s;
                 let start = c * CHUNK;
                 let len = oc.len() / osz;
                 s.load_all(job, start, len, true);
@@ -963,8 +1076,9 @@ impl Backend for Cpu {
     fn nearswap(&self, job: &Job, t: f32, out: &mut [u8]) -> Result<()> {
         let osz = job.out_dtype.size();
         out.par_chunks_mut(CHUNK * osz).enumerate().for_each_init(
-            || Scratch::new(1),
+            || Scratch::take(1),
             |s, (c, oc)| {
+                let s: &mut Scratch = s;
                 let start = c * CHUNK;
                 let len = oc.len() / osz;
                 s.load_all(job, start, len, false);
@@ -1135,11 +1249,17 @@ mod tests {
         assert_eq!(kept(cuts[5]), (0..7).collect::<Vec<_>>());
     }
 
-    /// The one-pass bracket selection (large tensors) gives exactly the cuts of the two-pass
+    /// The one-pass bracket selection gives exactly the cuts of the two-pass
     /// histogram selection, ties included, for ranks across the whole range.
     #[test]
     fn bracket_select_equals_histogram_select() {
-        let n = 64 * SAMPLE + 12345;
+        // sampled brackets, and below SMALL the whole range as the bracket
+        for n in [64 * SAMPLE + 12345, 4 * SAMPLE, SMALL - 1, 3000] {
+            bracket_equals_histogram(n);
+        }
+    }
+
+    fn bracket_equals_histogram(n: usize) {
         let mut state = 0x2545_f491_4f6c_dd1du64;
         let mut next = || {
             state ^= state << 13;
