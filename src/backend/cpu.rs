@@ -1056,8 +1056,9 @@ impl Backend for Cpu {
     fn ternary(&self, job: &Job, threshold: u32, out: &mut [u8]) -> Result<()> {
         let osz = job.out_dtype.size();
         out.par_chunks_mut(CHUNK * osz).enumerate().for_each_init(
-            || Scratch::new(1),
+            || Scratch::take(1),
             |s, (c, oc)| {
+                let s: &mut Scratch = s;
                 let start = c * CHUNK;
                 let len = oc.len() / osz;
                 s.load_all(job, start, len, false);
