@@ -662,7 +662,7 @@ impl Backend for Cpu {
         let m = job.models.len();
         let ranks = della_ranks(job, sp);
         let var = needs_variance(sp);
-        let partials: Vec<Vec<[f64; 3]>> = (0..chunks(n))
+        let partials: Vec<(Vec<[f64; 3]>, ChunkBits)> = (0..chunks(n))
             .into_par_iter()
             .map_init(
                 || Scratch::take(m),
@@ -674,9 +674,13 @@ impl Backend for Cpu {
                         variance_keys(&s.x, len, &mut s.var);
                     }
                     let mut out = vec![[0.0f64; 3]; m];
+                    let mut bits = vec![Vec::new(); m];
                     for (i, o) in out.iter_mut().enumerate() {
                         let cx = keep_ctx(job, sp, &ranks, i, &s.var[..len]);
                         keep_factors(&sp.keep[i], &cx, start, &s.x[i][..len], &mut s.acc[..len]);
+                        if drawn_at_random(&sp.keep[i]) {
+                            bits[i] = pack_factors(&s.acc[..len]);
+                        }
                         // eight independent f64 lanes (in a fixed order): vectorised, and
                         // the same sums whatever the thread count
                         // (whole groups of eight as arrays, so that the lane loop has a
@@ -690,15 +694,26 @@ impl Backend for Cpu {
                         masked_lanes(&mut t, dr, kr);
                         *o = t.map(|lanes| lanes.iter().sum());
                     }
-                    out
+                    (out, bits)
                 },
             )
             .collect();
         let mut tot = vec![[0.0f64; 3]; m];
-        for p in partials {
+        let mut bits = Vec::with_capacity(partials.len());
+        for (p, b) in partials {
             for (t, v) in tot.iter_mut().zip(p) {
                 (0..3).for_each(|j| t[j] += v[j]);
             }
+            bits.push(b);
+        }
+        if sp.keep.iter().any(drawn_at_random) {
+            *KEEP_BITS.lock().unwrap_or_else(|e| e.into_inner()) = Some(KeepBits {
+                job: job.id,
+                seed: sp.seed,
+                keep: sp.keep.clone(),
+                tables: sp.tables.clone(),
+                bits,
+            });
         }
         Ok(tot)
     }
@@ -707,7 +722,12 @@ impl Backend for Cpu {
         let m = job.models.len();
         let osz = job.out_dtype.size();
         let sp = &spec.sparsity;
-        let ranks = della_ranks(job, sp);
+        let cached = take_keep_bits(job, sp);
+        // DELLA's per-row ranks only feed its random keep, which the cached bits replace
+        let ranks = match cached {
+            Some(_) => vec![None; m],
+            None => della_ranks(job, sp),
+        };
         let var = needs_variance(sp);
         let wsum: f32 = {
             let mut s = 0.0f32;
@@ -731,7 +751,10 @@ impl Backend for Cpu {
                 for i in 0..m {
                     let cx = keep_ctx(job, sp, &ranks, i, &s.var[..len]);
                     let k = &mut s.acc[..len];
-                    keep_factors(&sp.keep[i], &cx, start, &s.x[i][..len], k);
+                    match cached.as_ref().map(|b| &b[c][i]) {
+                        Some(bits) if !bits.is_empty() => unpack_factors(bits, k),
+                        _ => keep_factors(&sp.keep[i], &cx, start, &s.x[i][..len], k),
+                    }
                     let (sc, w) = (spec.scale[i], spec.weights[i]);
                     let (x, v) = (&mut s.x[i][..len], &mut s.y[i][..len]);
                     for ((x, v), k) in x.iter_mut().zip(v.iter_mut()).zip(k.iter()) {
@@ -1092,6 +1115,59 @@ impl Backend for Cpu {
             },
         );
         Ok(())
+    }
+}
+
+/// Per model, one bit per element of a chunk (empty for models not drawn at random).
+type ChunkBits = Vec<Vec<u64>>;
+
+/// DARE/DELLA keep bits drawn by `masked_sums`, reused by the `gta` call that follows on the
+/// same job: one Philox draw per element instead of two. Keyed by the job and its keep rules;
+/// any other call finds no match and draws as before, so results do not depend on it.
+struct KeepBits {
+    job: u64,
+    seed: u64,
+    keep: Vec<Keep>,
+    tables: Vec<Vec<u32>>,
+    /// Per chunk.
+    bits: Vec<ChunkBits>,
+}
+
+static KEEP_BITS: std::sync::Mutex<Option<KeepBits>> = std::sync::Mutex::new(None);
+
+fn drawn_at_random(k: &Keep) -> bool {
+    matches!(k, Keep::Random { .. } | Keep::Della { .. })
+}
+
+fn pack_factors(m: &[f32]) -> Vec<u64> {
+    m.chunks(64)
+        .map(|c| {
+            c.iter()
+                .enumerate()
+                .fold(0u64, |w, (j, x)| w | (((*x != 0.0) as u64) << j))
+        })
+        .collect()
+}
+
+fn unpack_factors(bits: &[u64], m: &mut [f32]) {
+    for (e, v) in m.iter_mut().enumerate() {
+        *v = ((bits[e >> 6] >> (e & 63)) & 1) as f32;
+    }
+}
+
+/// The keep bits `masked_sums` left for exactly this job and these rules, if any.
+fn take_keep_bits(job: &Job, sp: &Sparsity) -> Option<Vec<ChunkBits>> {
+    let mut g = KEEP_BITS.lock().unwrap_or_else(|e| e.into_inner());
+    match &*g {
+        Some(k)
+            if k.job == job.id
+                && k.seed == sp.seed
+                && k.keep == sp.keep
+                && k.tables == sp.tables =>
+        {
+            g.take().map(|k| k.bits)
+        }
+        _ => None,
     }
 }
 
