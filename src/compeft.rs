@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
-use crate::backend::{Backend, Job, Segments, Source, Vector};
+use crate::backend::{bucket_of, Backend, Job, Segments, Source, Vector};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::io::model::ModelFolder;
@@ -174,18 +174,6 @@ fn with_job<T>(
     let r = f(&job);
     backend.end_job(&job);
     r
-}
-
-/// The bucket holding ascending position `j` of a histogram, and `j`'s position inside it.
-fn bucket_of(h: &[u64], j: u64) -> (u32, u64) {
-    let mut cum = 0u64;
-    for (b, &c) in h.iter().enumerate() {
-        if cum + c > j {
-            return (b as u32, j - cum);
-        }
-        cum += c;
-    }
-    unreachable!("position {j} beyond the histogram's {cum} elements")
 }
 
 /// σ and the threshold of the whole task vector: two passes over the model on the backend.

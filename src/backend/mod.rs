@@ -474,6 +474,19 @@ pub trait Backend: Send + Sync {
     fn end_job(&self, _job: &Job) {}
 }
 
+/// In a [`Backend::histogram`] (summed over any number of jobs): the bucket holding
+/// ascending position `j`, and `j`'s position inside it.
+pub fn bucket_of(h: &[u64], j: u64) -> (u32, u64) {
+    let mut cum = 0u64;
+    for (b, &c) in h.iter().enumerate() {
+        if cum + c > j {
+            return (b as u32, j - cum);
+        }
+        cum += c;
+    }
+    unreachable!("position {j} beyond the histogram's {cum} elements")
+}
+
 /// Rounds a count product like Python's `int(density * n)` (truncation of the f64 product).
 pub fn py_int_mul(fraction: f64, n: usize) -> u64 {
     let p = fraction * n as f64;

@@ -13,7 +13,7 @@
 //! (`PCB_merge` itself has none: weight 1).
 
 use super::{Algo, BasePolicy, Ctx, Default, EachJob, MethodInfo, ParamSpec, Params, Scope};
-use crate::backend::{Backend, PcbSpec, Source};
+use crate::backend::{bucket_of, Backend, PcbSpec, Source};
 use crate::dtype::{self, DType};
 use crate::error::{Error, Result};
 use crate::recipe::Kind;
@@ -61,18 +61,6 @@ fn py_index(x: f64, d: u64) -> u64 {
     } else {
         (x as u64).min(d.saturating_sub(1))
     }
-}
-
-/// The bucket holding ascending position `j` of a histogram, and `j`'s position inside it.
-fn bucket_of(h: &[u64], j: u64) -> (u32, u64) {
-    let mut cum = 0u64;
-    for (b, &c) in h.iter().enumerate() {
-        if cum + c > j {
-            return (b as u32, j - cum);
-        }
-        cum += c;
-    }
-    unreachable!("position {j} beyond the histogram's {cum} elements")
 }
 
 /// Order-preserving u32 key of a signed f32 (larger value, larger key).
