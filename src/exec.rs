@@ -240,7 +240,7 @@ pub fn whole_model_sums(plan: &Plan, backend: &dyn Backend) -> Result<Vec<f64>> 
 
 /// For each input of a task (base first, then the models): the tensor with its LoRA ΔWs
 /// added, when the input is a model with adapters (`MODEL+ADAPTER`, `adapters:`) that target
-/// that tensor. This is PEFT's `merge_and_unload`, one adapter after another: W + Σ ΔW_k in
+/// that tensor, or with its compressed task vector added (`smelt compress`). This is PEFT's `merge_and_unload`, one adapter after another: W + Σ ΔW_k in
 /// W's dtype, each ΔW_k = scale_k·s_k·B_k·A_k formed on the backend and added before the
 /// next is formed, so only one ΔW exists at any time.
 fn lora_inputs(plan: &Plan, backend: &dyn Backend, t: &TensorTask) -> Result<Vec<Option<Vec<u8>>>> {
@@ -249,22 +249,18 @@ fn lora_inputs(plan: &Plan, backend: &dyn Backend, t: &TensorTask) -> Result<Vec
         .chain(&t.models)
         .map(|ti| {
             let m = &plan.models[ti.model];
-            if let Some(c) = m.compeft.as_ref().filter(|c| c.has(&ti.tensor)) {
-                let r = m.get(&ti.tensor).expect("planned tensor exists");
-                let mut w = vec![0f32; r.numel()];
-                crate::dtype::decode(r.dtype(), r.bytes(), &mut w);
-                c.add_to(&ti.tensor, &mut w);
-                let mut bytes = vec![0u8; w.len() * r.dtype().size()];
-                crate::dtype::encode(r.dtype(), &w, &mut bytes);
-                return Ok(Some(bytes));
-            }
+            // a model carries adapters or a compressed task vector, never both
+            let compeft = m.compeft.as_ref().filter(|c| c.has(&ti.tensor));
             let deltas = m.deltas_for(&ti.tensor);
-            if deltas.is_empty() {
+            if compeft.is_none() && deltas.is_empty() {
                 return Ok(None);
             }
             let r = m.get(&ti.tensor).expect("planned tensor exists");
             let mut w = vec![0f32; r.numel()];
             crate::dtype::decode(r.dtype(), r.bytes(), &mut w);
+            if let Some(c) = compeft {
+                c.add_to(&ti.tensor, &mut w);
+            }
             for (applied, module) in deltas {
                 let ad = &applied.adapter;
                 let d = ad.delta_scaled(module, applied.scale, backend)?;
