@@ -1077,45 +1077,43 @@ impl Backend for Cpu {
     }
 
     fn ternary(&self, job: &Job, threshold: u32, out: &mut [u8]) -> Result<()> {
-        let osz = job.out_dtype.size();
-        out.par_chunks_mut(CHUNK * osz).enumerate().for_each_init(
-            || Scratch::take(1),
-            |s, (c, oc)| {
-                let s: &mut Scratch = s;
-                let start = c * CHUNK;
-                let len = oc.len() / osz;
-                s.load_all(job, start, len, false);
-                let (b, x) = (&s.base[..len], &s.x[0][..len]);
-                for e in 0..len {
-                    let d = x[e] - b[e];
-                    let kept = d.abs().to_bits() >= threshold;
-                    s.acc[e] = if kept { sign(d) } else { 0.0 };
-                }
-                dtype::encode(job.out_dtype, &s.acc[..len], oc);
-            },
-        );
+        base_and_model(job, out, |b, x| {
+            let d = x - b;
+            if d.abs().to_bits() >= threshold {
+                sign(d)
+            } else {
+                0.0
+            }
+        });
         Ok(())
     }
 
     fn nearswap(&self, job: &Job, t: f32, out: &mut [u8]) -> Result<()> {
-        let osz = job.out_dtype.size();
-        out.par_chunks_mut(CHUNK * osz).enumerate().for_each_init(
-            || Scratch::take(1),
-            |s, (c, oc)| {
-                let s: &mut Scratch = s;
-                let start = c * CHUNK;
-                let len = oc.len() / osz;
-                s.load_all(job, start, len, false);
-                let (b, x) = (&s.base[..len], &s.x[0][..len]);
-                for e in 0..len {
-                    let w = (t / (b[e] - x[e]).abs().max(1e-6)).clamp(0.0, 1.0);
-                    s.acc[e] = w * x[e] + (1.0 - w) * b[e];
-                }
-                dtype::encode(job.out_dtype, &s.acc[..len], oc);
-            },
-        );
+        base_and_model(job, out, |b, x| {
+            let w = (t / (b - x).abs().max(1e-6)).clamp(0.0, 1.0);
+            w * x + (1.0 - w) * b
+        });
         Ok(())
     }
+}
+
+/// `out = f(base, models[0])` element by element, chunk by chunk on every core, stored in
+/// the output dtype.
+fn base_and_model(job: &Job, out: &mut [u8], f: impl Fn(f32, f32) -> f32 + Sync) {
+    let osz = job.out_dtype.size();
+    out.par_chunks_mut(CHUNK * osz).enumerate().for_each_init(
+        || Scratch::take(1),
+        |s, (c, oc)| {
+            let s: &mut Scratch = s;
+            let len = oc.len() / osz;
+            s.load_all(job, c * CHUNK, len, false);
+            let (b, x) = (&s.base[..len], &s.x[0][..len]);
+            for e in 0..len {
+                s.acc[e] = f(b[e], x[e]);
+            }
+            dtype::encode(job.out_dtype, &s.acc[..len], oc);
+        },
+    );
 }
 
 /// Per model, one bit per element of a chunk (empty for models not drawn at random).

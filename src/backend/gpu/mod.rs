@@ -852,6 +852,21 @@ impl Gpu {
         Ok(())
     }
 
+    /// An elementwise gta-shader kernel whose only parameter is the header's `t`.
+    fn apply_with_t(&self, job: &Job, entry: &'static str, t: f32, out: &mut [u8]) -> Result<()> {
+        if job.numel == 0 {
+            return Ok(());
+        }
+        let (header, models) = {
+            let mut guard = self.state(job)?;
+            let st = guard.as_mut().unwrap();
+            let mut h = self.header(job, st, 0);
+            h.t = t;
+            (h, self.models_meta(job, st))
+        };
+        self.apply(job, (Shader::Gta, entry), header, models, None, None, out)
+    }
+
     /// Model metadata with vector entries appended: (header n_items set by the caller).
     fn vector_meta(&self, job: &Job, st: &JobState, vecs: &[Vector]) -> Vec<ModelMeta> {
         let mut m = self.models_meta(job, st);
@@ -1406,47 +1421,11 @@ impl Backend for Gpu {
     }
 
     fn ternary(&self, job: &Job, threshold: u32, out: &mut [u8]) -> Result<()> {
-        if job.numel == 0 {
-            return Ok(());
-        }
-        let (header, models) = {
-            let mut guard = self.state(job)?;
-            let st = guard.as_mut().unwrap();
-            let mut h = self.header(job, st, 0);
-            h.t = f32::from_bits(threshold);
-            (h, self.models_meta(job, st))
-        };
-        self.apply(
-            job,
-            (Shader::Gta, "ternary"),
-            header,
-            models,
-            None,
-            None,
-            out,
-        )
+        self.apply_with_t(job, "ternary", f32::from_bits(threshold), out)
     }
 
     fn nearswap(&self, job: &Job, t: f32, out: &mut [u8]) -> Result<()> {
-        if job.numel == 0 {
-            return Ok(());
-        }
-        let (header, models) = {
-            let mut guard = self.state(job)?;
-            let st = guard.as_mut().unwrap();
-            let mut h = self.header(job, st, 0);
-            h.t = t;
-            (h, self.models_meta(job, st))
-        };
-        self.apply(
-            job,
-            (Shader::Gta, "nearswap"),
-            header,
-            models,
-            None,
-            None,
-            out,
-        )
+        self.apply_with_t(job, "nearswap", t, out)
     }
 
     fn matmul(&self, a: &Mat, b: &Mat, ta: bool, tb: bool) -> Result<Mat> {
