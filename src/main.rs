@@ -666,25 +666,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             for w in &plan.warnings {
                 log::warn!("{w}");
             }
-            let backend = make_backend(&device)?;
-            let cpu = Cpu::new();
-            let fallback: Option<&dyn Backend> =
-                (device.device == DeviceChoice::Auto).then_some(&cpu);
-            install_stop_handler();
-            let report = exec::execute(
-                &plan,
-                backend.as_ref(),
-                &ExecOptions {
-                    out_dir: out,
-                    start: Start::Fresh { force },
-                    max_shard_bytes: shard,
-                    progress: true,
-                    allow_nonfinite: false,
-                    fallback,
-                    hash: HashAlgo::Blake3,
-                    fsync: false,
-                },
-            )?;
+            let report = execute_fresh(&plan, &device, out, force, shard)?;
             let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
                 report.out_dir.join(smelt::methods::opcm::STATE_NAME),
             )?)?;
@@ -896,25 +878,7 @@ fn run_lora(cmd: LoraCmd) -> anyhow::Result<()> {
             );
             let recipe = Recipe::parse(&text, std::path::Path::new("lora-apply.yml"))?;
             let plan = Plan::build(recipe, None)?;
-            let backend = make_backend(&device)?;
-            let cpu = Cpu::new();
-            let fallback: Option<&dyn Backend> =
-                (device.device == DeviceChoice::Auto).then_some(&cpu);
-            install_stop_handler();
-            let report = exec::execute(
-                &plan,
-                backend.as_ref(),
-                &ExecOptions {
-                    out_dir: out,
-                    start: Start::Fresh { force },
-                    max_shard_bytes: shard,
-                    progress: true,
-                    allow_nonfinite: false,
-                    fallback,
-                    hash: HashAlgo::from_name("blake3").unwrap(),
-                    fsync: false,
-                },
-            )?;
+            let report = execute_fresh(&plan, &device, out, force, shard)?;
             let ad = &plan.models[0].adapters[0].adapter;
             println!(
                 "applied {} ({} LoRA modules, {} full tensors) to {}: wrote {} tensors to {} in {:.2} s on {}",
@@ -1173,6 +1137,35 @@ fn compeft_card(
         r.packed_bytes,
         r.ratio()
     )
+}
+
+/// Runs a plan built by a command (not a recipe the user resumes) into a fresh OUT: the
+/// device's backend with the CPU as fallback under auto, Ctrl-C handled, BLAKE3 manifest.
+fn execute_fresh(
+    plan: &Plan,
+    device: &DeviceArgs,
+    out: PathBuf,
+    force: bool,
+    shard: u64,
+) -> anyhow::Result<exec::Report> {
+    let backend = make_backend(device)?;
+    let cpu = Cpu::new();
+    let fallback: Option<&dyn Backend> = (device.device == DeviceChoice::Auto).then_some(&cpu);
+    install_stop_handler();
+    Ok(exec::execute(
+        plan,
+        backend.as_ref(),
+        &ExecOptions {
+            out_dir: out,
+            start: Start::Fresh { force },
+            max_shard_bytes: shard,
+            progress: true,
+            allow_nonfinite: false,
+            fallback,
+            hash: HashAlgo::Blake3,
+            fsync: false,
+        },
+    )?)
 }
 
 /// The share of a merge's time in dense linear algebra (TSV-M, OPCM, LoRA ΔW), when any.
