@@ -452,21 +452,32 @@ fn refuses_damaged_files() {
     Compressed::open(&out).unwrap();
 }
 
+/// `smelt compress MODEL --base BASE -o OUT --device cpu EXTRA...`
+fn compress_cli(model: &Path, base: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    smelt()
+        .arg("compress")
+        .arg(model)
+        .arg("--base")
+        .arg(base)
+        .arg("-o")
+        .arg(out)
+        .args(["--device", "cpu"])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn cli_compress_reports_the_ratio_and_verifies() {
     let models = reference().join("models");
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("ft1-c");
-    let o = smelt()
-        .args(["compress"])
-        .arg(models.join("ft1"))
-        .arg("--base")
-        .arg(models.join("base"))
-        .arg("-o")
-        .arg(&out)
-        .args(["--density", "0.2", "--device", "cpu"])
-        .output()
-        .unwrap();
+    let o = compress_cli(
+        &models.join("ft1"),
+        &models.join("base"),
+        &out,
+        &["--density", "0.2"],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(
@@ -484,32 +495,19 @@ fn cli_compress_reports_the_ratio_and_verifies() {
     // bad settings: non-zero exit, a message naming the flag, no folder
     for (flag, val) in [("--density", "1"), ("--density", "0"), ("--alpha", "-1")] {
         let bad = tmp.path().join(format!("bad{val}"));
-        let o = smelt()
-            .args(["compress"])
-            .arg(models.join("ft1"))
-            .arg("--base")
-            .arg(models.join("base"))
-            .arg("-o")
-            .arg(&bad)
-            .arg(format!("{flag}={val}"))
-            .args(["--device", "cpu"])
-            .output()
-            .unwrap();
+        let setting = format!("{flag}={val}");
+        let o = compress_cli(&models.join("ft1"), &models.join("base"), &bad, &[&setting]);
         assert!(!o.status.success());
         assert!(stderr(&o).contains(flag), "{}", stderr(&o));
         assert!(!bad.exists());
     }
     // a model of another architecture
-    let o = smelt()
-        .args(["compress"])
-        .arg(models.join("ft1"))
-        .arg("--base")
-        .arg(fixture_model("base"))
-        .arg("-o")
-        .arg(tmp.path().join("x"))
-        .args(["--device", "cpu"])
-        .output()
-        .unwrap();
+    let o = compress_cli(
+        &models.join("ft1"),
+        &fixture_model("base"),
+        &tmp.path().join("x"),
+        &[],
+    );
     assert!(!o.status.success());
     assert!(stderr(&o).contains("tensor"), "{}", stderr(&o));
 }
