@@ -330,8 +330,9 @@ pub fn compress(
     card: &dyn Fn(&Report) -> String,
 ) -> Result<Report> {
     let (stats, names) = statistics(model, base, s, backend, tick)?;
-    // the bit maps, tensor by tensor; the sign map's size is known only once packed, so the
-    // non-zero counts come from a counting pass first (cheap next to the statistics)
+    // the bit maps, tensor by tensor; the header needs each sign map's size, known only once
+    // packed, so every tensor is ternarised twice (a counting pass, then the writing pass):
+    // four passes over the inputs in all, but never more than one tensor's bits in memory
     let counts: Vec<usize> = names
         .iter()
         .map(|n| {
