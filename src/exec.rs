@@ -439,22 +439,28 @@ fn run_tasks<'b>(
     current: &mut &'b dyn Backend,
     bytes_read: &mut u64,
 ) -> Result<()> {
-    // Finished tensors travel to the writer; their buffers come back for reuse.
-    let (to_writer, from_exec) = mpsc::sync_channel::<(usize, Vec<u8>)>(2);
+    // Finished tensors travel to the writer: written in place into the mapped shard (None),
+    // or in a buffer that comes back for reuse.
+    let (to_writer, from_exec) = mpsc::sync_channel::<(usize, Option<Vec<u8>>)>(2);
     let (recycle, recycled) = mpsc::channel::<Vec<u8>>();
     let result: Result<()> = std::thread::scope(|scope| {
         let waiting = &mut *waiting;
         let writer = scope.spawn(move || -> Result<()> {
             for (i, buf) in from_exec {
                 let mut st = staged_m.lock().unwrap();
-                st.write_tensor(i, &buf)?;
+                match &buf {
+                    Some(b) => st.write_tensor(i, b)?,
+                    None => st.wrote_in_place(i)?,
+                }
                 let si = st.layout().slots[i].shard;
                 waiting[si] -= 1;
                 if waiting[si] == 0 {
                     st.finish_shard(si)?;
                 }
                 drop(st);
-                let _ = recycle.send(buf);
+                if let Some(b) = buf {
+                    let _ = recycle.send(b);
+                }
             }
             Ok(())
         });
@@ -470,10 +476,22 @@ fn run_tasks<'b>(
                 if !opts.allow_nonfinite && !t.copy_only {
                     check_inputs(plan, t)?;
                 }
-                let mut buf = recycled.try_recv().unwrap_or_default();
-                buf.clear();
-                buf.resize(t.out_bytes() as usize, 0);
-                match merge_tensor(plan, *current, t, &mut buf) {
+                // in place in the mapped output when there is one (no copy, no zeroing: a
+                // fresh slot reads as zeros), else in a zeroed buffer
+                let slot = staged_m.lock().unwrap().slot(i);
+                let mut owned = None;
+                let buf: &mut [u8] = match &slot {
+                    // SAFETY: the staged output outlives this loop, and slot i is touched by
+                    // nothing else until the writer gets it below
+                    Some(s) => unsafe { s.bytes() },
+                    None => {
+                        let mut b = recycled.try_recv().unwrap_or_default();
+                        b.clear();
+                        b.resize(t.out_bytes() as usize, 0);
+                        owned.insert(b).as_mut_slice()
+                    }
+                };
+                match merge_tensor(plan, *current, t, buf) {
                     Err(Error::Gpu(e))
                         if opts
                             .fallback
@@ -486,12 +504,12 @@ fn run_tasks<'b>(
                             cpu.name()
                         );
                         *current = cpu;
-                        merge_tensor(plan, *current, t, &mut buf)?;
+                        merge_tensor(plan, *current, t, buf)?;
                     }
                     r => r?,
                 }
                 if !t.copy_only {
-                    if let Some((index, value)) = first_nonfinite(t.out_dtype, &buf) {
+                    if let Some((index, value)) = first_nonfinite(t.out_dtype, buf) {
                         let inputs_finite = opts.allow_nonfinite && check_inputs(plan, t).is_ok();
                         if !opts.allow_nonfinite || inputs_finite {
                             return Err(Error::Param {
@@ -517,7 +535,7 @@ fn run_tasks<'b>(
                     .sum::<u64>();
                 pb.set_message(format!("{}/{} {}", n + 1, todo.len(), t.name));
                 pb.inc(buf.len() as u64);
-                if to_writer.send((i, buf)).is_err() {
+                if to_writer.send((i, owned)).is_err() {
                     break; // the writer failed; its error is reported below
                 }
                 if let Some(ms) = throttle_ms() {

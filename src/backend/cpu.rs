@@ -209,16 +209,32 @@ fn keep_factors(keep: &Keep, cx: &KeepCtx, start: usize, d: &[f32], m: &mut [f32
     }
 }
 
-/// Adds |d|, |d|·k and (d·k)² of up to eight elements into lanes 0.. of the three sums.
-#[inline(always)]
-fn masked_lanes(t: &mut [[f64; 8]; 3], d: &[f32], k: &[f32]) {
-    for l in 0..d.len() {
-        let a = d[l].abs() as f64;
-        let kd = (d[l] * k[l]) as f64;
-        t[0][l] += a;
-        t[1][l] += a * k[l] as f64;
-        t[2][l] += kd * kd;
+/// Adds |d|, |d|·k and (d·k)² of elements 8j + l into lane l of the three sums, in element
+/// order: whole groups of eight through fixed-length arrays held in registers (eight-lane
+/// f64 vector ops), then the remainder into lanes 0.. .
+fn masked_lanes(d: &[f32], k: &[f32]) -> [f64; 3] {
+    let (dc, dr) = d.as_chunks::<8>();
+    let (kc, kr) = k.as_chunks::<8>();
+    let (mut t0, mut t1, mut t2) = ([0.0f64; 8], [0.0f64; 8], [0.0f64; 8]);
+    for (d, k) in dc.iter().zip(kc) {
+        // widen whole arrays first: the adds below then map onto f64 vector registers
+        let a: [f64; 8] = std::array::from_fn(|l| d[l].abs() as f64);
+        let kf: [f64; 8] = std::array::from_fn(|l| k[l] as f64);
+        let kd: [f64; 8] = std::array::from_fn(|l| (d[l] * k[l]) as f64);
+        for l in 0..8 {
+            t0[l] += a[l];
+            t1[l] += a[l] * kf[l];
+            t2[l] += kd[l] * kd[l];
+        }
     }
+    for l in 0..dr.len() {
+        let a = dr[l].abs() as f64;
+        let kd = (dr[l] * kr[l]) as f64;
+        t0[l] += a;
+        t1[l] += a * kr[l] as f64;
+        t2[l] += kd * kd;
+    }
+    [t0, t1, t2].map(|lanes| lanes.iter().sum())
 }
 
 /// 1.0 where the element's random word (top 24 bits) is below `threshold(global index)`.
@@ -683,16 +699,7 @@ impl Backend for Cpu {
                         }
                         // eight independent f64 lanes (in a fixed order): vectorised, and
                         // the same sums whatever the thread count
-                        // (whole groups of eight as arrays, so that the lane loop has a
-                        // length the compiler knows; then the remainder, into lanes 0..)
-                        let mut t = [[0.0f64; 8]; 3];
-                        let (dc, dr) = s.x[i][..len].as_chunks::<8>();
-                        let (kc, kr) = s.acc[..len].as_chunks::<8>();
-                        for (d, k) in dc.iter().zip(kc) {
-                            masked_lanes(&mut t, d, k);
-                        }
-                        masked_lanes(&mut t, dr, kr);
-                        *o = t.map(|lanes| lanes.iter().sum());
+                        *o = masked_lanes(&s.x[i][..len], &s.acc[..len]);
                     }
                     (out, bits)
                 },
@@ -1138,18 +1145,38 @@ fn drawn_at_random(k: &Keep) -> bool {
 }
 
 fn pack_factors(m: &[f32]) -> Vec<u64> {
-    m.chunks(64)
-        .map(|c| {
-            c.iter()
+    // whole words through a fixed-length loop (a vector compare into a mask), then the rest
+    let (words, rest) = m.as_chunks::<64>();
+    let mut v = Vec::with_capacity(words.len() + 1);
+    v.extend(words.iter().map(|c| {
+        let mut w = 0u64;
+        for j in 0..64 {
+            w |= ((c[j] != 0.0) as u64) << j;
+        }
+        w
+    }));
+    if !rest.is_empty() {
+        v.push(
+            rest.iter()
                 .enumerate()
-                .fold(0u64, |w, (j, x)| w | (((*x != 0.0) as u64) << j))
-        })
-        .collect()
+                .fold(0u64, |w, (j, x)| w | (((*x != 0.0) as u64) << j)),
+        );
+    }
+    v
 }
 
 fn unpack_factors(bits: &[u64], m: &mut [f32]) {
-    for (e, v) in m.iter_mut().enumerate() {
-        *v = ((bits[e >> 6] >> (e & 63)) & 1) as f32;
+    // 64 factors per word with shifts the compiler vectorises, then the rest
+    let (words, rest) = m.as_chunks_mut::<64>();
+    for (c, &w) in words.iter_mut().zip(bits) {
+        for j in 0..64 {
+            c[j] = ((w >> j) & 1) as f32;
+        }
+    }
+    if let Some(&w) = bits.get(words.len()) {
+        for (j, v) in rest.iter_mut().enumerate() {
+            *v = ((w >> j) & 1) as f32;
+        }
     }
 }
 
