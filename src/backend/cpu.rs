@@ -210,23 +210,13 @@ fn keep_factors(keep: &Keep, cx: &KeepCtx, start: usize, d: &[f32], m: &mut [f32
 }
 
 /// Adds |d|, |d|·k and (d·k)² of elements 8j + l into lane l of the three sums, in element
-/// order: whole groups of eight through fixed-length arrays held in registers (eight-lane
-/// f64 vector ops), then the remainder into lanes 0.. .
+/// order (whole groups of eight, then the remainder into lanes 0..), and returns each
+/// sum's lanes added up. The lanes make the sums independent of the thread count and let
+/// them run on f64 vectors.
 fn masked_lanes(d: &[f32], k: &[f32]) -> [f64; 3] {
     let (dc, dr) = d.as_chunks::<8>();
     let (kc, kr) = k.as_chunks::<8>();
-    let (mut t0, mut t1, mut t2) = ([0.0f64; 8], [0.0f64; 8], [0.0f64; 8]);
-    for (d, k) in dc.iter().zip(kc) {
-        // widen whole arrays first: the adds below then map onto f64 vector registers
-        let a: [f64; 8] = std::array::from_fn(|l| d[l].abs() as f64);
-        let kf: [f64; 8] = std::array::from_fn(|l| k[l] as f64);
-        let kd: [f64; 8] = std::array::from_fn(|l| (d[l] * k[l]) as f64);
-        for l in 0..8 {
-            t0[l] += a[l];
-            t1[l] += a[l] * kf[l];
-            t2[l] += kd[l] * kd[l];
-        }
-    }
+    let [mut t0, mut t1, mut t2] = lane_sums8(dc, kc);
     for l in 0..dr.len() {
         let a = dr[l].abs() as f64;
         let kd = (dr[l] * kr[l]) as f64;
@@ -235,6 +225,60 @@ fn masked_lanes(d: &[f32], k: &[f32]) -> [f64; 3] {
         t2[l] += kd * kd;
     }
     [t0, t1, t2].map(|lanes| lanes.iter().sum())
+}
+
+/// The lanes of [`masked_lanes`] over whole groups of eight. LLVM keeps these f64 lanes in
+/// two-wide registers, so x86-64 with AVX has them written out: the same operations in the
+/// same order (f32 products widened, separate multiply and add), hence the same bits.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx"))]
+fn lane_sums8(dc: &[[f32; 8]], kc: &[[f32; 8]]) -> [[f64; 8]; 3] {
+    use std::arch::x86_64::*;
+    // SAFETY: AVX is enabled for this build (the cfg above); loads and stores are unaligned
+    // ones of whole arrays.
+    unsafe {
+        let z = _mm256_setzero_pd();
+        let mut t = [[z; 2]; 3];
+        let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        for (d, k) in dc.iter().zip(kc) {
+            let dv = _mm256_loadu_ps(d.as_ptr());
+            let kv = _mm256_loadu_ps(k.as_ptr());
+            let av = _mm256_and_ps(dv, abs);
+            let kd = _mm256_mul_ps(dv, kv);
+            let halves = |v: __m256| {
+                [
+                    _mm256_cvtps_pd(_mm256_castps256_ps128(v)),
+                    _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v)),
+                ]
+            };
+            let (a, kf, kd) = (halves(av), halves(kv), halves(kd));
+            for h in 0..2 {
+                t[0][h] = _mm256_add_pd(t[0][h], a[h]);
+                t[1][h] = _mm256_add_pd(t[1][h], _mm256_mul_pd(a[h], kf[h]));
+                t[2][h] = _mm256_add_pd(t[2][h], _mm256_mul_pd(kd[h], kd[h]));
+            }
+        }
+        let mut out = [[0.0f64; 8]; 3];
+        for (o, v) in out.iter_mut().zip(&t) {
+            _mm256_storeu_pd(o.as_mut_ptr(), v[0]);
+            _mm256_storeu_pd(o.as_mut_ptr().add(4), v[1]);
+        }
+        out
+    }
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_feature = "avx")))]
+fn lane_sums8(dc: &[[f32; 8]], kc: &[[f32; 8]]) -> [[f64; 8]; 3] {
+    let mut t = [[0.0f64; 8]; 3];
+    for (d, k) in dc.iter().zip(kc) {
+        for l in 0..8 {
+            let a = d[l].abs() as f64;
+            let kd = (d[l] * k[l]) as f64;
+            t[0][l] += a;
+            t[1][l] += a * k[l] as f64;
+            t[2][l] += kd * kd;
+        }
+    }
+    t
 }
 
 /// 1.0 where the element's random word (top 24 bits) is below `threshold(global index)`.
@@ -1314,6 +1358,46 @@ mod tests {
 
     fn f32_input(v: &[f32]) -> Vec<u8> {
         v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    /// The vectorised lane sums equal, bit for bit, eight scalar f64 lanes fed in element
+    /// order, for lengths with and without a remainder and masks of 0/1 and other factors.
+    #[test]
+    fn masked_lanes_equal_scalar_lanes() {
+        let mut rng = crate::rng::Stream::new(7, "masked", 0);
+        for len in [0usize, 5, 8, 13, 64, 1000, 16 * 1024 + 3] {
+            let words: Vec<u32> = (0..len.div_ceil(4) as u64)
+                .flat_map(|b| rng.block(b))
+                .take(len)
+                .collect();
+            let d: Vec<f32> = words
+                .iter()
+                .map(|w| (*w as i32 as f32) * 1e-9 * if w % 7 == 0 { 1e6 } else { 1.0 })
+                .collect();
+            let k: Vec<f32> = words
+                .iter()
+                .map(|w| match w % 3 {
+                    0 => 0.0,
+                    1 => 1.0,
+                    _ => (w % 1000) as f32 / 333.0,
+                })
+                .collect();
+            let mut lanes = [[0.0f64; 8]; 3];
+            for e in 0..len {
+                let l = e % 8;
+                let a = d[e].abs() as f64;
+                let kd = (d[e] * k[e]) as f64;
+                lanes[0][l] += a;
+                lanes[1][l] += a * k[e] as f64;
+                lanes[2][l] += kd * kd;
+            }
+            let want = lanes.map(|t| t.iter().sum::<f64>());
+            let got = masked_lanes(&d, &k);
+            for j in 0..3 {
+                assert_eq!(got[j].to_bits(), want[j].to_bits(), "len {len}, sum {j}");
+            }
+            rng = crate::rng::Stream::new(len as u64, "masked", 1);
+        }
     }
 
     #[test]
