@@ -57,7 +57,6 @@ struct Scratch {
     spare: Vec<Vec<f32>>,
     acc: Vec<f32>,
     acc2: Vec<f32>,
-    acc3: Vec<f32>,
     var: Vec<f32>,
     bits: Vec<u32>,
 }
@@ -112,7 +111,6 @@ impl Scratch {
                 spare: Vec::new(),
                 acc: buf(),
                 acc2: buf(),
-                acc3: buf(),
                 var: buf(),
                 bits: Vec::with_capacity(CHUNK),
             });
@@ -799,79 +797,23 @@ impl Backend for Cpu {
                 if var {
                     variance_keys(&s.x, len, &mut s.var);
                 }
+                // keep factors of every model into y
                 for i in 0..m {
                     let cx = keep_ctx(job, sp, &ranks, i, &s.var[..len]);
-                    let k = &mut s.acc[..len];
+                    let k = &mut s.y[i][..len];
                     match cached.as_ref().map(|b| &b[c][i]) {
                         Some(bits) if !bits.is_empty() => unpack_factors(bits, k),
                         _ => keep_factors(&sp.keep[i], &cx, start, &s.x[i][..len], k),
                     }
-                    let (sc, w) = (spec.scale[i], spec.weights[i]);
-                    let (x, v) = (&mut s.x[i][..len], &mut s.y[i][..len]);
-                    for ((x, v), k) in x.iter_mut().zip(v.iter_mut()).zip(k.iter()) {
-                        let u = (*x * *k) * sc;
-                        *v = u;
-                        *x = u * w;
-                    }
                 }
-                let mix = &mut s.acc[..len];
-                let div = &mut s.acc2[..len];
-                let maj = &mut s.acc3[..len];
-                mix.fill(0.0);
-                match spec.consensus {
-                    Consensus::None => {
-                        for x in &s.x {
-                            mix.iter_mut().zip(&x[..len]).for_each(|(a, x)| *a += *x);
-                        }
-                        div.fill(wsum);
-                    }
-                    Consensus::Sum | Consensus::Count => {
-                        // mix holds the vote first, then the sum of agreeing deltas
-                        for i in 0..m {
-                            let v = match spec.vote {
-                                Vote::Weighted => &s.x[i][..len],
-                                Vote::Unweighted => &s.y[i][..len],
-                            };
-                            if spec.consensus == Consensus::Sum {
-                                mix.iter_mut().zip(v).for_each(|(a, x)| *a += *x);
-                            } else {
-                                mix.iter_mut().zip(v).for_each(|(a, x)| *a += sign(*x));
-                            }
-                        }
-                        maj.iter_mut()
-                            .zip(mix.iter())
-                            .for_each(|(s, v)| *s = if *v >= 0.0 { 1.0 } else { -1.0 });
-                        mix.fill(0.0);
-                        div.fill(0.0);
-                        for (x, &w) in s.x.iter().zip(&spec.weights) {
-                            let x = &x[..len];
-                            for e in 0..len {
-                                let agree = (sign(x[e]) == maj[e]) as u32 as f32;
-                                mix[e] += x[e] * agree;
-                                div[e] += w * agree;
-                            }
-                        }
-                        match spec.div_floor {
-                            None => div.iter_mut().for_each(|d| {
-                                if *d == 0.0 {
-                                    *d = 1.0
-                                }
-                            }),
-                            Some(f) => div.iter_mut().for_each(|d| *d = d.max(f)),
-                        }
-                    }
+                // then every step for 64 elements at a time (fewer passes over the chunk's buffers)
+                let (x, k, b, mix) = (&mut s.x, &s.y, &s.base[..len], &mut s.acc[..len]);
+                let full = len / 64 * 64;
+                for o in (0..full).step_by(64) {
+                    gta_lanes::<64>(x, k, b, spec, wsum, o, mix);
                 }
-                let b = &s.base[..len];
-                let lambda = spec.lambda;
-                for e in 0..len {
-                    let mut v = mix[e];
-                    if spec.normalize {
-                        v /= div[e];
-                    }
-                    if lambda != 1.0 {
-                        v *= lambda;
-                    }
-                    mix[e] = b[e] + v;
+                for o in full..len {
+                    gta_lanes::<1>(x, k, b, spec, wsum, o, mix);
                 }
                 dtype::encode(job.out_dtype, mix, oc);
             },
@@ -1268,6 +1210,92 @@ fn vector_values(v: Vector, s: &Scratch, len: usize, out: &mut Vec<f32>) {
         Vector::Delta(i) => {
             out.extend(s.x[i][..len].iter().zip(&s.base[..len]).map(|(x, b)| x - b))
         }
+    }
+}
+
+/// Elements `o .. o + N` of a GTA chunk: deltas in `x[i]` (overwritten with their weighted,
+/// kept, rescaled values), keep factors in `k[i]`, base in `b`; the merged values go to
+/// `out`. Per element, in this order: u = (d·k)·scale, v = u·w; the vote Σ v (or Σ u, or
+/// Σ sign) over the models in order; the majority sign (+1 at zero); the sums of agreeing
+/// v and of agreeing weights; the divisor floor; out = b + λ·(Σ / divisor).
+#[inline(always)]
+fn gta_lanes<const N: usize>(
+    x: &mut [Vec<f32>],
+    k: &[Vec<f32>],
+    b: &[f32],
+    spec: &GtaSpec,
+    wsum: f32,
+    o: usize,
+    out: &mut [f32],
+) {
+    let mut vote = [0.0f32; N];
+    for (i, (xi, ki)) in x.iter_mut().zip(k).enumerate() {
+        let (sc, w) = (spec.scale[i], spec.weights[i]);
+        let xi: &mut [f32; N] = (&mut xi[o..o + N]).try_into().unwrap();
+        let ki: &[f32; N] = (&ki[o..o + N]).try_into().unwrap();
+        // one loop per rule (u = unweighted, v = weighted value), so each vectorises
+        let v = &mut vote;
+        match (spec.consensus, spec.vote) {
+            (Consensus::None, _) | (Consensus::Sum, Vote::Weighted) => {
+                vote_lanes(xi, ki, sc, w, v, |_, v| v)
+            }
+            (Consensus::Sum, Vote::Unweighted) => vote_lanes(xi, ki, sc, w, v, |u, _| u),
+            (Consensus::Count, Vote::Weighted) => vote_lanes(xi, ki, sc, w, v, |_, v| sign(v)),
+            (Consensus::Count, Vote::Unweighted) => vote_lanes(xi, ki, sc, w, v, |u, _| sign(u)),
+        }
+    }
+    let (mix, div) = match spec.consensus {
+        Consensus::None => (vote, [wsum; N]),
+        Consensus::Sum | Consensus::Count => {
+            let maj = vote.map(|v| if v >= 0.0 { 1.0 } else { -1.0 });
+            let (mut mix, mut div) = ([0.0f32; N], [0.0f32; N]);
+            for (xi, &w) in x.iter().zip(&spec.weights) {
+                let xi: &[f32; N] = (&xi[o..o + N]).try_into().unwrap();
+                for l in 0..N {
+                    let agree = (sign(xi[l]) == maj[l]) as u32 as f32;
+                    mix[l] += xi[l] * agree;
+                    div[l] += w * agree;
+                }
+            }
+            match spec.div_floor {
+                None => div.iter_mut().for_each(|d| {
+                    if *d == 0.0 {
+                        *d = 1.0
+                    }
+                }),
+                Some(f) => div.iter_mut().for_each(|d| *d = d.max(f)),
+            }
+            (mix, div)
+        }
+    };
+    for l in 0..N {
+        let mut v = mix[l];
+        if spec.normalize {
+            v /= div[l];
+        }
+        if spec.lambda != 1.0 {
+            v *= spec.lambda;
+        }
+        out[o + l] = b[o + l] + v;
+    }
+}
+
+/// One model's step of [`gta_lanes`]: u = (d·k)·scale and v = u·w (v replaces d), and
+/// `pick(u, v)` added to the vote.
+#[inline(always)]
+fn vote_lanes<const N: usize>(
+    x: &mut [f32; N],
+    k: &[f32; N],
+    sc: f32,
+    w: f32,
+    vote: &mut [f32; N],
+    pick: impl Fn(f32, f32) -> f32,
+) {
+    for l in 0..N {
+        let u = (x[l] * k[l]) * sc;
+        let v = u * w;
+        x[l] = v;
+        vote[l] += pick(u, v);
     }
 }
 
