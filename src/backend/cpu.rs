@@ -547,11 +547,24 @@ fn bracket_select(job: &Job, queries: &[Query]) -> Option<Vec<RankCut>> {
                         above[qi] = bits.iter().map(|&a| (a > hi) as u32).sum::<u32>() as u64;
                         let span = hi.wrapping_sub(lo);
                         let found = &mut inside[qi];
-                        for (w, blk) in bits.chunks(64).enumerate() {
-                            let mut mask = 0u64;
-                            for (l, &a) in blk.iter().enumerate() {
-                                mask |= ((a.wrapping_sub(lo) <= span) as u64) << l;
-                            }
+                        // whole blocks through a fixed-length loop (a vector compare
+                        // into a mask), then the rest
+                        let (blocks, rest) = bits.as_chunks::<64>();
+                        let masks = blocks
+                            .iter()
+                            .map(|blk| {
+                                let mut mask = 0u64;
+                                for l in 0..64 {
+                                    mask |= ((blk[l].wrapping_sub(lo) <= span) as u64) << l;
+                                }
+                                mask
+                            })
+                            .chain((!rest.is_empty()).then(|| {
+                                rest.iter().enumerate().fold(0u64, |mask, (l, &a)| {
+                                    mask | ((a.wrapping_sub(lo) <= span) as u64) << l
+                                })
+                            }));
+                        for (w, mut mask) in masks.enumerate() {
                             while mask != 0 {
                                 let j = w * 64 + mask.trailing_zeros() as usize;
                                 mask &= mask - 1;
@@ -564,8 +577,8 @@ fn bracket_select(job: &Job, queries: &[Query]) -> Option<Vec<RankCut>> {
             },
         )
         .collect();
-    let mut out = Vec::with_capacity(queries.len());
-    for (qi, q) in queries.iter().enumerate() {
+    // each query's cut from its candidates, the queries in parallel
+    let cut = |(qi, q): (usize, &Query)| -> Option<RankCut> {
         let above: u64 = per_chunk.iter().map(|c| c.0[qi]).sum();
         // (key descending, index ascending) is the order that defines ranks: as one u64 with
         // the key complemented it is plain ascending order
@@ -585,12 +598,12 @@ fn bracket_select(job: &Job, queries: &[Query]) -> Option<Vec<RankCut>> {
         let more = cand.iter().fold(false, |acc, &c| {
             acc | (((c >> 32) == key) & ((c as u32) > i))
         });
-        out.push(RankCut {
+        Some(RankCut {
             bits: !(key as u32),
             index: if more { i + 1 } else { u32::MAX },
-        });
-    }
-    Some(out)
+        })
+    };
+    queries.par_iter().enumerate().map(cut).collect()
 }
 
 impl Backend for Cpu {
