@@ -21,7 +21,9 @@ use crate::backend::{Backend, Input, Job};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::io::output;
-use crate::io::writer::{free_space, hex, HashAlgo, Layout, OutTensor, StagedOutput, Start};
+use crate::io::writer::{
+    free_space, hex, HashAlgo, Layout, MappedSlot, OutTensor, StagedOutput, Start,
+};
 use crate::methods::{self, Ctx};
 use crate::plan::{Plan, TensorTask};
 
@@ -443,6 +445,12 @@ fn run_tasks<'b>(
     // or in a buffer that comes back for reuse.
     let (to_writer, from_exec) = mpsc::sync_channel::<(usize, Option<Vec<u8>>)>(2);
     let (recycle, recycled) = mpsc::channel::<Vec<u8>>();
+    // every tensor's place in the mapped output, taken now: asking the staged output for
+    // one per tensor would wait on the writer, which holds it while hashing
+    let slots: Vec<Option<MappedSlot>> = {
+        let st = staged_m.lock().unwrap();
+        (0..plan.tasks.len()).map(|i| st.slot(i)).collect()
+    };
     let result: Result<()> = std::thread::scope(|scope| {
         let waiting = &mut *waiting;
         let writer = scope.spawn(move || -> Result<()> {
@@ -478,9 +486,8 @@ fn run_tasks<'b>(
                 }
                 // in place in the mapped output when there is one (no copy, no zeroing: a
                 // fresh slot reads as zeros), else in a zeroed buffer
-                let slot = staged_m.lock().unwrap().slot(i);
                 let mut owned = None;
-                let buf: &mut [u8] = match &slot {
+                let buf: &mut [u8] = match &slots[i] {
                     // SAFETY: the staged output outlives this loop, and slot i is touched by
                     // nothing else until the writer gets it below
                     Some(s) => unsafe { s.bytes() },
