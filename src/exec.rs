@@ -3,8 +3,12 @@
 //!
 //! Memory stays bounded by a few output tensors: the inputs are file-backed mappings the
 //! kernel pages in on demand (with read-ahead asked for the next tensor while this one
-//! computes), and finished tensors go to a writer thread through a queue of two, whose
-//! buffers come back for reuse. Reading, computing and writing overlap.
+//! computes). Each tensor is merged in place into its slot of the output shard, which is
+//! allocated up front (fallocate) and memory-mapped, then handed to a writer thread through
+//! a queue of two, which hashes it and drops its pages from the process (they stay in the
+//! page cache on their way to disk). Where the filesystem cannot reserve blocks, tensors are
+//! merged into buffers instead, written with pwrite, and the buffers come back for reuse.
+//! Reading, computing and writing overlap.
 //!
 //! A stop request (Ctrl-C, SIGTERM) is honoured between tensors: what is written stays in the
 //! partial folder with its journal, and `--resume` carries on from the finished shards.
