@@ -51,7 +51,7 @@ pub fn load(input: &Input, start: usize, load: DType, dst: &mut [f32]) {
 struct Scratch {
     base: Vec<f32>,
     x: Vec<Vec<f32>>,
-    /// Per-model buffers beside `x` (gta's votes).
+    /// Per-model buffers beside `x` (gta's keep factors).
     y: Vec<Vec<f32>>,
     /// Model buffers not in use by the current job (x and y hold exactly `models`).
     spare: Vec<Vec<f32>>,
@@ -214,15 +214,21 @@ fn keep_factors(keep: &Keep, cx: &KeepCtx, start: usize, d: &[f32], m: &mut [f32
 fn masked_lanes(d: &[f32], k: &[f32]) -> [f64; 3] {
     let (dc, dr) = d.as_chunks::<8>();
     let (kc, kr) = k.as_chunks::<8>();
-    let [mut t0, mut t1, mut t2] = lane_sums8(dc, kc);
+    let mut t = lane_sums8(dc, kc);
     for l in 0..dr.len() {
-        let a = dr[l].abs() as f64;
-        let kd = (dr[l] * kr[l]) as f64;
-        t0[l] += a;
-        t1[l] += a * kr[l] as f64;
-        t2[l] += kd * kd;
+        lane_step(&mut t, l, dr[l], kr[l]);
     }
-    [t0, t1, t2].map(|lanes| lanes.iter().sum())
+    t.map(|lanes| lanes.iter().sum())
+}
+
+/// One element's |d|, |d|·k and (d·k)² added into lane `l` of the three sums.
+#[inline(always)]
+fn lane_step(t: &mut [[f64; 8]; 3], l: usize, d: f32, k: f32) {
+    let a = d.abs() as f64;
+    let kd = (d * k) as f64;
+    t[0][l] += a;
+    t[1][l] += a * k as f64;
+    t[2][l] += kd * kd;
 }
 
 /// The lanes of [`masked_lanes`] over whole groups of eight. LLVM keeps these f64 lanes in
@@ -269,11 +275,7 @@ fn lane_sums8(dc: &[[f32; 8]], kc: &[[f32; 8]]) -> [[f64; 8]; 3] {
     let mut t = [[0.0f64; 8]; 3];
     for (d, k) in dc.iter().zip(kc) {
         for l in 0..8 {
-            let a = d[l].abs() as f64;
-            let kd = (d[l] * k[l]) as f64;
-            t[0][l] += a;
-            t[1][l] += a * k[l] as f64;
-            t[2][l] += kd * kd;
+            lane_step(&mut t, l, d[l], k[l]);
         }
     }
     t

@@ -505,7 +505,7 @@ impl StagedOutput {
 
     /// Records plan tensor `i`, written in place into its [`StagedOutput::slot`]: hashes it
     /// and lets go of its pages (they stay in the page cache, dirty, on their way to disk).
-    pub fn wrote_in_place(&self, i: usize) -> Result<()> {
+    pub fn wrote_in_place(&self, i: usize) {
         let s = self
             .slot(i)
             .expect("wrote_in_place on a shard that is not mapped");
@@ -515,7 +515,8 @@ impl StagedOutput {
         #[cfg(unix)]
         {
             // only whole pages inside this slot: the neighbours may still be written
-            let page = 4096usize;
+            // SAFETY: sysconf has no preconditions
+            let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
             let start = (s.ptr as usize).div_ceil(page) * page;
             let end = (s.ptr as usize + s.len) / page * page;
             if end > start {
@@ -526,7 +527,6 @@ impl StagedOutput {
                 }
             }
         }
-        Ok(())
     }
 
     /// Writes the bytes of plan tensor `i`.
@@ -949,7 +949,7 @@ mod tests {
                         let b = unsafe { slot.bytes() };
                         assert!(b.iter().all(|&x| x == 0), "a fresh slot reads as zeros");
                         b.copy_from_slice(&data[i]);
-                        st.wrote_in_place(i).unwrap();
+                        st.wrote_in_place(i);
                     }
                     _ => st.write_tensor(i, &data[i]).unwrap(),
                 }
