@@ -330,9 +330,7 @@ impl Recipe {
                                 _ => {
                                     return Err(err(format!(
                                         "{w}: unknown key `{}`; an adapter entry takes `path` and `scale`",
-                                        key.as_str()
-                                            .map(str::to_string)
-                                            .unwrap_or_else(|| params::describe(key))
+                                        params::key_name(key)
                                     )))
                                 }
                             }
@@ -429,9 +427,7 @@ impl Recipe {
                             _ => {
                                 return Err(err(format!(
                                     "{what}: unknown key `{}`; a base_model mapping takes `model` and `adapters`",
-                                    key.as_str()
-                                        .map(str::to_string)
-                                        .unwrap_or_else(|| params::describe(key))
+                                    params::key_name(key)
                                 )))
                             }
                         }

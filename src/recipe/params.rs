@@ -151,6 +151,13 @@ fn conditional(v: &Value) -> Result<Conditional, String> {
     Ok(Conditional { filter, value })
 }
 
+/// A mapping key as an error message names it: the string itself, else its description.
+pub fn key_name(key: &Value) -> String {
+    key.as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| describe(key))
+}
+
 pub fn describe(v: &Value) -> String {
     match v {
         Value::Null => "null".into(),
