@@ -13,6 +13,18 @@ fn peft() -> PathBuf {
     root().join("tests/fixtures/peft")
 }
 
+/// `smelt lora ARGS -o OUT` on the CPU.
+fn lora_cli(args: &[&str], out: impl AsRef<std::ffi::OsStr>) -> std::process::Output {
+    smelt()
+        .arg("lora")
+        .args(args)
+        .arg("-o")
+        .arg(out)
+        .args(cpu_args())
+        .output()
+        .unwrap()
+}
+
 fn p(name: &str) -> String {
     peft().join(name).display().to_string()
 }
@@ -83,12 +95,7 @@ fn adapter_for_another_base_is_refused_naming_module_and_shapes() {
 fn cli_apply_writes_model_and_refuses_mismatch() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("applied");
-    let o = smelt()
-        .args(["lora", "apply", &p("base"), &p("lora_embed"), "-o"])
-        .arg(&out)
-        .args(cpu_args())
-        .output()
-        .unwrap();
+    let o = lora_cli(&["apply", &p("base"), &p("lora_embed")], &out);
     assert!(o.status.success(), "{}", stderr(&o));
     let got = load_dir(&out);
     let expected = load_st(&peft().join("apply_lora_embed/model.safetensors"));
@@ -101,12 +108,7 @@ fn cli_apply_writes_model_and_refuses_mismatch() {
     assert!(card.contains("lora_embed"), "{card}");
 
     let bad = tmp.path().join("bad");
-    let o = smelt()
-        .args(["lora", "apply", &p("base"), &p("lora_other"), "-o"])
-        .arg(&bad)
-        .args(cpu_args())
-        .output()
-        .unwrap();
+    let o = lora_cli(&["apply", &p("base"), &p("lora_other")], &bad);
     assert!(!o.status.success());
     let e = stderr(&o);
     assert!(
@@ -120,12 +122,7 @@ fn cli_apply_writes_model_and_refuses_mismatch() {
     assert_eq!(left, vec!["applied".to_string()], "{left:?}");
 
     // Not an adapter folder at all.
-    let o = smelt()
-        .args(["lora", "apply", &p("base"), &p("base"), "-o"])
-        .arg(tmp.path().join("x"))
-        .args(cpu_args())
-        .output()
-        .unwrap();
+    let o = lora_cli(&["apply", &p("base"), &p("base")], tmp.path().join("x"));
     assert!(!o.status.success());
     assert!(stderr(&o).contains("adapter_config.json"), "{}", stderr(&o));
 }
@@ -507,9 +504,8 @@ fn merge_refuses_what_peft_refuses() {
 fn cli_merge_writes_adapter_peft_reads() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("ac_cat");
-    let o = smelt()
-        .args([
-            "lora",
+    let o = lora_cli(
+        &[
             "merge",
             &p("lora_a"),
             &p("lora_c"),
@@ -517,12 +513,9 @@ fn cli_merge_writes_adapter_peft_reads() {
             "cat",
             "--weights",
             "0.7,0.3",
-            "-o",
-        ])
-        .arg(&out)
-        .args(cpu_args())
-        .output()
-        .unwrap();
+        ],
+        &out,
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let got = load_st(&out.join("adapter_model.safetensors"));
     let expected = load_st(&peft().join("merge_ac_cat/adapter_model.safetensors"));
@@ -593,9 +586,8 @@ fn cli_merge_writes_adapter_peft_reads() {
 
     // Refusals exit non-zero and leave nothing.
     let bad = tmp.path().join("bad");
-    let o = smelt()
-        .args([
-            "lora",
+    let o = lora_cli(
+        &[
             "merge",
             &p("lora_a"),
             &p("lora_c"),
@@ -603,12 +595,9 @@ fn cli_merge_writes_adapter_peft_reads() {
             "ties",
             "--density",
             "0.5",
-            "-o",
-        ])
-        .arg(&bad)
-        .args(cpu_args())
-        .output()
-        .unwrap();
+        ],
+        &bad,
+    );
     assert!(!o.status.success());
     assert!(stderr(&o).contains("same rank"), "{}", stderr(&o));
     assert!(!bad.exists());
@@ -690,20 +679,16 @@ fn cli_extract_round_trips_through_apply() {
     let tmp = tempfile::tempdir().unwrap();
     for case in ["embed", "c"] {
         let out = tmp.path().join(format!("ex_{case}"));
-        let o = smelt()
-            .args([
-                "lora",
+        let o = lora_cli(
+            &[
                 "extract",
                 &p("base"),
                 &p(&format!("apply_lora_{case}")),
                 "--rank",
                 "8",
-                "-o",
-            ])
-            .arg(&out)
-            .args(cpu_args())
-            .output()
-            .unwrap();
+            ],
+            &out,
+        );
         assert!(o.status.success(), "{}", stderr(&o));
         let text = String::from_utf8_lossy(&o.stdout).to_string();
         assert!(text.contains("retained 100.0000%"), "{text}");
@@ -733,20 +718,10 @@ fn cli_extract_round_trips_through_apply() {
             }
         }
     }
-    let o = smelt()
-        .args([
-            "lora",
-            "extract",
-            &p("base"),
-            &p("base"),
-            "--rank",
-            "4",
-            "-o",
-        ])
-        .arg(tmp.path().join("none"))
-        .args(cpu_args())
-        .output()
-        .unwrap();
+    let o = lora_cli(
+        &["extract", &p("base"), &p("base"), "--rank", "4"],
+        tmp.path().join("none"),
+    );
     assert!(!o.status.success());
     assert!(stderr(&o).contains("nothing to extract"), "{}", stderr(&o));
     assert!(!tmp.path().join("none").exists());
@@ -872,9 +847,8 @@ fn lego_exact_cases_and_parity() {
 fn cli_lego_writes_loadable_adapter() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("lego");
-    let o = smelt()
-        .args([
-            "lora",
+    let o = lora_cli(
+        &[
             "merge",
             &p("lora_a"),
             &p("lora_c"),
@@ -884,12 +858,9 @@ fn cli_lego_writes_loadable_adapter() {
             "12",
             "--weights",
             "0.7,0.3",
-            "-o",
-        ])
-        .arg(&out)
-        .args(cpu_args())
-        .output()
-        .unwrap();
+        ],
+        &out,
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let recipe = format!(
         "merge_method: passthrough\nmodels:\n  - model: {}+{}\n",
@@ -915,9 +886,8 @@ fn cli_lego_writes_loadable_adapter() {
             Tol::abs_rel(3e-7, 1e-5),
         );
     }
-    let o = smelt()
-        .args([
-            "lora",
+    let o = lora_cli(
+        &[
             "merge",
             &p("lora_a"),
             &p("lora_b"),
@@ -925,12 +895,9 @@ fn cli_lego_writes_loadable_adapter() {
             "lego",
             "--density",
             "0.5",
-            "-o",
-        ])
-        .arg(tmp.path().join("bad"))
-        .args(cpu_args())
-        .output()
-        .unwrap();
+        ],
+        tmp.path().join("bad"),
+    );
     assert!(!o.status.success());
     assert!(!tmp.path().join("bad").exists());
 }
@@ -1199,12 +1166,7 @@ fn recipe_adapter_list_equals_chained_apply_and_is_recorded() {
         (b.clone(), &a, &step1),
         (step1.display().to_string(), &c, &step2),
     ] {
-        let o = smelt()
-            .args(["lora", "apply", &base, adapter, "-o"])
-            .arg(out)
-            .args(cpu_args())
-            .output()
-            .unwrap();
+        let o = lora_cli(&["apply", &base, adapter], out);
         assert!(o.status.success(), "{}", stderr(&o));
     }
     let chained = load_dir(&step2);
@@ -1304,47 +1266,44 @@ fn recipe_adapter_list_errors() {
             .to_string()
     };
     let nope = tmp.path().join("nope");
-    let e = parse_err(format!(
-        "merge_method: passthrough\nmodels:\n  - model: {b}\n    adapters: [{a}, {}]\n",
-        nope.display()
-    ));
-    assert!(
-        e.contains("models[0].adapters[1]") && e.contains("nope") && e.contains("does not exist"),
-        "{e}"
-    );
-    let e = parse_err(format!(
-        "merge_method: passthrough\nmodels:\n  - model: {b}\n    adapters: [{{path: {a}, scal: 2}}]\n"
-    ));
-    assert!(
-        e.contains("models[0].adapters[0]") && e.contains("unknown key `scal`"),
-        "{e}"
-    );
-    let e = parse_err(format!(
-        "merge_method: passthrough\nmodels:\n  - model: {b}\n    adapter: [{a}]\n"
-    ));
-    assert!(e.contains("adapter") && e.contains("adapters"), "{e}");
-    let e = parse_err(format!(
-        "merge_method: passthrough\nmodels:\n  - model: {b}\n    adapters: [{{path: {a}, scale: .nan}}]\n"
-    ));
-    assert!(e.contains("adapters[0].scale"), "{e}");
-    let e = parse_err(format!(
-        "merge_method: passthrough\nmodels:\n  - model: {b}\n    adapters: {a}\n"
-    ));
-    assert!(
-        e.contains("models[0].adapters") && e.contains("list"),
-        "{e}"
-    );
-    let e = parse_err(format!(
-        "merge_method: task_arithmetic\nbase_model: {{adapters: [{a}]}}\nmodels:\n  - model: {b}\n"
-    ));
-    assert!(e.contains("base_model") && e.contains("no `model`"), "{e}");
-    let e = parse_err(format!(
-        "merge_method: task_arithmetic\nbase_model: {{model: {b}, adapter: [{a}]}}\nmodels:\n  - model: {b}\n"
-    ));
-    assert!(
-        e.contains("base_model") && e.contains("unknown key `adapter`"),
-        "{e}"
-    );
+    let nope = nope.display();
+    let pt = format!("merge_method: passthrough\nmodels:\n  - model: {b}\n");
+    let ta = "merge_method: task_arithmetic";
+    // (recipe, what its error must name)
+    let cases: Vec<(String, &[&str])> = vec![
+        (
+            format!("{pt}    adapters: [{a}, {nope}]\n"),
+            &["models[0].adapters[1]", "nope", "does not exist"],
+        ),
+        (
+            format!("{pt}    adapters: [{{path: {a}, scal: 2}}]\n"),
+            &["models[0].adapters[0]", "unknown key `scal`"],
+        ),
+        (
+            format!("{pt}    adapter: [{a}]\n"),
+            &["adapter", "adapters"],
+        ),
+        (
+            format!("{pt}    adapters: [{{path: {a}, scale: .nan}}]\n"),
+            &["adapters[0].scale"],
+        ),
+        (
+            format!("{pt}    adapters: {a}\n"),
+            &["models[0].adapters", "list"],
+        ),
+        (
+            format!("{ta}\nbase_model: {{adapters: [{a}]}}\nmodels:\n  - model: {b}\n"),
+            &["base_model", "no `model`"],
+        ),
+        (
+            format!("{ta}\nbase_model: {{model: {b}, adapter: [{a}]}}\nmodels:\n  - model: {b}\n"),
+            &["base_model", "unknown key `adapter`"],
+        ),
+    ];
+    for (text, needles) in cases {
+        let e = parse_err(text);
+        assert!(needles.iter().all(|n| e.contains(n)), "{needles:?}: {e}");
+    }
 
     // an adapter whose module is not in the model (second in the list)
     let odd = tmp.path().join("odd");
@@ -1555,9 +1514,8 @@ fn svd_clamp_matches_peft() {
     // The CLI: written adapter = the in-process CPU merge; the card records the quantile.
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("clamped");
-    let o = smelt()
-        .args([
-            "lora",
+    let o = lora_cli(
+        &[
             "merge",
             &p("lora_a"),
             &p("lora_b"),
@@ -1567,12 +1525,9 @@ fn svd_clamp_matches_peft() {
             "0.7,0.3",
             "--svd-clamp",
             "0.9",
-            "-o",
-        ])
-        .arg(&out)
-        .args(cpu_args())
-        .output()
-        .unwrap();
+        ],
+        &out,
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let cpu = run(Some(q), &smelt::backend::cpu::Cpu::new());
     let got = load_st(&out.join("adapter_model.safetensors"));
@@ -1590,14 +1545,10 @@ fn svd_clamp_matches_peft() {
         ),
     ] {
         let bad = tmp.path().join("bad");
-        let o = smelt()
-            .args(["lora", "merge", &p("lora_a"), &p("lora_b")])
-            .args(&args)
-            .arg("-o")
-            .arg(&bad)
-            .args(cpu_args())
-            .output()
-            .unwrap();
+        let o = lora_cli(
+            &[&["merge", &p("lora_a"), &p("lora_b")], &args[..]].concat(),
+            &bad,
+        );
         assert!(!o.status.success(), "{args:?}");
         assert!(stderr(&o).contains(msg), "{args:?}: {}", stderr(&o));
         assert!(!bad.exists());
@@ -1664,22 +1615,18 @@ fn merge_with_modules_to_save_follows_peft() {
         } else {
             ("0.3", "0.7")
         };
-        let o = smelt()
-            .args([
-                "lora",
+        let o = lora_cli(
+            &[
                 "merge",
                 &p(first),
                 &p(second),
                 "--method",
                 "cat",
                 "--weights",
-            ])
-            .arg(format!("{w1},{w2}"))
-            .arg("-o")
-            .arg(&out)
-            .args(cpu_args())
-            .output()
-            .unwrap();
+                &format!("{w1},{w2}"),
+            ],
+            &out,
+        );
         assert!(o.status.success(), "{}", stderr(&o));
         let e = stderr(&o);
         assert!(
