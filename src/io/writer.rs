@@ -840,6 +840,16 @@ pub fn free_space(path: &Path) -> Option<u64> {
 mod tests {
     use super::*;
 
+    /// Tensors a (f32, shape `s1`), b (bf16, shape `s2`) and c (f32, shape `s1`).
+    fn abc<'a>(s1: &'a [usize], s2: &'a [usize]) -> [OutTensor<'a>; 3] {
+        let t = |name, dtype, shape| OutTensor { name, dtype, shape };
+        [
+            t("a", DType::F32, s1),
+            t("b", DType::BF16, s2),
+            t("c", DType::F32, s1),
+        ]
+    }
+
     #[test]
     fn sizes() {
         assert_eq!(parse_size("5GB").unwrap(), 5_000_000_000);
@@ -855,23 +865,7 @@ mod tests {
     fn layout_shards_and_offsets() {
         let s1 = [4usize, 4];
         let s2 = [10usize];
-        let ts = [
-            OutTensor {
-                name: "a",
-                dtype: DType::F32,
-                shape: &s1,
-            },
-            OutTensor {
-                name: "b",
-                dtype: DType::BF16,
-                shape: &s2,
-            },
-            OutTensor {
-                name: "c",
-                dtype: DType::F32,
-                shape: &s1,
-            },
-        ];
+        let ts = abc(&s1, &s2);
         let l = Layout::new(&ts, 90);
         assert_eq!(l.shards.len(), 2);
         assert_eq!(l.shards[0].file_name, "model-00001-of-00002.safetensors");
@@ -896,23 +890,7 @@ mod tests {
     fn in_place_and_pwrite_give_the_same_shards() {
         let shape_a = [3usize, 1500];
         let shape_b = [5000usize];
-        let ts = [
-            OutTensor {
-                name: "a",
-                dtype: DType::F32,
-                shape: &shape_a,
-            },
-            OutTensor {
-                name: "b",
-                dtype: DType::BF16,
-                shape: &shape_b,
-            },
-            OutTensor {
-                name: "c",
-                dtype: DType::F32,
-                shape: &shape_a,
-            },
-        ];
+        let ts = abc(&shape_a, &shape_b);
         let data: Vec<Vec<u8>> = [18000usize, 10000, 18000]
             .iter()
             .enumerate()
