@@ -385,18 +385,6 @@ fn della_ranks(job: &Job, sp: &Sparsity) -> Vec<Option<Vec<u32>>> {
         .collect()
 }
 
-fn needs_variance(sp: &Sparsity) -> bool {
-    sp.keep.iter().any(|k| {
-        matches!(
-            k,
-            Keep::Ranks {
-                key: Key::Variance,
-                ..
-            }
-        )
-    })
-}
-
 /// Key bits of a source for the first `len` elements of the loaded chunk.
 fn source_bits(src: Source, s: &mut Scratch, len: usize) {
     s.bits.clear();
@@ -734,7 +722,7 @@ impl Backend for Cpu {
         let n = job.numel;
         let m = job.models.len();
         let ranks = della_ranks(job, sp);
-        let var = needs_variance(sp);
+        let var = sp.ranks_by_variance();
         let partials: Vec<(Vec<[f64; 3]>, ChunkBits)> = (0..chunks(n))
             .into_par_iter()
             .map_init(
@@ -792,7 +780,7 @@ impl Backend for Cpu {
             Some(_) => vec![None; m],
             None => della_ranks(job, sp),
         };
-        let var = needs_variance(sp);
+        let var = sp.ranks_by_variance();
         let wsum: f32 = {
             let mut s = 0.0f32;
             spec.weights.iter().for_each(|w| s += *w);

@@ -247,6 +247,19 @@ impl Sparsity {
             seed,
         }
     }
+
+    /// Whether some rule ranks by the variance key (SCE), which then has to be computed.
+    pub fn ranks_by_variance(&self) -> bool {
+        self.keep.iter().any(|k| {
+            matches!(
+                k,
+                Keep::Ranks {
+                    key: Key::Variance,
+                    ..
+                }
+            )
+        })
+    }
 }
 
 /// The integer threshold for "uniform u < p": u = U·2^-24 with integer U, so u < p exactly

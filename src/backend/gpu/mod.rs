@@ -412,6 +412,9 @@ impl Gpu {
         out: &mut [u8],
         edit: impl FnOnce(&mut MetaHeader),
     ) -> Result<()> {
+        if job.numel == 0 {
+            return Ok(());
+        }
         let (header, models) = {
             let mut guard = self.state(job)?;
             let st = guard.as_mut().unwrap();
@@ -854,17 +857,7 @@ impl Gpu {
 
     /// An elementwise gta-shader kernel whose only parameter is the header's `t`.
     fn apply_with_t(&self, job: &Job, entry: &'static str, t: f32, out: &mut [u8]) -> Result<()> {
-        if job.numel == 0 {
-            return Ok(());
-        }
-        let (header, models) = {
-            let mut guard = self.state(job)?;
-            let st = guard.as_mut().unwrap();
-            let mut h = self.header(job, st, 0);
-            h.t = t;
-            (h, self.models_meta(job, st))
-        };
-        self.apply(job, (Shader::Gta, entry), header, models, None, None, out)
+        self.apply_weighted(job, entry, &[], out, |h| h.t = t)
     }
 
     /// Model metadata with vector entries appended: (header n_items set by the caller).
@@ -1131,15 +1124,7 @@ impl Backend for Gpu {
         let mut guard = self.state(job)?;
         let st = guard.as_mut().unwrap();
         let mut header = self.header(job, st, sp.seed);
-        header.use_var = sp.keep.iter().any(|k| {
-            matches!(
-                k,
-                Keep::Ranks {
-                    key: Key::Variance,
-                    ..
-                }
-            )
-        }) as u32;
+        header.use_var = sp.ranks_by_variance() as u32;
         let mut models = self.models_meta(job, st);
         let della = self.sparsity_meta(st, sp, &mut models);
         let meta = self.meta_buffer(&header, &models);
@@ -1196,15 +1181,7 @@ impl Backend for Gpu {
                 h.floor_on = 1;
                 h.div_floor = f;
             }
-            h.use_var = sp.keep.iter().any(|k| {
-                matches!(
-                    k,
-                    Keep::Ranks {
-                        key: Key::Variance,
-                        ..
-                    }
-                )
-            }) as u32;
+            h.use_var = sp.ranks_by_variance() as u32;
             let mut models = self.models_meta(job, st);
             let della = self.sparsity_meta(st, sp, &mut models);
             for (i, mm) in models.iter_mut().enumerate() {
