@@ -133,34 +133,51 @@ impl Stream {
         }
     }
 
-    /// [`Stream::blocks`] with 16 lanes per 512-bit register: the 32x32->64 products of
-    /// even and odd lanes in two multiplies, their halves blended back into lane order.
-    /// LLVM's version of the portable loop shuffles between the two layouts every round.
+    /// [`Stream::blocks`] on AVX-512: see [`Stream::rounds_avx512`].
     #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
     fn blocks_avx512(&self, first: u64) -> [[u32; LANES]; 4] {
         use std::arch::x86_64::*;
+        let words = self.rounds_avx512(first);
+        let mut out = [[0u32; LANES]; 4];
+        for (o, v) in out.iter_mut().zip(words) {
+            // SAFETY: AVX-512F is enabled for this build; the store writes a whole 16-word array
+            unsafe { _mm512_storeu_si512(o.as_mut_ptr() as *mut __m512i, v) };
+        }
+        out
+    }
+
+    /// The ten rounds for blocks `first .. first + 16`, returned as four registers of 16
+    /// words (word w of each block, blocks in lane order). Each 32-bit value lives in the low
+    /// half of a 64-bit lane, eight blocks per register: `vpmuludq` then gives the whole
+    /// 64-bit product at once (high word = a shift, low word = the lane as it is). The upper
+    /// halves fill with junk that no later step reads, since the multiply and the final
+    /// narrowing only look at the low halves.
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    #[inline(always)]
+    fn rounds_avx512(&self, first: u64) -> [std::arch::x86_64::__m512i; 4] {
+        use std::arch::x86_64::*;
         const _: () = assert!(LANES == 16);
-        // SAFETY: AVX-512F is enabled for this build (the cfg above); the stores write
-        // whole 16-word arrays.
+        // SAFETY: AVX-512F is enabled for this build (the cfg above); no memory is touched.
         unsafe {
             let set = |x: u32| _mm512_set1_epi32(x as i32);
-            // (hi, lo) of the 64-bit products a·m per lane
-            let mulhilo = |a: __m512i, m: __m512i| {
-                let even = _mm512_mul_epu32(a, m);
-                let odd = _mm512_mul_epu32(_mm512_srli_epi64::<32>(a), m);
-                let hi = _mm512_mask_blend_epi32(0xaaaa, _mm512_srli_epi64::<32>(even), odd);
-                let lo = _mm512_mask_blend_epi32(0xaaaa, even, _mm512_slli_epi64::<32>(odd));
-                (hi, lo)
-            };
             let lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
             let lo0 = set(first as u32);
-            let mut c0 = _mm512_add_epi32(lo0, lane);
+            let ctr0 = _mm512_add_epi32(lo0, lane);
             // the block number's high word, plus one in the lanes where the low word wrapped
-            let wrapped = _mm512_cmplt_epu32_mask(c0, lo0);
+            let wrapped = _mm512_cmplt_epu32_mask(ctr0, lo0);
             let hi0 = set((first >> 32) as u32);
-            let mut c1 = _mm512_mask_add_epi32(hi0, wrapped, hi0, set(1));
-            let mut c2 = set(self.name_hash);
-            let mut c3 = set(self.model);
+            let ctr1 = _mm512_mask_add_epi32(hi0, wrapped, hi0, set(1));
+            // 16 words -> two registers of eight 64-bit lanes (lanes 0..8, then 8..16)
+            let widen = |v: __m512i| {
+                [
+                    _mm512_cvtepu32_epi64(_mm512_castsi512_si256(v)),
+                    _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64::<1>(v)),
+                ]
+            };
+            let mut c0 = widen(ctr0);
+            let mut c1 = widen(ctr1);
+            let mut c2 = [set(self.name_hash); 2];
+            let mut c3 = [set(self.model); 2];
             let (m0, m1) = (set(PHILOX_M0), set(PHILOX_M1));
             let mut key = self.key;
             for r in 0..10 {
@@ -168,20 +185,75 @@ impl Stream {
                     key[0] = key[0].wrapping_add(PHILOX_W0);
                     key[1] = key[1].wrapping_add(PHILOX_W1);
                 }
-                let (h0, l0) = mulhilo(c0, m0);
-                let (h1, l1) = mulhilo(c2, m1);
-                // three-way xor
-                c0 = _mm512_ternarylogic_epi32::<0x96>(h1, c1, set(key[0]));
-                c2 = _mm512_ternarylogic_epi32::<0x96>(h0, c3, set(key[1]));
-                c1 = l1;
-                c3 = l0;
+                let (k0, k1) = (set(key[0]), set(key[1]));
+                for h in 0..2 {
+                    let p0 = _mm512_mul_epu32(c0[h], m0);
+                    let p1 = _mm512_mul_epu32(c2[h], m1);
+                    // three-way xor of the high word, the other counter word and the key
+                    c0[h] =
+                        _mm512_ternarylogic_epi32::<0x96>(_mm512_srli_epi64::<32>(p1), c1[h], k0);
+                    c2[h] =
+                        _mm512_ternarylogic_epi32::<0x96>(_mm512_srli_epi64::<32>(p0), c3[h], k1);
+                    c1[h] = p1;
+                    c3[h] = p0;
+                }
             }
-            let mut out = [[0u32; LANES]; 4];
-            for (o, v) in out.iter_mut().zip([c0, c1, c2, c3]) {
-                _mm512_storeu_si512(o.as_mut_ptr() as *mut __m512i, v);
-            }
-            out
+            let narrow = |v: [__m512i; 2]| {
+                _mm512_inserti64x4::<1>(
+                    _mm512_castsi256_si512(_mm512_cvtepi64_epi32(v[0])),
+                    _mm512_cvtepi64_epi32(v[1]),
+                )
+            };
+            [narrow(c0), narrow(c1), narrow(c2), narrow(c3)]
         }
+    }
+
+    /// Keep bits of the 64 elements `4·first .. 4·first + 64`: bit e is set when the top 24
+    /// bits of element e's word are below `t` (so each is kept with probability t / 2²⁴).
+    #[inline]
+    pub fn keep_word(&self, first: u64, t: u32) -> u64 {
+        #[cfg(all(
+            target_arch = "x86_64",
+            target_feature = "avx512f",
+            target_feature = "bmi2"
+        ))]
+        {
+            use std::arch::x86_64::*;
+            let words = self.rounds_avx512(first);
+            let mut bits = 0u64;
+            for (w, v) in words.into_iter().enumerate() {
+                // SAFETY: AVX-512F and BMI2 are enabled for this build (the cfg above).
+                unsafe {
+                    let below = _mm512_cmplt_epu32_mask(
+                        _mm512_srli_epi32::<8>(v),
+                        _mm512_set1_epi32(t as i32),
+                    );
+                    // lane l is element 4l + w
+                    bits |= _pdep_u64(below as u64, 0x1111_1111_1111_1111 << w);
+                }
+            }
+            bits
+        }
+        #[cfg(not(all(
+            target_arch = "x86_64",
+            target_feature = "avx512f",
+            target_feature = "bmi2"
+        )))]
+        {
+            self.keep_word_portable(first, t)
+        }
+    }
+
+    #[allow(dead_code)]
+    fn keep_word_portable(&self, first: u64, t: u32) -> u64 {
+        let w = self.blocks(first);
+        let mut bits = 0u64;
+        for l in 0..LANES {
+            for (k, wk) in w.iter().enumerate() {
+                bits |= (((wk[l] >> 8) < t) as u64) << (4 * l + k);
+            }
+        }
+        bits
     }
 
     #[cfg_attr(
@@ -296,6 +368,25 @@ mod tests {
                     one,
                     "block {first} + {l}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn keep_words_match_single_elements() {
+        let s = Stream::new(0x0bad_cafe_f00d_d00d, "layers.3.w", 2);
+        for first in [0u64, 16, (1 << 32) - 5, u64::MAX - 100] {
+            for t in [0u32, 1, 1 << 20, 5_000_000, (1 << 24) - 1, 1 << 24] {
+                let w = s.keep_word(first, t);
+                assert_eq!(w, s.keep_word_portable(first, t), "block {first}, t {t}");
+                for e in 0..64u64 {
+                    let word = s.block(first.wrapping_add(e / 4))[(e % 4) as usize];
+                    assert_eq!(
+                        w >> e & 1 == 1,
+                        (word >> 8) < t,
+                        "block {first}, t {t}, e {e}"
+                    );
+                }
             }
         }
     }
