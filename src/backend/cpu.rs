@@ -51,9 +51,9 @@ pub fn load(input: &Input, start: usize, load: DType, dst: &mut [f32]) {
 struct Scratch {
     base: Vec<f32>,
     x: Vec<Vec<f32>>,
-    /// Per-model buffers beside `x` (gta's keep factors).
-    y: Vec<Vec<f32>>,
-    /// Model buffers not in use by the current job (x and y hold exactly `models`).
+    /// Per model, the chunk's keep bits (bit j of word j / 64 for element j).
+    kb: Vec<Vec<u64>>,
+    /// Model buffers not in use by the current job (x holds exactly `models`).
     spare: Vec<Vec<f32>>,
     acc: Vec<f32>,
     acc2: Vec<f32>,
@@ -107,23 +107,22 @@ impl Scratch {
             .unwrap_or_else(|| Scratch {
                 base: buf(),
                 x: Vec::new(),
-                y: Vec::new(),
+                kb: Vec::new(),
                 spare: Vec::new(),
                 acc: buf(),
                 acc2: buf(),
                 var: buf(),
                 bits: Vec::with_capacity(CHUNK),
             });
-        for v in [&mut s.x, &mut s.y] {
-            while v.len() > models {
-                let b = v.pop().unwrap();
-                s.spare.push(b);
-            }
-            while v.len() < models {
-                let b = s.spare.pop().unwrap_or_else(buf);
-                v.push(b);
-            }
+        while s.x.len() > models {
+            let b = s.x.pop().unwrap();
+            s.spare.push(b);
         }
+        while s.x.len() < models {
+            let b = s.spare.pop().unwrap_or_else(buf);
+            s.x.push(b);
+        }
+        s.kb.resize_with(models, || Vec::with_capacity(CHUNK / 64));
         Pooled(Some(s))
     }
 
@@ -176,47 +175,101 @@ struct KeepCtx<'a> {
     table: Option<&'a [u32]>,
 }
 
-/// Writes `keep` as 0.0/1.0 factors into `m` for the chunk of deltas `d` that starts at
-/// global element `start`.
-fn keep_factors(keep: &Keep, cx: &KeepCtx, start: usize, d: &[f32], m: &mut [f32]) {
+/// Writes `keep` as bits into `out` for the chunk of deltas `d` that starts at global element
+/// `start`: bit j of word j / 64 for element `start + j`, `d.len().div_ceil(64)` words, the
+/// bits past the chunk's end clear.
+fn keep_bits(keep: &Keep, cx: &KeepCtx, start: usize, d: &[f32], out: &mut Vec<u64>) {
+    let len = d.len();
+    out.clear();
     match *keep {
-        Keep::All => m.fill(1.0),
-        Keep::Nothing => m.fill(0.0),
+        Keep::All => out.resize(len.div_ceil(64), u64::MAX),
+        Keep::Nothing => out.resize(len.div_ceil(64), 0),
         Keep::Ranks { lo, hi, key } => {
             let keys = match key {
                 Key::Delta => d,
-                Key::Variance => cx.var,
+                Key::Variance => &cx.var[..len],
             };
-            for (j, (mv, k)) in m.iter_mut().zip(keys).enumerate() {
-                let a = k.abs().to_bits();
-                let idx = (start + j) as u32;
-                *mv = (hi.below(a, idx) & !lo.below(a, idx)) as u32 as f32;
+            // whole words through a fixed-length loop (vector compares into a mask)
+            let kept = |j: usize, k: f32| {
+                let (a, idx) = (k.abs().to_bits(), (start + j) as u32);
+                (hi.below(a, idx) & !lo.below(a, idx)) as u64
+            };
+            let (words, rest) = keys.as_chunks::<64>();
+            out.extend(words.iter().enumerate().map(|(w, c)| {
+                let mut bits = 0u64;
+                for (j, k) in c.iter().enumerate() {
+                    bits |= kept(64 * w + j, *k) << j;
+                }
+                bits
+            }));
+            if !rest.is_empty() {
+                let at = 64 * words.len();
+                out.push(
+                    rest.iter()
+                        .enumerate()
+                        .fold(0, |bits, (j, k)| bits | kept(at + j, *k) << j),
+                );
             }
         }
         Keep::Random { p } => {
+            // start is a multiple of 64 (CHUNK is): word w is blocks start/4 + 16w ..
             let t = super::keep_threshold(p);
-            random_factors(&cx.stream, start, m, |_| t);
+            out.extend(
+                (0..len.div_ceil(64)).map(|w| cx.stream.keep_word((start / 4 + 16 * w) as u64, t)),
+            );
         }
         Keep::Della { .. } => {
             let (ranks, table) = (
                 cx.ranks.expect("della ranks"),
                 cx.table.expect("della table"),
             );
-            random_factors(&cx.stream, start, m, |e| table[ranks[e] as usize]);
+            out.extend((0..len.div_ceil(64)).map(|w| {
+                let at = start + 64 * w;
+                let words = cx.stream.blocks((at / 4) as u64);
+                let mut bits = 0u64;
+                for l in 0..crate::rng::LANES {
+                    for (k, wk) in words.iter().enumerate() {
+                        let e = 4 * l + k;
+                        let t = ranks.get(at + e).map_or(0, |r| table[*r as usize]);
+                        bits |= (((wk[l] >> 8) < t) as u64) << e;
+                    }
+                }
+                bits
+            }));
+        }
+    }
+    if !len.is_multiple_of(64) {
+        if let Some(last) = out.last_mut() {
+            *last &= (1u64 << (len % 64)) - 1;
         }
     }
 }
 
+/// The 64 keep factors (0.0 or 1.0) of one word of keep bits.
+#[inline(always)]
+fn factors64(w: u64) -> [f32; 64] {
+    std::array::from_fn(|j| ((w >> j) & 1) as u32 as f32)
+}
+
 /// Adds |d|, |d|·k and (d·k)² of elements 8j + l into lane l of the three sums, in element
-/// order (whole groups of eight, then the remainder into lanes 0..), and returns each
-/// sum's lanes added up. The lanes make the sums independent of the thread count and let
-/// them run on f64 vectors.
-fn masked_lanes(d: &[f32], k: &[f32]) -> [f64; 3] {
-    let (dc, dr) = d.as_chunks::<8>();
-    let (kc, kr) = k.as_chunks::<8>();
-    let mut t = lane_sums8(dc, kc);
-    for l in 0..dr.len() {
-        lane_step(&mut t, l, dr[l], kr[l]);
+/// order (whole groups of eight, then the remainder into lanes 0..), where k is the element's
+/// keep bit as 0.0 or 1.0, and returns each sum's lanes added up. The lanes make the sums
+/// independent of the thread count and let them run on f64 vectors.
+fn masked_lanes(d: &[f32], bits: &[u64]) -> [f64; 3] {
+    let mut t = [[0.0f64; 8]; 3];
+    // 512 elements at a time: their factors unpacked on the stack, then the lanes
+    const SPAN: usize = 512;
+    let mut k = [0.0f32; SPAN];
+    for (c, dc) in d.chunks(SPAN).enumerate() {
+        for (w, kw) in k.as_chunks_mut::<64>().0.iter_mut().enumerate() {
+            *kw = factors64(bits.get(c * SPAN / 64 + w).copied().unwrap_or(0));
+        }
+        let (dg, dr) = dc.as_chunks::<8>();
+        let (kg, kr) = k[..dc.len()].as_chunks::<8>();
+        lane_sums8(&mut t, dg, kg);
+        for l in 0..dr.len() {
+            lane_step(&mut t, l, dr[l], kr[l]);
+        }
     }
     t.map(|lanes| lanes.iter().sum())
 }
@@ -231,17 +284,21 @@ fn lane_step(t: &mut [[f64; 8]; 3], l: usize, d: f32, k: f32) {
     t[2][l] += kd * kd;
 }
 
-/// The lanes of [`masked_lanes`] over whole groups of eight. LLVM keeps these f64 lanes in
-/// two-wide registers, so x86-64 with AVX has them written out: the same operations in the
-/// same order (f32 products widened, separate multiply and add), hence the same bits.
+/// The lanes of [`masked_lanes`], continued over whole groups of eight. LLVM keeps these f64
+/// lanes in two-wide registers, so x86-64 with AVX has them written out: the same operations
+/// in the same order (f32 products widened, separate multiply and add), hence the same bits.
 #[cfg(all(target_arch = "x86_64", target_feature = "avx"))]
-fn lane_sums8(dc: &[[f32; 8]], kc: &[[f32; 8]]) -> [[f64; 8]; 3] {
+fn lane_sums8(lanes: &mut [[f64; 8]; 3], dc: &[[f32; 8]], kc: &[[f32; 8]]) {
     use std::arch::x86_64::*;
     // SAFETY: AVX is enabled for this build (the cfg above); loads and stores are unaligned
     // ones of whole arrays.
     unsafe {
-        let z = _mm256_setzero_pd();
-        let mut t = [[z; 2]; 3];
+        let mut t = lanes.map(|l| {
+            [
+                _mm256_loadu_pd(l.as_ptr()),
+                _mm256_loadu_pd(l.as_ptr().add(4)),
+            ]
+        });
         let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
         for (d, k) in dc.iter().zip(kc) {
             let dv = _mm256_loadu_ps(d.as_ptr());
@@ -261,54 +318,18 @@ fn lane_sums8(dc: &[[f32; 8]], kc: &[[f32; 8]]) -> [[f64; 8]; 3] {
                 t[2][h] = _mm256_add_pd(t[2][h], _mm256_mul_pd(kd[h], kd[h]));
             }
         }
-        let mut out = [[0.0f64; 8]; 3];
-        for (o, v) in out.iter_mut().zip(&t) {
+        for (o, v) in lanes.iter_mut().zip(&t) {
             _mm256_storeu_pd(o.as_mut_ptr(), v[0]);
             _mm256_storeu_pd(o.as_mut_ptr().add(4), v[1]);
         }
-        out
     }
 }
 
 #[cfg(not(all(target_arch = "x86_64", target_feature = "avx")))]
-fn lane_sums8(dc: &[[f32; 8]], kc: &[[f32; 8]]) -> [[f64; 8]; 3] {
-    let mut t = [[0.0f64; 8]; 3];
+fn lane_sums8(t: &mut [[f64; 8]; 3], dc: &[[f32; 8]], kc: &[[f32; 8]]) {
     for (d, k) in dc.iter().zip(kc) {
         for l in 0..8 {
-            lane_step(&mut t, l, d[l], k[l]);
-        }
-    }
-    t
-}
-
-/// 1.0 where the element's random word (top 24 bits) is below `threshold(global index)`.
-#[inline]
-fn random_factors(stream: &Stream, start: usize, m: &mut [f32], threshold: impl Fn(usize) -> u32) {
-    use crate::rng::LANES;
-    // start is a multiple of 4 (CHUNK is), so blocks line up with chunks; LANES blocks
-    // (4·LANES elements) are drawn at a time.
-    let group = 4 * LANES;
-    let mut groups = m.chunks_exact_mut(group);
-    let mut at = start;
-    for mg in &mut groups {
-        let w = stream.blocks((at / 4) as u64);
-        // element 4·l + k is word k of block l: the lane-major words in element order first,
-        // then one simple (vectorised) compare per element
-        let mut ws = [0u32; 4 * LANES];
-        for l in 0..LANES {
-            for k in 0..4 {
-                ws[4 * l + k] = w[k][l];
-            }
-        }
-        for (e, (mv, &x)) in mg.iter_mut().zip(&ws).enumerate() {
-            *mv = ((x >> 8) < threshold(at + e)) as u32 as f32;
-        }
-        at += group;
-    }
-    for (bj, mb) in groups.into_remainder().chunks_mut(4).enumerate() {
-        let w = stream.block((at / 4 + bj) as u64);
-        for (l, mv) in mb.iter_mut().enumerate() {
-            *mv = ((w[l] >> 8) < threshold(at + 4 * bj + l)) as u32 as f32;
+            lane_step(t, l, d[l], k[l]);
         }
     }
 }
@@ -738,13 +759,14 @@ impl Backend for Cpu {
                     let mut bits = vec![Vec::new(); m];
                     for (i, o) in out.iter_mut().enumerate() {
                         let cx = keep_ctx(job, sp, &ranks, i, &s.var[..len]);
-                        keep_factors(&sp.keep[i], &cx, start, &s.x[i][..len], &mut s.acc[..len]);
-                        if drawn_at_random(&sp.keep[i]) {
-                            bits[i] = pack_factors(&s.acc[..len]);
-                        }
+                        let kb = &mut s.kb[i];
+                        keep_bits(&sp.keep[i], &cx, start, &s.x[i][..len], kb);
                         // eight independent f64 lanes (in a fixed order): vectorised, and
                         // the same sums whatever the thread count
-                        *o = masked_lanes(&s.x[i][..len], &s.acc[..len]);
+                        *o = masked_lanes(&s.x[i][..len], kb);
+                        if drawn_at_random(&sp.keep[i]) {
+                            bits[i] = kb.clone();
+                        }
                     }
                     (out, bits)
                 },
@@ -800,17 +822,22 @@ impl Backend for Cpu {
                 if var {
                     variance_keys(&s.x, len, &mut s.var);
                 }
-                // keep factors of every model into y
+                // keep bits of every model into kb
                 for i in 0..m {
-                    let cx = keep_ctx(job, sp, &ranks, i, &s.var[..len]);
-                    let k = &mut s.y[i][..len];
+                    let kb = &mut s.kb[i];
                     match cached.as_ref().map(|b| &b[c][i]) {
-                        Some(bits) if !bits.is_empty() => unpack_factors(bits, k),
-                        _ => keep_factors(&sp.keep[i], &cx, start, &s.x[i][..len], k),
+                        Some(bits) if !bits.is_empty() => {
+                            kb.clear();
+                            kb.extend_from_slice(bits);
+                        }
+                        _ => {
+                            let cx = keep_ctx(job, sp, &ranks, i, &s.var[..len]);
+                            keep_bits(&sp.keep[i], &cx, start, &s.x[i][..len], kb);
+                        }
                     }
                 }
                 // then every step for 64 elements at a time (fewer passes over the chunk's buffers)
-                let (x, k, b, mix) = (&mut s.x, &s.y, &s.base[..len], &mut s.acc[..len]);
+                let (x, k, b, mix) = (&mut s.x, &s.kb, &s.base[..len], &mut s.acc[..len]);
                 let full = len / 64 * 64;
                 for o in (0..full).step_by(64) {
                     gta_lanes::<64>(x, k, b, spec, wsum, o, mix);
@@ -1133,42 +1160,6 @@ fn drawn_at_random(k: &Keep) -> bool {
     matches!(k, Keep::Random { .. } | Keep::Della { .. })
 }
 
-fn pack_factors(m: &[f32]) -> Vec<u64> {
-    // whole words through a fixed-length loop (a vector compare into a mask), then the rest
-    let (words, rest) = m.as_chunks::<64>();
-    let mut v = Vec::with_capacity(words.len() + 1);
-    v.extend(words.iter().map(|c| {
-        let mut w = 0u64;
-        for j in 0..64 {
-            w |= ((c[j] != 0.0) as u64) << j;
-        }
-        w
-    }));
-    if !rest.is_empty() {
-        v.push(
-            rest.iter()
-                .enumerate()
-                .fold(0u64, |w, (j, x)| w | (((*x != 0.0) as u64) << j)),
-        );
-    }
-    v
-}
-
-fn unpack_factors(bits: &[u64], m: &mut [f32]) {
-    // 64 factors per word with shifts the compiler vectorises, then the rest
-    let (words, rest) = m.as_chunks_mut::<64>();
-    for (c, &w) in words.iter_mut().zip(bits) {
-        for j in 0..64 {
-            c[j] = ((w >> j) & 1) as f32;
-        }
-    }
-    if let Some(&w) = bits.get(words.len()) {
-        for (j, v) in rest.iter_mut().enumerate() {
-            *v = ((w >> j) & 1) as f32;
-        }
-    }
-}
-
 /// The keep bits `masked_sums` left for exactly this job and these rules, if any.
 fn take_keep_bits(job: &Job, sp: &Sparsity) -> Option<Vec<ChunkBits>> {
     let mut g = KEEP_BITS.lock().unwrap_or_else(|e| e.into_inner());
@@ -1216,15 +1207,15 @@ fn vector_values(v: Vector, s: &Scratch, len: usize, out: &mut Vec<f32>) {
     }
 }
 
-/// Elements `o .. o + N` of a GTA chunk: deltas in `x[i]` (overwritten with their weighted,
-/// kept, rescaled values), keep factors in `k[i]`, base in `b`; the merged values go to
-/// `out`. Per element, in this order: u = (d·k)·scale, v = u·w; the vote Σ v (or Σ u, or
+/// Elements `o .. o + N` of a GTA chunk (`o` a multiple of 64 when N is 64): deltas in `x[i]`
+/// (overwritten with their weighted, kept, rescaled values), keep bits in `k[i]` (element j
+/// at bit j % 64 of word j / 64), base in `b`; the merged values go to `out`. Per element, in this order: u = (d·k)·scale, v = u·w; the vote Σ v (or Σ u, or
 /// Σ sign) over the models in order; the majority sign (+1 at zero); the sums of agreeing
 /// v and of agreeing weights; the divisor floor; out = b + λ·(Σ / divisor).
 #[inline(always)]
 fn gta_lanes<const N: usize>(
     x: &mut [Vec<f32>],
-    k: &[Vec<f32>],
+    k: &[Vec<u64>],
     b: &[f32],
     spec: &GtaSpec,
     wsum: f32,
@@ -1235,7 +1226,10 @@ fn gta_lanes<const N: usize>(
     for (i, (xi, ki)) in x.iter_mut().zip(k).enumerate() {
         let (sc, w) = (spec.scale[i], spec.weights[i]);
         let xi: &mut [f32; N] = (&mut xi[o..o + N]).try_into().unwrap();
-        let ki: &[f32; N] = (&ki[o..o + N]).try_into().unwrap();
+        // the factors as 0.0/1.0 (bit l of the shifted word is element o + l)
+        let word = ki[o / 64] >> (o % 64);
+        let ki: [f32; N] = std::array::from_fn(|l| ((word >> l) & 1) as u32 as f32);
+        let ki = &ki;
         // one loop per rule (u = unweighted, v = weighted value), so each vectorises
         let v = &mut vote;
         match (spec.consensus, spec.vote) {
@@ -1271,6 +1265,8 @@ fn gta_lanes<const N: usize>(
             (mix, div)
         }
     };
+    let b: &[f32; N] = (&b[o..o + N]).try_into().unwrap();
+    let out: &mut [f32; N] = (&mut out[o..o + N]).try_into().unwrap();
     for l in 0..N {
         let mut v = mix[l];
         if spec.normalize {
@@ -1279,7 +1275,7 @@ fn gta_lanes<const N: usize>(
         if spec.lambda != 1.0 {
             v *= spec.lambda;
         }
-        out[o + l] = b[o + l] + v;
+        out[l] = b[l] + v;
     }
 }
 
@@ -1392,11 +1388,11 @@ mod tests {
     }
 
     /// The vectorised lane sums equal, bit for bit, eight scalar f64 lanes fed in element
-    /// order, for lengths with and without a remainder and masks of 0/1 and other factors.
+    /// order, for lengths with and without a remainder (of 8, 64 and 512).
     #[test]
     fn masked_lanes_equal_scalar_lanes() {
         let mut rng = crate::rng::Stream::new(7, "masked", 0);
-        for len in [0usize, 5, 8, 13, 64, 1000, 16 * 1024 + 3] {
+        for len in [0usize, 5, 8, 13, 64, 1000, 1024, 16 * 1024 + 3] {
             let words: Vec<u32> = (0..len.div_ceil(4) as u64)
                 .flat_map(|b| rng.block(b))
                 .take(len)
@@ -1405,14 +1401,11 @@ mod tests {
                 .iter()
                 .map(|w| (*w as i32 as f32) * 1e-9 * if w % 7 == 0 { 1e6 } else { 1.0 })
                 .collect();
-            let k: Vec<f32> = words
-                .iter()
-                .map(|w| match w % 3 {
-                    0 => 0.0,
-                    1 => 1.0,
-                    _ => (w % 1000) as f32 / 333.0,
-                })
-                .collect();
+            let k: Vec<f32> = words.iter().map(|w| (w % 3 != 0) as u32 as f32).collect();
+            let mut bits = vec![0u64; len.div_ceil(64)];
+            for (j, kj) in k.iter().enumerate() {
+                bits[j / 64] |= (*kj as u64) << (j % 64);
+            }
             let mut lanes = [[0.0f64; 8]; 3];
             for e in 0..len {
                 let l = e % 8;
@@ -1423,7 +1416,7 @@ mod tests {
                 lanes[2][l] += kd * kd;
             }
             let want = lanes.map(|t| t.iter().sum::<f64>());
-            let got = masked_lanes(&d, &k);
+            let got = masked_lanes(&d, &bits);
             for j in 0..3 {
                 assert_eq!(got[j].to_bits(), want[j].to_bits(), "len {len}, sum {j}");
             }
