@@ -229,6 +229,32 @@ pub fn decode(dtype: DType, src: &[u8], dst: &mut [f32]) {
     }
 }
 
+/// [`decode`] and then `dst[j] -= base[j]`, in one pass (the same values).
+pub fn decode_minus(dtype: DType, src: &[u8], base: &[f32], dst: &mut [f32]) {
+    debug_assert_eq!(base.len(), dst.len());
+    match dtype {
+        DType::F32 => {
+            debug_assert_eq!(src.len(), dst.len() * 4);
+            for ((d, s), b) in dst.iter_mut().zip(src.chunks_exact(4)).zip(base) {
+                *d = f32::from_le_bytes([s[0], s[1], s[2], s[3]]) - *b;
+            }
+        }
+        DType::BF16 => {
+            debug_assert_eq!(src.len(), dst.len() * 2);
+            for ((d, s), b) in dst.iter_mut().zip(src.chunks_exact(2)).zip(base) {
+                *d = bf16_to_f32(u16::from_le_bytes([s[0], s[1]])) - *b;
+            }
+        }
+        DType::F16 => {
+            debug_assert_eq!(src.len(), dst.len() * 2);
+            for ((d, s), b) in dst.iter_mut().zip(src.chunks_exact(2)).zip(base) {
+                *d = f16_to_f32(u16::from_le_bytes([s[0], s[1]])) - *b;
+            }
+        }
+        other => unreachable!("decode of non-float dtype {other}"),
+    }
+}
+
 /// Rounds every value to the nearest value representable in `dtype` (a no-op for F32).
 /// This is how a recipe's `dtype: bfloat16` is honoured: inputs are loaded at that precision.
 pub fn quantize(dtype: DType, v: &mut [f32]) {
@@ -268,6 +294,27 @@ pub fn encode(dtype: DType, src: &[f32], dst: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decode_minus_equals_decode_then_subtract() {
+        // every 16-bit pattern (and as many f32 words), minus a base with signs, zeros and
+        // large values
+        let src: Vec<u8> = (0..=u16::MAX).flat_map(|h| h.to_le_bytes()).collect();
+        let n = src.len() / 2;
+        let base: Vec<f32> = (0..n)
+            .map(|j| ((j % 97) as f32 - 48.0) * 1.5e-3 * (1 << (j % 30)) as f32)
+            .collect();
+        for dt in [DType::BF16, DType::F16, DType::F32] {
+            let m = src.len() / dt.size();
+            let (mut want, mut got) = (vec![0f32; m], vec![0f32; m]);
+            decode(dt, &src[..m * dt.size()], &mut want);
+            want.iter_mut().zip(&base).for_each(|(w, b)| *w -= *b);
+            decode_minus(dt, &src[..m * dt.size()], &base[..m], &mut got);
+            for j in 0..m {
+                assert_eq!(got[j].to_bits(), want[j].to_bits(), "{dt} element {j}");
+            }
+        }
+    }
 
     #[test]
     fn f16_decode_matches_half_for_every_pattern() {

@@ -47,6 +47,16 @@ pub fn load(input: &Input, start: usize, load: DType, dst: &mut [f32]) {
     }
 }
 
+/// Whether `out` can be written as f32 values: the output dtype is f32 and the bytes are
+/// aligned for it (mapped and heap outputs are). Kernels then write their results in place
+/// instead of encoding a copy.
+fn f32_in_place(dtype: DType, out: &[u8]) -> bool {
+    dtype == DType::F32
+        && cfg!(target_endian = "little")
+        && out.as_ptr().align_offset(4) == 0
+        && out.len().is_multiple_of(4)
+}
+
 /// Per-thread buffers for one chunk.
 struct Scratch {
     base: Vec<f32>,
@@ -133,6 +143,14 @@ impl Scratch {
         }
         for (i, m) in job.models.iter().enumerate() {
             let x = &mut self.x[i][..len];
+            let exact = job.load_dtype == DType::F32 || job.load_dtype == m.dtype;
+            if deltas && exact {
+                // decoded and turned into a delta in one pass
+                let sz = m.dtype.size();
+                let bytes = &m.bytes[start * sz..(start + len) * sz];
+                dtype::decode_minus(m.dtype, bytes, &self.base[..len], x);
+                continue;
+            }
             load(m, start, job.load_dtype, x);
             if deltas {
                 x.iter_mut()
@@ -837,7 +855,13 @@ impl Backend for Cpu {
                     }
                 }
                 // then every step for 64 elements at a time (fewer passes over the chunk's buffers)
-                let (x, k, b, mix) = (&mut s.x, &s.kb, &s.base[..len], &mut s.acc[..len]);
+                let in_place = f32_in_place(job.out_dtype, oc);
+                let mix: &mut [f32] = if in_place {
+                    bytemuck::cast_slice_mut(oc)
+                } else {
+                    &mut s.acc[..len]
+                };
+                let (x, k, b) = (&mut s.x, &s.kb, &s.base[..len]);
                 let full = len / 64 * 64;
                 for o in (0..full).step_by(64) {
                     gta_lanes::<64>(x, k, b, spec, wsum, o, mix);
@@ -845,7 +869,9 @@ impl Backend for Cpu {
                 for o in full..len {
                     gta_lanes::<1>(x, k, b, spec, wsum, o, mix);
                 }
-                dtype::encode(job.out_dtype, mix, oc);
+                if !in_place {
+                    dtype::encode(job.out_dtype, &s.acc[..len], oc);
+                }
             },
         );
         Ok(())
