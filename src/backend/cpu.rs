@@ -232,9 +232,12 @@ fn keep_bits(keep: &Keep, cx: &KeepCtx, start: usize, d: &[f32], out: &mut Vec<u
         Keep::Random { p } => {
             // start is a multiple of 64 (CHUNK is): word w is blocks start/4 + 16w ..
             let t = super::keep_threshold(p);
-            out.extend(
-                (0..len.div_ceil(64)).map(|w| cx.stream.keep_word((start / 4 + 16 * w) as u64, t)),
-            );
+            let words = len.div_ceil(64);
+            // four words per call: their Philox rounds overlap
+            for w in (0..words).step_by(4) {
+                let four = cx.stream.keep_words((start / 4 + 16 * w) as u64, t);
+                out.extend_from_slice(&four[..(words - w).min(4)]);
+            }
         }
         Keep::Della { .. } => {
             let (ranks, table) = (
