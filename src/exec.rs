@@ -21,7 +21,7 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 
-use crate::backend::{Backend, Input, Job};
+use crate::backend::{Backend, Input, InputScan, Job};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::io::output;
@@ -298,6 +298,18 @@ pub fn merge_tensor(
     t: &TensorTask,
     out: &mut [u8],
 ) -> Result<()> {
+    merge_tensor_scanned(plan, backend, t, out, None)
+}
+
+/// [`merge_tensor`], letting the backend fill in `scan` as it decodes the inputs when they
+/// are the files' own tensors (not rebuilt from adapters).
+fn merge_tensor_scanned(
+    plan: &Plan,
+    backend: &dyn Backend,
+    t: &TensorTask,
+    out: &mut [u8],
+    scan: Option<&InputScan>,
+) -> Result<()> {
     let owned = if t.copy_only {
         Vec::new()
     } else {
@@ -309,8 +321,11 @@ pub fn merge_tensor(
         return Ok(());
     }
     let globals = whole_model_sums(plan, backend)?;
-    let job = Job::new(&t.name, base, models, plan.load_dtype, t.out_dtype)
+    let mut job = Job::new(&t.name, base, models, plan.load_dtype, t.out_dtype)
         .with_align(methods::job_align(plan.method, &t.params, &t.shape));
+    if let Some(scan) = scan.filter(|_| owned.iter().all(Option::is_none)) {
+        job = job.with_scan(scan);
+    }
     let cx = Ctx {
         job: &job,
         shape: &t.shape,
@@ -485,9 +500,16 @@ fn run_tasks<'b>(
                 if let Some(&next) = todo.get(n + 1) {
                     advise(plan, &plan.tasks[next], true);
                 }
-                if !opts.allow_nonfinite && !t.copy_only {
+                // GTA methods on a backend whose gta decodes every input element look for NaN
+                // and infinity on the way; other merges have their inputs scanned first
+                let check = !opts.allow_nonfinite && !t.copy_only;
+                let on_the_way = check
+                    && current.scans_gta_inputs()
+                    && matches!(plan.method.algo, methods::Algo::Gta(_));
+                if check && !on_the_way {
                     check_inputs(plan, t)?;
                 }
+                let scan = InputScan::default();
                 // in place in the mapped output when there is one (no copy, no zeroing: a
                 // fresh slot reads as zeros), else in a zeroed buffer
                 let mut owned = None;
@@ -502,7 +524,7 @@ fn run_tasks<'b>(
                         owned.insert(b).as_mut_slice()
                     }
                 };
-                match merge_tensor(plan, *current, t, buf) {
+                match merge_tensor_scanned(plan, *current, t, buf, on_the_way.then_some(&scan)) {
                     Err(Error::Gpu(e))
                         if opts
                             .fallback
@@ -518,6 +540,11 @@ fn run_tasks<'b>(
                         merge_tensor(plan, *current, t, buf)?;
                     }
                     r => r?,
+                }
+                if on_the_way && !scan.known_finite() {
+                    // the scan names the model and element (or finds the inputs finite after
+                    // all: a delta of finite values can overflow)
+                    check_inputs(plan, t)?;
                 }
                 if !t.copy_only {
                     if let Some((index, value)) = first_nonfinite(t.out_dtype, buf) {

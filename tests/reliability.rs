@@ -702,6 +702,45 @@ fn allow_nonfinite_merges_what_is_refused_by_default() {
     }
 }
 
+/// GTA merges on the CPU look for NaN and infinity while they merge instead of scanning the
+/// inputs first: the error must still name the model, tensor and element for each way the
+/// family sparsifies, and a delta that overflows from finite inputs must not be blamed on them.
+#[test]
+fn gta_merges_name_nonfinite_inputs_found_on_the_way() {
+    for method in [
+        "task_arithmetic",
+        "ties",
+        "dare_ties",
+        "breadcrumbs_ties",
+        "della",
+    ] {
+        let s = Setup::new();
+        edit_st(&s.st("ft2"), |st| st.set_f32(UP1, 123, f32::INFINITY));
+        let recipe =
+            s.recipe(&GOOD.replace("merge_method: ties", &format!("merge_method: {method}")));
+        let o = run_merge(&recipe, &s.out(), &[]);
+        assert_clean_failure(&o, method);
+        let e = stderr(&o);
+        for n in ["models/ft2", UP1, "inf", "element 123", "--allow-nonfinite"] {
+            assert!(
+                e.contains(n),
+                "{method}: the message does not mention {n:?}: {e}"
+            );
+        }
+        assert!(!s.out().exists(), "{method}");
+    }
+    // finite inputs: 3e38 - (-3e38) overflows to a delta of +inf, and so does the merge
+    let s = Setup::new();
+    edit_st(&s.st("base"), |st| st.set_f32(NORM, 2, -3e38));
+    edit_st(&s.st("ft1"), |st| st.set_f32(NORM, 2, 3e38));
+    let recipe = s.recipe(&GOOD.replace("merge_method: ties", "merge_method: task_arithmetic"));
+    let o = run_merge(&recipe, &s.out(), &[]);
+    assert_clean_failure(&o, "overflowing delta");
+    let e = stderr(&o);
+    assert!(e.contains("from finite inputs") && e.contains(NORM), "{e}");
+    assert!(!e.contains("models/ft1"), "finite inputs blamed: {e}");
+}
+
 /// A recipe of a few hundred kilobytes must be refused as quickly as a small one: the YAML
 /// reader may not take time quadratic in the nesting depth (found by hand while writing the
 /// catalogue: 100,000 nested `[` took about 40 s, `{a: ` nesting about as long).

@@ -57,6 +57,16 @@ fn f32_in_place(dtype: DType, out: &[u8]) -> bool {
         && out.len().is_multiple_of(4)
 }
 
+/// Whether any value is NaN or infinite (exponent all ones); branch-free, so it vectorises.
+fn any_nonfinite(v: &[f32]) -> bool {
+    const EXP: u32 = 0x7f80_0000;
+    let (blocks, rest) = v.as_chunks::<64>();
+    blocks
+        .iter()
+        .any(|b| b.iter().fold(false, |a, x| a | (x.to_bits() & EXP == EXP)))
+        || rest.iter().any(|x| x.to_bits() & EXP == EXP)
+}
+
 /// Per-thread buffers for one chunk.
 struct Scratch {
     base: Vec<f32>,
@@ -833,6 +843,7 @@ impl Backend for Cpu {
                 s
             }
         };
+        let nonfinite = std::sync::atomic::AtomicBool::new(false);
         out.par_chunks_mut(CHUNK * osz).enumerate().for_each_init(
             || Scratch::take(m),
             |s, (c, oc)| {
@@ -840,6 +851,14 @@ impl Backend for Cpu {
                 let start = c * CHUNK;
                 let len = oc.len() / osz;
                 s.load_all(job, start, len, true);
+                if job.scan.is_some() {
+                    // the inputs as they go by (cheap: the chunk is in cache); a non-finite
+                    // base or model value leaves a non-finite delta
+                    let base = job.base.is_some() && any_nonfinite(&s.base[..len]);
+                    if base || s.x.iter().any(|x| any_nonfinite(&x[..len])) {
+                        nonfinite.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
                 if var {
                     variance_keys(&s.x, len, &mut s.var);
                 }
@@ -877,7 +896,14 @@ impl Backend for Cpu {
                 }
             },
         );
+        if let Some(scan) = job.scan {
+            scan.record(nonfinite.into_inner());
+        }
         Ok(())
+    }
+
+    fn scans_gta_inputs(&self) -> bool {
+        true
     }
 
     fn convert(&self, job: &Job, out: &mut [u8]) -> Result<()> {

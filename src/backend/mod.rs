@@ -11,7 +11,7 @@
 pub mod cpu;
 pub mod gpu;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::dtype::DType;
 use crate::error::Result;
@@ -47,6 +47,32 @@ pub struct Job<'a> {
     /// Rows that must not be split between GPU tiles: tiles hold whole multiples of this
     /// many elements (1 when a method needs no row structure).
     pub align: usize,
+    /// Where a backend may report that it decoded every input element (see [`InputScan`]).
+    pub scan: Option<&'a InputScan>,
+}
+
+/// What a backend saw of a job's inputs, for the executor: `covered` when one call decoded
+/// every element of the base and of every model, `nonfinite` when any of those, or a delta
+/// computed from them (finite inputs can overflow), was NaN or infinite. The executor then
+/// needs no scan of its own over inputs that were found finite, and runs its scan to name
+/// the model and element when something was not.
+#[derive(Debug, Default)]
+pub struct InputScan {
+    pub covered: AtomicBool,
+    pub nonfinite: AtomicBool,
+}
+
+impl InputScan {
+    /// Whether the inputs are known to be finite without another look at them.
+    pub fn known_finite(&self) -> bool {
+        self.covered.load(Ordering::Relaxed) && !self.nonfinite.load(Ordering::Relaxed)
+    }
+
+    /// Records one call's findings over the whole job.
+    pub fn record(&self, nonfinite: bool) {
+        self.nonfinite.fetch_or(nonfinite, Ordering::Relaxed);
+        self.covered.store(true, Ordering::Relaxed);
+    }
 }
 
 static NEXT_JOB: AtomicU64 = AtomicU64::new(1);
@@ -77,10 +103,17 @@ impl<'a> Job<'a> {
             load_dtype,
             out_dtype,
             align: 1,
+            scan: None,
         }
     }
 
     /// Keeps runs of `align` elements (rows) inside one GPU tile.
+    /// Lets the backend report on the inputs it decodes (see [`InputScan`]).
+    pub fn with_scan(mut self, scan: &'a InputScan) -> Self {
+        self.scan = Some(scan);
+        self
+    }
+
     pub fn with_align(mut self, align: usize) -> Self {
         self.align = align.max(1);
         self
@@ -424,6 +457,12 @@ pub trait Backend: Send + Sync {
 
     /// The GTA combine ([`GtaSpec`]) into `out` (job.out_dtype bytes).
     fn gta(&self, job: &Job, spec: &GtaSpec, out: &mut [u8]) -> Result<()>;
+
+    /// Whether this backend's `gta` fills in the job's [`InputScan`] (it decodes every
+    /// element of every input, so it can see non-finite values on the way).
+    fn scans_gta_inputs(&self) -> bool {
+        false
+    }
 
     /// `out = models[0]`, rounded to the load dtype, stored in the output dtype.
     fn convert(&self, job: &Job, out: &mut [u8]) -> Result<()>;
