@@ -21,7 +21,7 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 
-use crate::backend::{Backend, Input, InputScan, Job};
+use crate::backend::{Backend, FiniteScan, Input, Job, Sink};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::io::output;
@@ -298,7 +298,7 @@ pub fn merge_tensor(
     t: &TensorTask,
     out: &mut [u8],
 ) -> Result<()> {
-    merge_tensor_scanned(plan, backend, t, out, None)
+    merge_tensor_scanned(plan, backend, t, out, None, None)
 }
 
 /// [`merge_tensor`], letting the backend fill in `scan` as it decodes the inputs when they
@@ -308,7 +308,8 @@ fn merge_tensor_scanned(
     backend: &dyn Backend,
     t: &TensorTask,
     out: &mut [u8],
-    scan: Option<&InputScan>,
+    scan: Option<&FiniteScan>,
+    sink: Option<&Sink>,
 ) -> Result<()> {
     let owned = if t.copy_only {
         Vec::new()
@@ -325,6 +326,9 @@ fn merge_tensor_scanned(
         .with_align(methods::job_align(plan.method, &t.params, &t.shape));
     if let Some(scan) = scan.filter(|_| owned.iter().all(Option::is_none)) {
         job = job.with_scan(scan);
+    }
+    if let Some(sink) = sink {
+        job = job.with_sink(sink);
     }
     let cx = Ctx {
         job: &job,
@@ -501,7 +505,8 @@ fn run_tasks<'b>(
                     advise(plan, &plan.tasks[next], true);
                 }
                 // GTA methods on a backend whose gta decodes every input element look for NaN
-                // and infinity on the way; other merges have their inputs scanned first
+                // and infinity on the way (in the inputs, and in an f32 output as it is
+                // written); other merges have their inputs scanned first
                 let check = !opts.allow_nonfinite && !t.copy_only;
                 let on_the_way = check
                     && current.scans_gta_inputs()
@@ -509,7 +514,21 @@ fn run_tasks<'b>(
                 if check && !on_the_way {
                     check_inputs(plan, t)?;
                 }
-                let scan = InputScan::default();
+                let scan = FiniteScan::default();
+                // a mapped slot can also be written with pwrite, which the CPU does from its
+                // cache-hot chunks: whole pages then need no zero-filling by the kernel
+                #[cfg(unix)]
+                let file = slots[i].as_ref().map(|s| s.file());
+                #[cfg(unix)]
+                let sink_fn = file.as_ref().map(|f| {
+                    // SAFETY: the staged output outlives this loop, and the kernels write
+                    // disjoint chunks of this slot only
+                    move |at: u64, bytes: &[u8]| unsafe { f.write_at(at, bytes) }
+                });
+                #[cfg(unix)]
+                let sink = sink_fn.as_ref().map(|f| f as &Sink);
+                #[cfg(not(unix))]
+                let sink = None;
                 // in place in the mapped output when there is one (no copy, no zeroing: a
                 // fresh slot reads as zeros), else in a zeroed buffer
                 let mut owned = None;
@@ -524,7 +543,14 @@ fn run_tasks<'b>(
                         owned.insert(b).as_mut_slice()
                     }
                 };
-                match merge_tensor_scanned(plan, *current, t, buf, on_the_way.then_some(&scan)) {
+                match merge_tensor_scanned(
+                    plan,
+                    *current,
+                    t,
+                    buf,
+                    on_the_way.then_some(&scan),
+                    sink,
+                ) {
                     Err(Error::Gpu(e))
                         if opts
                             .fallback
@@ -541,12 +567,13 @@ fn run_tasks<'b>(
                     }
                     r => r?,
                 }
-                if on_the_way && !scan.known_finite() {
+                if on_the_way && !scan.inputs_known_finite() {
                     // the scan names the model and element (or finds the inputs finite after
                     // all: a delta of finite values can overflow)
                     check_inputs(plan, t)?;
                 }
-                if !t.copy_only {
+                let output_vouched = on_the_way && scan.output_known_finite();
+                if !t.copy_only && !output_vouched {
                     if let Some((index, value)) = first_nonfinite(t.out_dtype, buf) {
                         let inputs_finite = opts.allow_nonfinite && check_inputs(plan, t).is_ok();
                         if !opts.allow_nonfinite || inputs_finite {

@@ -739,6 +739,17 @@ fn gta_merges_name_nonfinite_inputs_found_on_the_way() {
     let e = stderr(&o);
     assert!(e.contains("from finite inputs") && e.contains(NORM), "{e}");
     assert!(!e.contains("models/ft1"), "finite inputs blamed: {e}");
+    // finite inputs and deltas, a weight that takes one element past f32's range
+    let s = Setup::new();
+    edit_st(&s.st("ft1"), |st| st.set_f32(NORM, 4, 1e4));
+    let text = GOOD
+        .replace("merge_method: ties", "merge_method: task_arithmetic")
+        .replace("weight: 1.0,", "weight: 1.0e+36,");
+    let o = run_merge(&s.recipe(&text), &s.out(), &[]);
+    assert_clean_failure(&o, "overflowing weight");
+    let e = stderr(&o);
+    assert!(e.contains("from finite inputs"), "{e}");
+    assert!(!s.out().exists());
 }
 
 /// A recipe of a few hundred kilobytes must be refused as quickly as a small one: the YAML

@@ -67,6 +67,37 @@ fn any_nonfinite(v: &[f32]) -> bool {
         || rest.iter().any(|x| x.to_bits() & EXP == EXP)
 }
 
+/// Puts chunk `c`'s values into the output: through [`Job::sink`] when the job has one (from
+/// this cache-hot chunk, with `obytes` for the encoding), else encoded into `oc`, the chunk's
+/// part of `out`. The first sink error lands in `failed`.
+fn emit(
+    job: &Job,
+    c: usize,
+    vals: &[f32],
+    oc: &mut [u8],
+    obytes: &mut Vec<u8>,
+    failed: &std::sync::Mutex<Option<crate::error::Error>>,
+) {
+    let Some(sink) = job.sink else {
+        dtype::encode(job.out_dtype, vals, oc);
+        return;
+    };
+    let at = (c * CHUNK * job.out_dtype.size()) as u64;
+    let r = if job.out_dtype == DType::F32 && cfg!(target_endian = "little") {
+        sink(at, bytemuck::cast_slice(vals))
+    } else {
+        obytes.resize(oc.len(), 0);
+        dtype::encode(job.out_dtype, vals, obytes);
+        sink(at, obytes)
+    };
+    if let Err(e) = r {
+        failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(e);
+    }
+}
+
 /// Per-thread buffers for one chunk.
 struct Scratch {
     base: Vec<f32>,
@@ -79,6 +110,8 @@ struct Scratch {
     acc2: Vec<f32>,
     var: Vec<f32>,
     bits: Vec<u32>,
+    /// A chunk's output bytes on their way to [`Job::sink`].
+    obytes: Vec<u8>,
 }
 
 thread_local! {
@@ -133,6 +166,7 @@ impl Scratch {
                 acc2: buf(),
                 var: buf(),
                 bits: Vec::with_capacity(CHUNK),
+                obytes: Vec::new(),
             });
         while s.x.len() > models {
             let b = s.x.pop().unwrap();
@@ -844,6 +878,8 @@ impl Backend for Cpu {
             }
         };
         let nonfinite = std::sync::atomic::AtomicBool::new(false);
+        let out_nonfinite = std::sync::atomic::AtomicBool::new(false);
+        let failed = std::sync::Mutex::new(None);
         out.par_chunks_mut(CHUNK * osz).enumerate().for_each_init(
             || Scratch::take(m),
             |s, (c, oc)| {
@@ -877,7 +913,7 @@ impl Backend for Cpu {
                     }
                 }
                 // then every step for 64 elements at a time (fewer passes over the chunk's buffers)
-                let in_place = f32_in_place(job.out_dtype, oc);
+                let in_place = job.sink.is_none() && f32_in_place(job.out_dtype, oc);
                 let mix: &mut [f32] = if in_place {
                     bytemuck::cast_slice_mut(oc)
                 } else {
@@ -891,13 +927,23 @@ impl Backend for Cpu {
                 for o in full..len {
                     gta_lanes::<1>(x, k, b, spec, wsum, o, mix);
                 }
+                if job.scan.is_some() && any_nonfinite(mix) {
+                    out_nonfinite.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
                 if !in_place {
-                    dtype::encode(job.out_dtype, &s.acc[..len], oc);
+                    emit(job, c, &s.acc[..len], oc, &mut s.obytes, &failed);
                 }
             },
         );
+        if let Some(e) = failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            return Err(e);
+        }
         if let Some(scan) = job.scan {
-            scan.record(nonfinite.into_inner());
+            scan.record_inputs(nonfinite.into_inner());
+            // f32 values are the output bytes; narrower ones can still overflow in encoding
+            if job.out_dtype == DType::F32 {
+                scan.record_output(out_nonfinite.into_inner());
+            }
         }
         Ok(())
     }
@@ -928,6 +974,7 @@ impl Backend for Cpu {
     ) -> Result<()> {
         let m = job.models.len();
         let osz = job.out_dtype.size();
+        let failed = std::sync::Mutex::new(None);
         out.par_chunks_mut(CHUNK * osz).enumerate().for_each_init(
             || Scratch::take(m),
             |s, (c, oc)| {
@@ -944,10 +991,13 @@ impl Backend for Cpu {
                 if let Some(d) = divisor {
                     acc.iter_mut().for_each(|a| *a /= d);
                 }
-                dtype::encode(job.out_dtype, acc, oc);
+                emit(job, c, acc, oc, &mut s.obytes, &failed);
             },
         );
-        Ok(())
+        match failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     fn dots(

@@ -47,31 +47,56 @@ pub struct Job<'a> {
     /// Rows that must not be split between GPU tiles: tiles hold whole multiples of this
     /// many elements (1 when a method needs no row structure).
     pub align: usize,
-    /// Where a backend may report that it decoded every input element (see [`InputScan`]).
-    pub scan: Option<&'a InputScan>,
+    /// Where a backend may report what it saw of the inputs and output (see [`FiniteScan`]).
+    pub scan: Option<&'a FiniteScan>,
+    /// Another way into the output tensor's bytes: `sink(at, bytes)` writes `bytes` from byte
+    /// `at`, with the same effect as copying them into the `out` slice a kernel is given.
+    /// A kernel may use either for any part; the CPU writes whole chunks from its cache-hot
+    /// scratch this way (see [`crate::io::writer::SlotFile::write_at`]).
+    pub sink: Option<&'a Sink<'a>>,
 }
 
-/// What a backend saw of a job's inputs, for the executor: `covered` when one call decoded
-/// every element of the base and of every model, `nonfinite` when any of those, or a delta
-/// computed from them (finite inputs can overflow), was NaN or infinite. The executor then
-/// needs no scan of its own over inputs that were found finite, and runs its scan to name
-/// the model and element when something was not.
+/// See [`Job::sink`].
+pub type Sink<'a> = dyn Fn(u64, &[u8]) -> Result<()> + Sync + 'a;
+
+/// What a backend saw of a job's values on their way through, for the executor. Inputs:
+/// `inputs_covered` when one call decoded every element of the base and of every model,
+/// `inputs_nonfinite` when any of those, or a delta computed from them (finite inputs can
+/// overflow), was NaN or infinite. Output: `output_covered` when that call wrote the job's
+/// final output bytes, all of them, and `output_nonfinite` when one of them is NaN or
+/// infinite. The executor needs no scan of its own over values found finite, and runs its
+/// scans to name the model and element when something was not.
 #[derive(Debug, Default)]
-pub struct InputScan {
-    pub covered: AtomicBool,
-    pub nonfinite: AtomicBool,
+pub struct FiniteScan {
+    pub inputs_covered: AtomicBool,
+    pub inputs_nonfinite: AtomicBool,
+    pub output_covered: AtomicBool,
+    pub output_nonfinite: AtomicBool,
 }
 
-impl InputScan {
+impl FiniteScan {
     /// Whether the inputs are known to be finite without another look at them.
-    pub fn known_finite(&self) -> bool {
-        self.covered.load(Ordering::Relaxed) && !self.nonfinite.load(Ordering::Relaxed)
+    pub fn inputs_known_finite(&self) -> bool {
+        self.inputs_covered.load(Ordering::Relaxed)
+            && !self.inputs_nonfinite.load(Ordering::Relaxed)
     }
 
-    /// Records one call's findings over the whole job.
-    pub fn record(&self, nonfinite: bool) {
-        self.nonfinite.fetch_or(nonfinite, Ordering::Relaxed);
-        self.covered.store(true, Ordering::Relaxed);
+    /// Whether the output is known to be finite without another look at it.
+    pub fn output_known_finite(&self) -> bool {
+        self.output_covered.load(Ordering::Relaxed)
+            && !self.output_nonfinite.load(Ordering::Relaxed)
+    }
+
+    /// Records what one call saw of every input element.
+    pub fn record_inputs(&self, nonfinite: bool) {
+        self.inputs_nonfinite.fetch_or(nonfinite, Ordering::Relaxed);
+        self.inputs_covered.store(true, Ordering::Relaxed);
+    }
+
+    /// Records what one call saw of every output byte it wrote, as the job's final output.
+    pub fn record_output(&self, nonfinite: bool) {
+        self.output_nonfinite.fetch_or(nonfinite, Ordering::Relaxed);
+        self.output_covered.store(true, Ordering::Relaxed);
     }
 }
 
@@ -104,13 +129,20 @@ impl<'a> Job<'a> {
             out_dtype,
             align: 1,
             scan: None,
+            sink: None,
         }
     }
 
     /// Keeps runs of `align` elements (rows) inside one GPU tile.
-    /// Lets the backend report on the inputs it decodes (see [`InputScan`]).
-    pub fn with_scan(mut self, scan: &'a InputScan) -> Self {
+    /// Lets the backend report on the values it decodes and writes (see [`FiniteScan`]).
+    pub fn with_scan(mut self, scan: &'a FiniteScan) -> Self {
         self.scan = Some(scan);
+        self
+    }
+
+    /// Gives kernels another way to write the output (see [`Job::sink`]).
+    pub fn with_sink(mut self, sink: &'a Sink<'a>) -> Self {
+        self.sink = Some(sink);
         self
     }
 
@@ -458,7 +490,7 @@ pub trait Backend: Send + Sync {
     /// The GTA combine ([`GtaSpec`]) into `out` (job.out_dtype bytes).
     fn gta(&self, job: &Job, spec: &GtaSpec, out: &mut [u8]) -> Result<()>;
 
-    /// Whether this backend's `gta` fills in the job's [`InputScan`] (it decodes every
+    /// Whether this backend's `gta` fills in the job's [`FiniteScan`] (it decodes every
     /// element of every input, so it can see non-finite values on the way).
     fn scans_gta_inputs(&self) -> bool {
         false

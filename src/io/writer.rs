@@ -500,6 +500,13 @@ impl StagedOutput {
         Some(MappedSlot {
             ptr: unsafe { map.as_mut_ptr().add(off) },
             len,
+            #[cfg(unix)]
+            file: SlotFile {
+                fd: std::os::fd::AsRawFd::as_raw_fd(&self.files[slot.shard]),
+                offset: slot.offset,
+                len: slot.len,
+                path: self.tmp_dir.join(&self.layout.shards[slot.shard].file_name),
+            },
         })
     }
 
@@ -776,9 +783,53 @@ fn reserve(f: &File, len: u64) -> std::io::Result<bool> {
 pub struct MappedSlot {
     ptr: *mut u8,
     len: usize,
+    #[cfg(unix)]
+    file: SlotFile,
+}
+
+/// A mapped slot's place in its shard file, for writing it with `pwrite` instead of through
+/// the mapping (see [`SlotFile::write_at`]).
+#[cfg(unix)]
+#[derive(Clone, Debug)]
+pub struct SlotFile {
+    fd: std::os::fd::RawFd,
+    offset: u64,
+    len: u64,
+    /// The shard file, for error messages.
+    path: PathBuf,
+}
+
+#[cfg(unix)]
+impl SlotFile {
+    /// Writes `bytes` at byte `at` of the slot through the file. The pages are the same
+    /// page-cache pages the mapping shows (a shared mapping and `pwrite` agree), but a whole
+    /// page written this way is not zero-filled first, as a page first touched through the
+    /// mapping is.
+    ///
+    /// # Safety
+    /// The [`StagedOutput`] the slot came from must still be alive (it owns the file), and
+    /// the range must not be written by anyone else at the same time.
+    pub unsafe fn write_at(&self, at: u64, bytes: &[u8]) -> Result<()> {
+        assert!(
+            at + bytes.len() as u64 <= self.len,
+            "write past the end of its slot"
+        );
+        use std::os::fd::FromRawFd;
+        // SAFETY: the fd belongs to the live StagedOutput (the caller's promise); wrapped
+        // without taking ownership, so it is not closed here
+        let f = std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(self.fd) });
+        write_all_at(&f, bytes, self.offset + at)
+            .map_err(|e| write_error(&self.path, e, bytes.len() as u64))
+    }
 }
 
 impl MappedSlot {
+    /// The slot's place in its file, for [`SlotFile::write_at`].
+    #[cfg(unix)]
+    pub fn file(&self) -> SlotFile {
+        self.file.clone()
+    }
+
     /// The slot's bytes, to fill.
     ///
     /// # Safety
@@ -883,9 +934,10 @@ mod tests {
         assert_eq!(h.tensors.len(), 3);
     }
 
-    /// Tensors written in place through the map and through `write_tensor`, in and out of
-    /// file order, end up as the same file bytes and manifest hashes as the data written by
-    /// hand; a slot reads as zeros before it is written.
+    /// Tensors written in place through the map, through the slot's file (`pwrite`, in
+    /// pieces, mixed with the map) and through `write_tensor`, in and out of file order, end
+    /// up as the same file bytes and manifest hashes as the data written by hand; a slot
+    /// reads as zeros before it is written.
     #[test]
     fn in_place_and_pwrite_give_the_same_shards() {
         let shape_a = [3usize, 1500];
@@ -900,11 +952,13 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let mut manifests = Vec::new();
-        // (order of tensors, which of them go through write_tensor)
-        for (k, (order, by_pwrite)) in [
-            ([0, 1, 2], [false, false, false]),
-            ([2, 0, 1], [false, true, false]),
-            ([1, 2, 0], [true, true, true]),
+        // (order of tensors, how each is written: 0 through the map, 1 by write_tensor, 2
+        // through the slot's file and the map)
+        for (k, (order, how)) in [
+            ([0, 1, 2], [0, 0, 0]),
+            ([2, 0, 1], [0, 1, 0]),
+            ([1, 2, 0], [1, 1, 1]),
+            ([2, 1, 0], [2, 0, 2]),
         ]
         .into_iter()
         .enumerate()
@@ -922,11 +976,27 @@ mod tests {
             .unwrap();
             for i in order {
                 match st.slot(i) {
-                    Some(slot) if !by_pwrite[i] => {
+                    Some(slot) if how[i] == 0 => {
                         // SAFETY: the staged output lives on, and nothing else uses slot i
                         let b = unsafe { slot.bytes() };
                         assert!(b.iter().all(|&x| x == 0), "a fresh slot reads as zeros");
                         b.copy_from_slice(&data[i]);
+                        st.wrote_in_place(i);
+                    }
+                    #[cfg(unix)]
+                    Some(slot) if how[i] == 2 => {
+                        // the back half by pwrite (from its end), the first 100 bytes
+                        // through the map, the rest by pwrite; the map shows it all
+                        let (f, d) = (slot.file(), &data[i]);
+                        let half = d.len() / 2;
+                        // SAFETY: as above, and one writer at a time
+                        unsafe {
+                            f.write_at(half as u64 + 7, &d[half + 7..]).unwrap();
+                            f.write_at(half as u64, &d[half..half + 7]).unwrap();
+                            slot.bytes()[..100].copy_from_slice(&d[..100]);
+                            f.write_at(100, &d[100..half]).unwrap();
+                            assert_eq!(slot.bytes(), &d[..], "the map shows the file's bytes");
+                        }
                         st.wrote_in_place(i);
                     }
                     _ => st.write_tensor(i, &data[i]).unwrap(),
