@@ -125,7 +125,7 @@ fn bench(c: &mut Criterion) {
         g.throughput(Throughput::Bytes(in_bytes(MODELS + 1)));
         let sp_random = Sparsity::new(random.clone(), 1);
         g.bench_function(BenchmarkId::new("masked_sums", MODELS), |bn| {
-            bn.iter(|| b.masked_sums(&j, &sp_random).unwrap())
+            bn.iter(|| b.masked_sums(&j, &sp_random, true).unwrap())
         });
         g.throughput(Throughput::Bytes(in_bytes(MODELS + 1) + out_bytes));
         for (label, keep, consensus) in [

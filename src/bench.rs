@@ -237,7 +237,7 @@ pub fn run(opts: &BenchOptions, backends: &[(Box<dyn Backend>, Device)]) -> Resu
             let cuts = b.select(&job(true, k, DType::BF16), &qs)?;
             let random = Sparsity::new(vec![Keep::Random { p: 0.5 }; k], 1);
             let t = time(r, || {
-                b.masked_sums(&job(true, k, DType::BF16), &random)
+                b.masked_sums(&job(true, k, DType::BF16), &random, true)
                     .map(|_| ())
             })?;
             push(

@@ -360,8 +360,8 @@ fn gta_and_norms_match() {
             );
             for variant in 0..7 {
                 let sp = sparsity(&cuts, m, variant, rows);
-                let sc = Cpu.masked_sums(&j, &sp).unwrap();
-                let sg = gpu.masked_sums(&j, &sp).unwrap();
+                let sc = Cpu.masked_sums(&j, &sp, true).unwrap();
+                let sg = gpu.masked_sums(&j, &sp, true).unwrap();
                 for (a, b) in sc.iter().zip(&sg) {
                     for t in 0..3 {
                         assert!(
@@ -644,7 +644,7 @@ fn pipeline_cache_builds_each_pipeline_once() {
         ];
         let cuts = gpu.select(&j, &qs).unwrap();
         let sp = Sparsity::new(vec![Keep::top(cuts[0]), Keep::Random { p: 0.5 }], 1);
-        gpu.masked_sums(&j, &sp).unwrap();
+        gpu.masked_sums(&j, &sp, true).unwrap();
         let mut out = vec![0u8; j.out_bytes()];
         let spec = GtaSpec {
             weights: vec![1.0, 1.0],

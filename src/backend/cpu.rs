@@ -320,7 +320,7 @@ fn factors64(w: u64) -> [f32; 64] {
 /// order (whole groups of eight, then the remainder into lanes 0..), where k is the element's
 /// keep bit as 0.0 or 1.0, and returns each sum's lanes added up. The lanes make the sums
 /// independent of the thread count and let them run on f64 vectors.
-fn masked_lanes(d: &[f32], bits: &[u64]) -> [f64; 3] {
+fn masked_lanes<const SQ: bool>(d: &[f32], bits: &[u64]) -> [f64; 3] {
     let mut t = [[0.0f64; 8]; 3];
     // 512 elements at a time: their factors unpacked on the stack, then the lanes
     const SPAN: usize = 512;
@@ -331,29 +331,31 @@ fn masked_lanes(d: &[f32], bits: &[u64]) -> [f64; 3] {
         }
         let (dg, dr) = dc.as_chunks::<8>();
         let (kg, kr) = k[..dc.len()].as_chunks::<8>();
-        lane_sums8(&mut t, dg, kg);
+        lane_sums8::<SQ>(&mut t, dg, kg);
         for l in 0..dr.len() {
-            lane_step(&mut t, l, dr[l], kr[l]);
+            lane_step::<SQ>(&mut t, l, dr[l], kr[l]);
         }
     }
     t.map(|lanes| lanes.iter().sum())
 }
 
-/// One element's |d|, |d|·k and (d·k)² added into lane `l` of the three sums.
+/// One element's |d|, |d|·k and (when SQ) (d·k)² added into lane `l` of the three sums.
 #[inline(always)]
-fn lane_step(t: &mut [[f64; 8]; 3], l: usize, d: f32, k: f32) {
+fn lane_step<const SQ: bool>(t: &mut [[f64; 8]; 3], l: usize, d: f32, k: f32) {
     let a = d.abs() as f64;
-    let kd = (d * k) as f64;
     t[0][l] += a;
     t[1][l] += a * k as f64;
-    t[2][l] += kd * kd;
+    if SQ {
+        let kd = (d * k) as f64;
+        t[2][l] += kd * kd;
+    }
 }
 
 /// The lanes of [`masked_lanes`], continued over whole groups of eight. LLVM keeps these f64
 /// lanes in two-wide registers, so x86-64 with AVX has them written out: the same operations
 /// in the same order (f32 products widened, separate multiply and add), hence the same bits.
 #[cfg(all(target_arch = "x86_64", target_feature = "avx"))]
-fn lane_sums8(lanes: &mut [[f64; 8]; 3], dc: &[[f32; 8]], kc: &[[f32; 8]]) {
+fn lane_sums8<const SQ: bool>(lanes: &mut [[f64; 8]; 3], dc: &[[f32; 8]], kc: &[[f32; 8]]) {
     use std::arch::x86_64::*;
     // SAFETY: AVX is enabled for this build (the cfg above); loads and stores are unaligned
     // ones of whole arrays.
@@ -369,18 +371,22 @@ fn lane_sums8(lanes: &mut [[f64; 8]; 3], dc: &[[f32; 8]], kc: &[[f32; 8]]) {
             let dv = _mm256_loadu_ps(d.as_ptr());
             let kv = _mm256_loadu_ps(k.as_ptr());
             let av = _mm256_and_ps(dv, abs);
-            let kd = _mm256_mul_ps(dv, kv);
             let halves = |v: __m256| {
                 [
                     _mm256_cvtps_pd(_mm256_castps256_ps128(v)),
                     _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v)),
                 ]
             };
-            let (a, kf, kd) = (halves(av), halves(kv), halves(kd));
+            let (a, kf) = (halves(av), halves(kv));
             for h in 0..2 {
                 t[0][h] = _mm256_add_pd(t[0][h], a[h]);
                 t[1][h] = _mm256_add_pd(t[1][h], _mm256_mul_pd(a[h], kf[h]));
-                t[2][h] = _mm256_add_pd(t[2][h], _mm256_mul_pd(kd[h], kd[h]));
+            }
+            if SQ {
+                let kd = halves(_mm256_mul_ps(dv, kv));
+                for h in 0..2 {
+                    t[2][h] = _mm256_add_pd(t[2][h], _mm256_mul_pd(kd[h], kd[h]));
+                }
             }
         }
         for (o, v) in lanes.iter_mut().zip(&t) {
@@ -391,10 +397,10 @@ fn lane_sums8(lanes: &mut [[f64; 8]; 3], dc: &[[f32; 8]], kc: &[[f32; 8]]) {
 }
 
 #[cfg(not(all(target_arch = "x86_64", target_feature = "avx")))]
-fn lane_sums8(t: &mut [[f64; 8]; 3], dc: &[[f32; 8]], kc: &[[f32; 8]]) {
+fn lane_sums8<const SQ: bool>(t: &mut [[f64; 8]; 3], dc: &[[f32; 8]], kc: &[[f32; 8]]) {
     for (d, k) in dc.iter().zip(kc) {
         for l in 0..8 {
-            lane_step(t, l, d[l], k[l]);
+            lane_step::<SQ>(t, l, d[l], k[l]);
         }
     }
 }
@@ -804,7 +810,7 @@ impl Backend for Cpu {
         unreachable!("fewer than {q} elements equal to the threshold")
     }
 
-    fn masked_sums(&self, job: &Job, sp: &Sparsity) -> Result<Vec<[f64; 3]>> {
+    fn masked_sums(&self, job: &Job, sp: &Sparsity, squares: bool) -> Result<Vec<[f64; 3]>> {
         let n = job.numel;
         let m = job.models.len();
         let ranks = della_ranks(job, sp);
@@ -828,7 +834,11 @@ impl Backend for Cpu {
                         keep_bits(&sp.keep[i], &cx, start, &s.x[i][..len], kb);
                         // eight independent f64 lanes (in a fixed order): vectorised, and
                         // the same sums whatever the thread count
-                        *o = masked_lanes(&s.x[i][..len], kb);
+                        *o = if squares {
+                            masked_lanes::<true>(&s.x[i][..len], kb)
+                        } else {
+                            masked_lanes::<false>(&s.x[i][..len], kb)
+                        };
                         if drawn_at_random(&sp.keep[i]) {
                             bits[i] = kb.clone();
                         }
@@ -1521,7 +1531,13 @@ mod tests {
                 lanes[2][l] += kd * kd;
             }
             let want = lanes.map(|t| t.iter().sum::<f64>());
-            let got = masked_lanes(&d, &bits);
+            let got = masked_lanes::<true>(&d, &bits);
+            let some = masked_lanes::<false>(&d, &bits);
+            assert_eq!(
+                (some[0], some[1], some[2]),
+                (got[0], got[1], 0.0),
+                "len {len}"
+            );
             for j in 0..3 {
                 assert_eq!(got[j].to_bits(), want[j].to_bits(), "len {len}, sum {j}");
             }

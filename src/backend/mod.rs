@@ -484,8 +484,8 @@ pub trait Backend: Send + Sync {
     }
 
     /// For each model i, with d_i = models[i] - base and k_i its keep mask:
-    /// [Σ|d_i|, Σ|d_i·k_i|, Σ(d_i·k_i)²].
-    fn masked_sums(&self, job: &Job, sparsity: &Sparsity) -> Result<Vec<[f64; 3]>>;
+    /// [Σ|d_i|, Σ|d_i·k_i|, Σ(d_i·k_i)²]; without `squares` the third may be left 0.
+    fn masked_sums(&self, job: &Job, sparsity: &Sparsity, squares: bool) -> Result<Vec<[f64; 3]>>;
 
     /// The GTA combine ([`GtaSpec`]) into `out` (job.out_dtype bytes).
     fn gta(&self, job: &Job, spec: &GtaSpec, out: &mut [u8]) -> Result<()>;

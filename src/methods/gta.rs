@@ -474,7 +474,7 @@ pub fn run(v: Variant, b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> 
             .filter(|&i| !matches!(sp.keep[i], Keep::All | Keep::Nothing))
             .collect();
         if !active.is_empty() {
-            let sums = b.masked_sums(job, &sp)?;
+            let sums = b.masked_sums(job, &sp, false)?;
             for i in active {
                 let (full, kept) = (sums[i][0] as f32, sums[i][1] as f32);
                 if full >= 1e-7 && kept >= 1e-7 {

@@ -77,7 +77,7 @@ pub fn run(b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> {
     let mut weights: Vec<f32> = if m == 0 {
         Vec::new()
     } else {
-        b.masked_sums(job, &sp)?
+        b.masked_sums(job, &sp, true)?
             .iter()
             .map(|s| (s[2] / n) as f32)
             .collect()

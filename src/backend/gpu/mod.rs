@@ -1116,7 +1116,8 @@ impl Backend for Gpu {
         Ok((spec.start + header.focus as usize * WG_ELEMS + j) as u32)
     }
 
-    fn masked_sums(&self, job: &Job, sp: &Sparsity) -> Result<Vec<[f64; 3]>> {
+    // always all three sums (one shader for both uses)
+    fn masked_sums(&self, job: &Job, sp: &Sparsity, _squares: bool) -> Result<Vec<[f64; 3]>> {
         let m = job.models.len();
         if job.numel == 0 || m == 0 {
             return Ok(vec![[0.0; 3]; m]);
