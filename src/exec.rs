@@ -504,13 +504,16 @@ fn run_tasks<'b>(
                 if let Some(&next) = todo.get(n + 1) {
                     advise(plan, &plan.tasks[next], true);
                 }
-                // GTA methods on a backend whose gta decodes every input element look for NaN
-                // and infinity on the way (in the inputs, and in an f32 output as it is
-                // written); other merges have their inputs scanned first
+                // GTA and linear merges, on a backend whose gta and weighted_sum decode every
+                // input element, look for NaN and infinity on the way (in the inputs, and in
+                // an f32 output as it is written); other merges have their inputs scanned first
                 let check = !opts.allow_nonfinite && !t.copy_only;
                 let on_the_way = check
-                    && current.scans_gta_inputs()
-                    && matches!(plan.method.algo, methods::Algo::Gta(_));
+                    && current.scans_inputs()
+                    && matches!(
+                        plan.method.algo,
+                        methods::Algo::Gta(_) | methods::Algo::Linear
+                    );
                 if check && !on_the_way {
                     check_inputs(plan, t)?;
                 }

@@ -750,6 +750,29 @@ fn gta_merges_name_nonfinite_inputs_found_on_the_way() {
     let e = stderr(&o);
     assert!(e.contains("from finite inputs"), "{e}");
     assert!(!s.out().exists());
+    // linear looks on the way too (no base: every input it reads is decoded)
+    let linear = |w1: &str| {
+        format!(
+            "merge_method: linear\nmodels:\n  - model: models/ft1\n    parameters: {{weight: {w1}}}\n  - model: models/ft2\n    parameters: {{weight: 0.5}}\ndtype: float32\n"
+        )
+    };
+    let s = Setup::new();
+    edit_st(&s.st("ft2"), |st| st.set_f32(UP1, 123, f32::NAN));
+    let o = run_merge(&s.recipe(&linear("1.0")), &s.out(), &[]);
+    assert_clean_failure(&o, "linear, NaN input");
+    let e = stderr(&o);
+    for n in ["models/ft2", UP1, "NaN", "element 123"] {
+        assert!(
+            e.contains(n),
+            "linear: the message does not mention {n:?}: {e}"
+        );
+    }
+    let s = Setup::new();
+    edit_st(&s.st("ft1"), |st| st.set_f32(NORM, 4, 1e4));
+    let o = run_merge(&s.recipe(&linear("1.0e+36")), &s.out(), &[]);
+    assert_clean_failure(&o, "linear, overflowing weight");
+    assert!(stderr(&o).contains("from finite inputs"), "{}", stderr(&o));
+    assert!(!s.out().exists());
 }
 
 /// A recipe of a few hundred kilobytes must be refused as quickly as a small one: the YAML

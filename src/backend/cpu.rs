@@ -11,6 +11,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 use super::{
     pcb_tanh, Backend, Consensus, GtaSpec, Input, Job, Keep, Key, PcbSpec, Query, RankCut,
@@ -887,8 +888,7 @@ impl Backend for Cpu {
                 s
             }
         };
-        let nonfinite = std::sync::atomic::AtomicBool::new(false);
-        let out_nonfinite = std::sync::atomic::AtomicBool::new(false);
+        let (nonfinite, out_nonfinite) = (AtomicBool::new(false), AtomicBool::new(false));
         let failed = std::sync::Mutex::new(None);
         out.par_chunks_mut(CHUNK * osz).enumerate().for_each_init(
             || Scratch::take(m),
@@ -902,7 +902,7 @@ impl Backend for Cpu {
                     // base or model value leaves a non-finite delta
                     let base = job.base.is_some() && any_nonfinite(&s.base[..len]);
                     if base || s.x.iter().any(|x| any_nonfinite(&x[..len])) {
-                        nonfinite.store(true, std::sync::atomic::Ordering::Relaxed);
+                        nonfinite.store(true, Relaxed);
                     }
                 }
                 if var {
@@ -938,7 +938,7 @@ impl Backend for Cpu {
                     gta_lanes::<1>(x, k, b, spec, wsum, o, mix);
                 }
                 if job.scan.is_some() && any_nonfinite(mix) {
-                    out_nonfinite.store(true, std::sync::atomic::Ordering::Relaxed);
+                    out_nonfinite.store(true, Relaxed);
                 }
                 if !in_place {
                     emit(job, c, &s.acc[..len], oc, &mut s.obytes, &failed);
@@ -958,7 +958,7 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn scans_gta_inputs(&self) -> bool {
+    fn scans_inputs(&self) -> bool {
         true
     }
 
@@ -985,6 +985,7 @@ impl Backend for Cpu {
         let m = job.models.len();
         let osz = job.out_dtype.size();
         let failed = std::sync::Mutex::new(None);
+        let (nonfinite, out_nonfinite) = (AtomicBool::new(false), AtomicBool::new(false));
         out.par_chunks_mut(CHUNK * osz).enumerate().for_each_init(
             || Scratch::take(m),
             |s, (c, oc)| {
@@ -996,18 +997,33 @@ impl Backend for Cpu {
                 for (input, &w) in job.models.iter().zip(weights) {
                     let x = &mut s.x[0][..len];
                     load(input, start, job.load_dtype, x);
+                    if job.scan.is_some() && any_nonfinite(x) {
+                        nonfinite.store(true, Relaxed);
+                    }
                     acc.iter_mut().zip(x.iter()).for_each(|(a, x)| *a += *x * w);
                 }
                 if let Some(d) = divisor {
                     acc.iter_mut().for_each(|a| *a /= d);
                 }
+                if job.scan.is_some() && any_nonfinite(acc) {
+                    out_nonfinite.store(true, Relaxed);
+                }
                 emit(job, c, acc, oc, &mut s.obytes, &failed);
             },
         );
-        match failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
-            Some(e) => Err(e),
-            None => Ok(()),
+        if let Some(e) = failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            return Err(e);
         }
+        if let Some(scan) = job.scan {
+            // the models are all decoded; a base is not read at all
+            if job.base.is_none() {
+                scan.record_inputs(nonfinite.into_inner());
+            }
+            if job.out_dtype == DType::F32 {
+                scan.record_output(out_nonfinite.into_inner());
+            }
+        }
+        Ok(())
     }
 
     fn dots(

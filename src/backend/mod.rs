@@ -490,9 +490,10 @@ pub trait Backend: Send + Sync {
     /// The GTA combine ([`GtaSpec`]) into `out` (job.out_dtype bytes).
     fn gta(&self, job: &Job, spec: &GtaSpec, out: &mut [u8]) -> Result<()>;
 
-    /// Whether this backend's `gta` fills in the job's [`FiniteScan`] (it decodes every
-    /// element of every input, so it can see non-finite values on the way).
-    fn scans_gta_inputs(&self) -> bool {
+    /// Whether this backend's `gta` and `weighted_sum` fill in the job's [`FiniteScan`]
+    /// (they decode every element of every input they read, so they can see non-finite
+    /// values on the way).
+    fn scans_inputs(&self) -> bool {
         false
     }
 
