@@ -301,8 +301,9 @@ pub fn merge_tensor(
     merge_tensor_scanned(plan, backend, t, out, None, None)
 }
 
-/// [`merge_tensor`], letting the backend fill in `scan` as it decodes the inputs when they
-/// are the files' own tensors (not rebuilt from adapters).
+/// [`merge_tensor`] with two extras for the backend: `scan` to fill in as it decodes the
+/// inputs (only when they are the files' own tensors, not rebuilt from adapters), and `sink`,
+/// another way to write `out` (see [`Job::sink`]).
 fn merge_tensor_scanned(
     plan: &Plan,
     backend: &dyn Backend,
