@@ -206,49 +206,37 @@ pub fn f16_to_f32(h: u16) -> f32 {
 
 /// Decodes little-endian `src` bytes of `dtype` into `dst` (same element count).
 pub fn decode(dtype: DType, src: &[u8], dst: &mut [f32]) {
-    match dtype {
-        DType::F32 => {
-            debug_assert_eq!(src.len(), dst.len() * 4);
-            for (d, s) in dst.iter_mut().zip(src.chunks_exact(4)) {
-                *d = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
-            }
-        }
-        DType::BF16 => {
-            debug_assert_eq!(src.len(), dst.len() * 2);
-            for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
-                *d = bf16_to_f32(u16::from_le_bytes([s[0], s[1]]));
-            }
-        }
-        DType::F16 => {
-            debug_assert_eq!(src.len(), dst.len() * 2);
-            for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
-                *d = f16_to_f32(u16::from_le_bytes([s[0], s[1]]));
-            }
-        }
-        other => unreachable!("decode of non-float dtype {other}"),
-    }
+    debug_assert_eq!(src.len(), dst.len() * dtype.size());
+    decode_each(dtype, src, dst.iter_mut(), |d, v| *d = v);
 }
 
 /// [`decode`] and then `dst[j] -= base[j]`, in one pass (the same values).
 pub fn decode_minus(dtype: DType, src: &[u8], base: &[f32], dst: &mut [f32]) {
+    debug_assert_eq!(src.len(), dst.len() * dtype.size());
     debug_assert_eq!(base.len(), dst.len());
+    decode_each(dtype, src, dst.iter_mut().zip(base), |(d, b), v| {
+        *d = v - *b
+    });
+}
+
+/// Hands each element of `src`, decoded, to `put` together with the matching item of `dst`
+/// (one loop per dtype, each simple enough to vectorise once `put` is inlined).
+#[inline(always)]
+fn decode_each<T>(dtype: DType, src: &[u8], dst: impl Iterator<Item = T>, put: impl Fn(T, f32)) {
     match dtype {
         DType::F32 => {
-            debug_assert_eq!(src.len(), dst.len() * 4);
-            for ((d, s), b) in dst.iter_mut().zip(src.chunks_exact(4)).zip(base) {
-                *d = f32::from_le_bytes([s[0], s[1], s[2], s[3]]) - *b;
+            for (d, s) in dst.zip(src.chunks_exact(4)) {
+                put(d, f32::from_le_bytes([s[0], s[1], s[2], s[3]]));
             }
         }
         DType::BF16 => {
-            debug_assert_eq!(src.len(), dst.len() * 2);
-            for ((d, s), b) in dst.iter_mut().zip(src.chunks_exact(2)).zip(base) {
-                *d = bf16_to_f32(u16::from_le_bytes([s[0], s[1]])) - *b;
+            for (d, s) in dst.zip(src.chunks_exact(2)) {
+                put(d, bf16_to_f32(u16::from_le_bytes([s[0], s[1]])));
             }
         }
         DType::F16 => {
-            debug_assert_eq!(src.len(), dst.len() * 2);
-            for ((d, s), b) in dst.iter_mut().zip(src.chunks_exact(2)).zip(base) {
-                *d = f16_to_f32(u16::from_le_bytes([s[0], s[1]])) - *b;
+            for (d, s) in dst.zip(src.chunks_exact(2)) {
+                put(d, f16_to_f32(u16::from_le_bytes([s[0], s[1]])));
             }
         }
         other => unreachable!("decode of non-float dtype {other}"),
