@@ -193,16 +193,25 @@ impl Stream {
     }
 
     /// Keep bits of the 64 elements `4·first .. 4·first + 64`: bit e is set when the top 24
-    /// bits of element e's word are below `t` (so each is kept with probability t / 2²⁴).
+    /// bits of element e's word are below `threshold(e)`.
     #[inline]
-    pub fn keep_word(&self, first: u64, t: u32) -> u64 {
-        self.keep_words(first, t)[0]
+    pub fn keep_word_by(&self, first: u64, threshold: impl Fn(usize) -> u32) -> u64 {
+        let w = self.blocks(first);
+        let mut bits = 0u64;
+        for l in 0..LANES {
+            for (k, wk) in w.iter().enumerate() {
+                let e = 4 * l + k;
+                bits |= (((wk[l] >> 8) < threshold(e)) as u64) << e;
+            }
+        }
+        bits
     }
 
-    /// [`Stream::keep_word`] of blocks `first`, `first + 16`, `first + 32` and `first + 48`
-    /// (256 elements), computed together: four words keep the multipliers busy where one
-    /// waits on each round's latency (measured: 2 words 8%, 4 words another 9% faster than
-    /// 1; 8 words slower, out of registers).
+    /// [`Stream::keep_word_by`] with one threshold `t` for every element (each kept with
+    /// probability t / 2²⁴), for the four words of blocks `first`, `first + 16`, `first + 32`
+    /// and `first + 48` (256 elements), computed together: four words keep the multipliers
+    /// busy where one waits on each round's latency (measured: 2 words 8%, 4 words another 9%
+    /// faster than 1; 8 words slower, out of registers).
     #[inline]
     pub fn keep_words(&self, first: u64, t: u32) -> [u64; 4] {
         #[cfg(all(
@@ -235,20 +244,8 @@ impl Stream {
             target_feature = "bmi2"
         )))]
         {
-            std::array::from_fn(|g| self.keep_word_portable(first.wrapping_add(16 * g as u64), t))
+            std::array::from_fn(|g| self.keep_word_by(first.wrapping_add(16 * g as u64), |_| t))
         }
-    }
-
-    #[allow(dead_code)]
-    fn keep_word_portable(&self, first: u64, t: u32) -> u64 {
-        let w = self.blocks(first);
-        let mut bits = 0u64;
-        for l in 0..LANES {
-            for (k, wk) in w.iter().enumerate() {
-                bits |= (((wk[l] >> 8) < t) as u64) << (4 * l + k);
-            }
-        }
-        bits
     }
 
     #[cfg_attr(
@@ -389,13 +386,11 @@ mod tests {
         let s = Stream::new(0x0bad_cafe_f00d_d00d, "layers.3.w", 2);
         for first in [0u64, 16, (1 << 32) - 5, u64::MAX - 100] {
             for t in [0u32, 1, 1 << 20, 5_000_000, (1 << 24) - 1, 1 << 24] {
-                let w = s.keep_word(first, t);
-                assert_eq!(w, s.keep_word_portable(first, t), "block {first}, t {t}");
                 let four = s.keep_words(first, t);
-                assert_eq!(four[0], w, "block {first}, t {t}");
+                let w = four[0];
                 for (g, got) in four.iter().enumerate() {
                     let at = first.wrapping_add(16 * g as u64);
-                    assert_eq!(*got, s.keep_word_portable(at, t), "block {at}, t {t}");
+                    assert_eq!(*got, s.keep_word_by(at, |_| t), "block {at}, t {t}");
                 }
                 for e in 0..64u64 {
                     let word = s.block(first.wrapping_add(e / 4))[(e % 4) as usize];

@@ -291,16 +291,8 @@ fn keep_bits(keep: &Keep, cx: &KeepCtx, start: usize, d: &[f32], out: &mut Vec<u
             );
             out.extend((0..len.div_ceil(64)).map(|w| {
                 let at = start + 64 * w;
-                let words = cx.stream.blocks((at / 4) as u64);
-                let mut bits = 0u64;
-                for l in 0..crate::rng::LANES {
-                    for (k, wk) in words.iter().enumerate() {
-                        let e = 4 * l + k;
-                        let t = ranks.get(at + e).map_or(0, |r| table[*r as usize]);
-                        bits |= (((wk[l] >> 8) < t) as u64) << e;
-                    }
-                }
-                bits
+                let t = |e: usize| ranks.get(at + e).map_or(0, |r| table[*r as usize]);
+                cx.stream.keep_word_by((at / 4) as u64, t)
             }));
         }
     }
