@@ -68,16 +68,60 @@ fn any_nonfinite(v: &[f32]) -> bool {
         || rest.iter().any(|x| x.to_bits() & EXP == EXP)
 }
 
+/// What the chunks of one `gta` or `weighted_sum` call report: the first error of
+/// [`Job::sink`], and whether an input or output value was NaN or infinite (looked for only
+/// when the job has a [`super::FiniteScan`]).
+#[derive(Default)]
+struct ChunkChecks {
+    failed: std::sync::Mutex<Option<crate::error::Error>>,
+    inputs_nonfinite: AtomicBool,
+    output_nonfinite: AtomicBool,
+}
+
+impl ChunkChecks {
+    /// Looks at decoded input values (or deltas) of a chunk.
+    fn inputs(&self, job: &Job, vals: &[f32]) {
+        if job.scan.is_some() && any_nonfinite(vals) {
+            self.inputs_nonfinite.store(true, Relaxed);
+        }
+    }
+
+    /// Looks at a chunk's output values.
+    fn output(&self, job: &Job, vals: &[f32]) {
+        if job.scan.is_some() && any_nonfinite(vals) {
+            self.output_nonfinite.store(true, Relaxed);
+        }
+    }
+
+    /// The call's result: the first sink error, else Ok with the findings recorded in the
+    /// job's scan: the inputs when `inputs_covered` (every input element was looked at), the
+    /// output when it is f32 (narrower values can still overflow as they are encoded).
+    fn finish(self, job: &Job, inputs_covered: bool) -> Result<()> {
+        if let Some(e) = self.failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            return Err(e);
+        }
+        if let Some(scan) = job.scan {
+            if inputs_covered {
+                scan.record_inputs(self.inputs_nonfinite.into_inner());
+            }
+            if job.out_dtype == DType::F32 {
+                scan.record_output(self.output_nonfinite.into_inner());
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Puts chunk `c`'s values into the output: through [`Job::sink`] when the job has one (from
 /// this cache-hot chunk, with `obytes` for the encoding), else encoded into `oc`, the chunk's
-/// part of `out`. The first sink error lands in `failed`.
+/// part of `out`. The first sink error lands in `checks`.
 fn emit(
     job: &Job,
     c: usize,
     vals: &[f32],
     oc: &mut [u8],
     obytes: &mut Vec<u8>,
-    failed: &std::sync::Mutex<Option<crate::error::Error>>,
+    checks: &ChunkChecks,
 ) {
     let Some(sink) = job.sink else {
         dtype::encode(job.out_dtype, vals, oc);
@@ -92,7 +136,8 @@ fn emit(
         sink(at, obytes)
     };
     if let Err(e) = r {
-        failed
+        checks
+            .failed
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get_or_insert(e);
@@ -303,9 +348,9 @@ fn keep_bits(keep: &Keep, cx: &KeepCtx, start: usize, d: &[f32], out: &mut Vec<u
     }
 }
 
-/// The 64 keep factors (0.0 or 1.0) of one word of keep bits.
+/// The keep factors (0.0 or 1.0) of the low N bits of a word of keep bits.
 #[inline(always)]
-fn factors64(w: u64) -> [f32; 64] {
+fn factors<const N: usize>(w: u64) -> [f32; N] {
     std::array::from_fn(|j| ((w >> j) & 1) as u32 as f32)
 }
 
@@ -320,7 +365,7 @@ fn masked_lanes<const SQ: bool>(d: &[f32], bits: &[u64]) -> [f64; 3] {
     let mut k = [0.0f32; SPAN];
     for (c, dc) in d.chunks(SPAN).enumerate() {
         for (w, kw) in k.as_chunks_mut::<64>().0.iter_mut().enumerate() {
-            *kw = factors64(bits.get(c * SPAN / 64 + w).copied().unwrap_or(0));
+            *kw = factors(bits.get(c * SPAN / 64 + w).copied().unwrap_or(0));
         }
         let (dg, dr) = dc.as_chunks::<8>();
         let (kg, kr) = k[..dc.len()].as_chunks::<8>();
@@ -880,8 +925,7 @@ impl Backend for Cpu {
                 s
             }
         };
-        let (nonfinite, out_nonfinite) = (AtomicBool::new(false), AtomicBool::new(false));
-        let failed = std::sync::Mutex::new(None);
+        let checks = ChunkChecks::default();
         out.par_chunks_mut(CHUNK * osz).enumerate().for_each_init(
             || Scratch::take(m),
             |s, (c, oc)| {
@@ -889,14 +933,12 @@ impl Backend for Cpu {
                 let start = c * CHUNK;
                 let len = oc.len() / osz;
                 s.load_all(job, start, len, true);
-                if job.scan.is_some() {
-                    // the inputs as they go by (cheap: the chunk is in cache); a non-finite
-                    // base or model value leaves a non-finite delta
-                    let base = job.base.is_some() && any_nonfinite(&s.base[..len]);
-                    if base || s.x.iter().any(|x| any_nonfinite(&x[..len])) {
-                        nonfinite.store(true, Relaxed);
-                    }
+                // the inputs as they go by (cheap: the chunk is in cache); a non-finite base
+                // or model value leaves a non-finite delta
+                if job.base.is_some() {
+                    checks.inputs(job, &s.base[..len]);
                 }
+                s.x.iter().for_each(|x| checks.inputs(job, &x[..len]));
                 if var {
                     variance_keys(&s.x, len, &mut s.var);
                 }
@@ -929,25 +971,13 @@ impl Backend for Cpu {
                 for o in full..len {
                     gta_lanes::<1>(x, k, b, spec, wsum, o, mix);
                 }
-                if job.scan.is_some() && any_nonfinite(mix) {
-                    out_nonfinite.store(true, Relaxed);
-                }
+                checks.output(job, mix);
                 if !in_place {
-                    emit(job, c, &s.acc[..len], oc, &mut s.obytes, &failed);
+                    emit(job, c, &s.acc[..len], oc, &mut s.obytes, &checks);
                 }
             },
         );
-        if let Some(e) = failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
-            return Err(e);
-        }
-        if let Some(scan) = job.scan {
-            scan.record_inputs(nonfinite.into_inner());
-            // f32 values are the output bytes; narrower ones can still overflow in encoding
-            if job.out_dtype == DType::F32 {
-                scan.record_output(out_nonfinite.into_inner());
-            }
-        }
-        Ok(())
+        checks.finish(job, true)
     }
 
     fn scans_inputs(&self) -> bool {
@@ -976,8 +1006,7 @@ impl Backend for Cpu {
     ) -> Result<()> {
         let m = job.models.len();
         let osz = job.out_dtype.size();
-        let failed = std::sync::Mutex::new(None);
-        let (nonfinite, out_nonfinite) = (AtomicBool::new(false), AtomicBool::new(false));
+        let checks = ChunkChecks::default();
         out.par_chunks_mut(CHUNK * osz).enumerate().for_each_init(
             || Scratch::take(m),
             |s, (c, oc)| {
@@ -989,33 +1018,18 @@ impl Backend for Cpu {
                 for (input, &w) in job.models.iter().zip(weights) {
                     let x = &mut s.x[0][..len];
                     load(input, start, job.load_dtype, x);
-                    if job.scan.is_some() && any_nonfinite(x) {
-                        nonfinite.store(true, Relaxed);
-                    }
+                    checks.inputs(job, x);
                     acc.iter_mut().zip(x.iter()).for_each(|(a, x)| *a += *x * w);
                 }
                 if let Some(d) = divisor {
                     acc.iter_mut().for_each(|a| *a /= d);
                 }
-                if job.scan.is_some() && any_nonfinite(acc) {
-                    out_nonfinite.store(true, Relaxed);
-                }
-                emit(job, c, acc, oc, &mut s.obytes, &failed);
+                checks.output(job, acc);
+                emit(job, c, acc, oc, &mut s.obytes, &checks);
             },
         );
-        if let Some(e) = failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
-            return Err(e);
-        }
-        if let Some(scan) = job.scan {
-            // the models are all decoded; a base is not read at all
-            if job.base.is_none() {
-                scan.record_inputs(nonfinite.into_inner());
-            }
-            if job.out_dtype == DType::F32 {
-                scan.record_output(out_nonfinite.into_inner());
-            }
-        }
-        Ok(())
+        // every model is decoded; a base is not read at all
+        checks.finish(job, job.base.is_none())
     }
 
     fn dots(
@@ -1332,9 +1346,10 @@ fn vector_values(v: Vector, s: &Scratch, len: usize, out: &mut Vec<f32>) {
 
 /// Elements `o .. o + N` of a GTA chunk (`o` a multiple of 64 when N is 64): deltas in `x[i]`
 /// (overwritten with their weighted, kept, rescaled values), keep bits in `k[i]` (element j
-/// at bit j % 64 of word j / 64), base in `b`; the merged values go to `out`. Per element, in this order: u = (d·k)·scale, v = u·w; the vote Σ v (or Σ u, or
-/// Σ sign) over the models in order; the majority sign (+1 at zero); the sums of agreeing
-/// v and of agreeing weights; the divisor floor; out = b + λ·(Σ / divisor).
+/// at bit j % 64 of word j / 64), base in `b`; the merged values go to `out`. Per element,
+/// in this order: u = (d·k)·scale, v = u·w; the vote Σ v (or Σ u, or Σ sign) over the models
+/// in order; the majority sign (+1 at zero); the sums of agreeing v and of agreeing weights;
+/// the divisor floor; out = b + λ·(Σ / divisor).
 #[inline(always)]
 fn gta_lanes<const N: usize>(
     x: &mut [Vec<f32>],
@@ -1349,10 +1364,8 @@ fn gta_lanes<const N: usize>(
     for (i, (xi, ki)) in x.iter_mut().zip(k).enumerate() {
         let (sc, w) = (spec.scale[i], spec.weights[i]);
         let xi: &mut [f32; N] = (&mut xi[o..o + N]).try_into().unwrap();
-        // the factors as 0.0/1.0 (bit l of the shifted word is element o + l)
-        let word = ki[o / 64] >> (o % 64);
-        let ki: [f32; N] = std::array::from_fn(|l| ((word >> l) & 1) as u32 as f32);
-        let ki = &ki;
+        // bit l of the shifted word is element o + l
+        let ki = &factors::<N>(ki[o / 64] >> (o % 64));
         // one loop per rule (u = unweighted, v = weighted value), so each vectorises
         let v = &mut vote;
         match (spec.consensus, spec.vote) {
