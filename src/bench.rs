@@ -18,8 +18,8 @@ use crate::backend::{
 };
 use crate::dtype::{self, DType};
 use crate::error::Result;
+use crate::methods::Value1;
 use crate::methods::{self, Ctx, Params};
-use crate::recipe::Value1;
 
 pub struct BenchOptions {
     /// Elements per input tensor.
@@ -374,13 +374,12 @@ pub fn run(opts: &BenchOptions, backends: &[(Box<dyn Backend>, Device)]) -> Resu
                     (lo, None) => count.max(lo),
                 };
                 // Fisher merging reads a Fisher tensor per model besides its weights
-                let per = methods::inputs_per_model(m);
+                let per = m.inputs_per_model();
                 let count = if per > 1 { (count / per).max(1) } else { count };
                 let params = method_params(m, count);
                 // whole-model statistics (Fisher norms, PCB's order statistics) of this
                 // one-tensor model, outside the timing
-                let globals = methods::whole_model(
-                    m,
+                let globals = m.imp.whole_model(
                     b.as_ref(),
                     &|f| {
                         let j = job(with_base, count * per, DType::F32);
@@ -389,10 +388,11 @@ pub fn run(opts: &BenchOptions, backends: &[(Box<dyn Backend>, Device)]) -> Resu
                         r
                     },
                     1,
+                    None,
                 )?;
                 let t = time(opts.repeats, || {
                     let j = job(with_base, count * per, DType::BF16)
-                        .with_align(methods::job_align(m, &params, &shape));
+                        .with_align(m.imp.align(&params, &shape));
                     let cx = Ctx {
                         job: &j,
                         shape: &shape,
@@ -401,7 +401,7 @@ pub fn run(opts: &BenchOptions, backends: &[(Box<dyn Backend>, Device)]) -> Resu
                         depth: None,
                         globals: &globals,
                     };
-                    let r = methods::run(m, b.as_ref(), &cx, &mut out);
+                    let r = m.imp.run(b.as_ref(), &cx, &mut out);
                     b.end_job(&j);
                     r
                 })?;

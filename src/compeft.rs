@@ -130,7 +130,7 @@ fn pairs(model: &ModelFolder, base: &ModelFolder) -> Result<Vec<String>> {
             continue;
         }
         for (m, r) in [(model, t), (base, b)] {
-            if let Some((i, v)) = crate::exec::first_nonfinite(r.dtype(), r.bytes()) {
+            if let Some((i, v)) = crate::dtype::first_nonfinite(r.dtype(), r.bytes()) {
                 return Err(Error::Param {
                     tensor: name.clone(),
                     msg: format!("element {i} of {} is {v}", m.label),
@@ -375,7 +375,7 @@ pub fn compress(
         ("total", stats.total.to_string()),
         ("shapes", serde_json::to_string(&shapes).unwrap()),
         ("base", abs(&base.path).display().to_string()),
-        ("base_digest", crate::io::output::input_digest(base)),
+        ("base_digest", base.digest()),
         ("model", abs(&model.path).display().to_string()),
     ]
     .into_iter()
@@ -538,7 +538,7 @@ impl Compressed {
                 });
             }
         }
-        let digest = crate::io::output::input_digest(base);
+        let digest = base.digest();
         if digest != self.base_digest {
             return Err(Error::BadModel {
                 path: self.dir.clone(),

@@ -6,6 +6,8 @@
 
 use std::fmt;
 
+use rayon::prelude::*;
+
 /// Element type of a tensor as stored in a safetensors file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DType {
@@ -279,6 +281,47 @@ pub fn encode(dtype: DType, src: &[f32], dst: &mut [u8]) {
     }
 }
 
+/// Index and value of the first NaN or infinity in little-endian `bytes` of `dtype`.
+pub fn first_nonfinite(dtype: DType, bytes: &[u8]) -> Option<(usize, f32)> {
+    // all-ones exponent: infinity or NaN
+    let hit = match dtype {
+        DType::F32 => scan_exponents::<4>(bytes, 0x7f80_0000, |b| u32::from_le_bytes(*b)),
+        DType::BF16 => scan_exponents::<2>(bytes, 0x7f80, |b| u16::from_le_bytes(*b) as u32),
+        DType::F16 => scan_exponents::<2>(bytes, 0x7c00, |b| u16::from_le_bytes(*b) as u32),
+        _ => None,
+    }?;
+    let s = dtype.size();
+    let mut v = [0f32; 1];
+    decode(dtype, &bytes[hit * s..(hit + 1) * s], &mut v);
+    Some((hit, v[0]))
+}
+
+/// The first element whose `bits & mask == mask`, in parallel blocks; each block of 256
+/// elements is tested branch-free (vectorised) and searched only when it has a hit.
+fn scan_exponents<const S: usize>(
+    bytes: &[u8],
+    mask: u32,
+    bits: impl Fn(&[u8; S]) -> u32 + Sync,
+) -> Option<usize> {
+    const BLOCK: usize = 1 << 16;
+    const SUB: usize = 256;
+    let (elems, _) = bytes.as_chunks::<S>();
+    elems
+        .par_chunks(BLOCK)
+        .enumerate()
+        .find_map_first(|(c, chunk)| {
+            chunk.chunks(SUB).enumerate().find_map(|(k, sub)| {
+                let any = sub.iter().fold(false, |a, e| a | (bits(e) & mask == mask));
+                if !any {
+                    return None;
+                }
+                sub.iter()
+                    .position(|e| bits(e) & mask == mask)
+                    .map(|j| c * BLOCK + k * SUB + j)
+            })
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -364,6 +407,42 @@ mod tests {
             let mut q = v;
             quantize(dt, &mut q);
             assert_eq!(back, q, "{dt}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod nonfinite_tests {
+    use super::{first_nonfinite, DType};
+
+    #[test]
+    fn finds_the_first_nan_or_infinity_in_every_dtype() {
+        let n = (1 << 16) * 2 + 300;
+        for dt in [DType::F32, DType::BF16, DType::F16] {
+            let enc = |v: &[f32]| -> Vec<u8> {
+                v.iter()
+                    .flat_map(|x| match dt {
+                        DType::F32 => x.to_le_bytes().to_vec(),
+                        DType::BF16 => super::f32_to_bf16(*x).to_le_bytes().to_vec(),
+                        _ => super::f32_to_f16(*x).to_le_bytes().to_vec(),
+                    })
+                    .collect()
+            };
+            // large finite values (f16's largest is 65504) are not hits
+            let mut v: Vec<f32> = (0..n)
+                .map(|i| if i % 3 == 0 { 65504.0 } else { -1.5 })
+                .collect();
+            assert_eq!(first_nonfinite(dt, &enc(&v)), None, "{dt}");
+            for (first, second) in [(0, 5), (255, 256), ((1 << 16) - 1, 1 << 16), (n - 2, n - 1)] {
+                v[second] = f32::INFINITY;
+                v[first] = f32::NAN;
+                let (i, x) = first_nonfinite(dt, &enc(&v)).unwrap();
+                assert!(i == first && x.is_nan(), "{dt}: {i} {x}");
+                v[first] = -1.5;
+                let (i, x) = first_nonfinite(dt, &enc(&v)).unwrap();
+                assert!(i == second && x == f32::INFINITY, "{dt}: {i} {x}");
+                v[second] = -1.5;
+            }
         }
     }
 }

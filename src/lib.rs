@@ -15,6 +15,7 @@ pub mod compeft;
 pub mod dtype;
 pub mod error;
 pub mod exec;
+pub mod inputs;
 pub mod io;
 pub mod linalg;
 pub mod lora;
@@ -23,5 +24,9 @@ pub mod plan;
 pub mod recipe;
 pub mod rng;
 pub mod units;
+pub mod workflows;
+
+#[cfg(test)]
+mod layering;
 
 pub use error::{Error, Result};

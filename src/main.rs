@@ -662,7 +662,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let shard = parse_size(&out_shard_size)
                 .map_err(anyhow::Error::msg)
                 .context("--out-shard-size")?;
-            let plan = smelt::methods::opcm::continual_plan(&merged, &new, base.as_deref(), alpha)?;
+            let plan =
+                smelt::workflows::continual::continual_plan(&merged, &new, base.as_deref(), alpha)?;
             for w in &plan.warnings {
                 log::warn!("{w}");
             }

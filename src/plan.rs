@@ -10,8 +10,9 @@ use std::path::PathBuf;
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::inputs::ModelInput;
 use crate::io::model::ModelFolder;
-use crate::methods::{self, BasePolicy, MethodInfo, Params, Scope};
+use crate::methods::{self, BasePolicy, MethodInfo, Params, Scope, SideInput};
 use crate::recipe::{ModelRef, ParamMap, Recipe, SliceDef, TokenizerSource, Value1};
 
 /// Path components that hold a layer number after them (`model.layers.7.mlp`, `h.3.attn`).
@@ -90,7 +91,7 @@ impl TensorTask {
 pub struct Plan {
     pub recipe: Recipe,
     pub method: &'static MethodInfo,
-    pub models: Vec<ModelFolder>,
+    pub models: Vec<ModelInput>,
     pub base: Option<usize>,
     pub tasks: Vec<TensorTask>,
     pub load_dtype: DType,
@@ -101,40 +102,42 @@ pub struct Plan {
     pub tokenizer_from: Option<usize>,
     pub out_layers: Option<usize>,
     pub warnings: Vec<String>,
-    /// Whole-model sums of the methods that need them ([`methods::whole_model_dots`]),
-    /// computed on first use by the executor.
+    /// Whole-model statistics of the methods that need them
+    /// ([`methods::Method::whole_model`]), computed on first use by the executor.
     pub globals: std::sync::Mutex<Option<Vec<f64>>>,
-    /// OPCM continued from an earlier merge (`smelt continual`): that merge is model 0.
-    pub opcm_prior: Option<crate::methods::opcm::Prior>,
-    /// With `opcm_prior`: the models the earlier merge folded in, as its state lists them.
-    pub continued_models: Vec<serde_json::Value>,
+    /// The state an earlier merge of this method left, when this merge continues it
+    /// (`smelt continual`: that merge is model 0). The method's whole-model and finish
+    /// hooks read it.
+    pub prior: Option<serde_json::Value>,
 }
 
-/// Fisher merging: opens `fisher.safetensors` in the folder of every merged model and adds
-/// its tensor as input M + i of every task (same name and shape as input i).
-fn attach_fisher(models: &mut Vec<ModelFolder>, tasks: &mut [TensorTask]) -> Result<()> {
-    let mut fisher_of = std::collections::BTreeMap::new();
+/// A method's side inputs ([`SideInput`], e.g. Fisher merging's `fisher.safetensors`):
+/// opens the side file in the folder of every merged model and adds its tensor as input
+/// M + i of every task (same name and shape as input i).
+fn attach_side_inputs(
+    side: SideInput,
+    models: &mut Vec<ModelInput>,
+    tasks: &mut [TensorTask],
+) -> Result<()> {
+    let mut side_of = std::collections::BTreeMap::new();
     for t in tasks.iter_mut().filter(|t| !t.copy_only) {
         let mut extra = Vec::with_capacity(t.models.len());
         for ti in &t.models {
-            let fid = match fisher_of.get(&ti.model) {
+            let fid = match side_of.get(&ti.model) {
                 Some(f) => *f,
                 None => {
                     let m = &models[ti.model];
-                    let path = m.dir().join(methods::FISHER_FILE);
+                    let path = m.dir().join(side.file);
                     if !path.is_file() {
                         return Err(Error::BadModel {
                             path: m.path.clone(),
-                            msg: format!(
-                                "has no {}: fisher merging reads each model's diagonal Fisher (same tensor names and shapes as its weights) from that file",
-                                methods::FISHER_FILE
-                            ),
+                            msg: format!("has no {}: {}", side.file, side.why),
                         });
                     }
-                    let label = format!("{} (Fisher)", m.label);
-                    let f = ModelFolder::open(&path, &label)?;
+                    let label = format!("{} ({})", m.label, side.what);
+                    let f = ModelInput::open(&path, &label)?;
                     models.push(f);
-                    fisher_of.insert(ti.model, models.len() - 1);
+                    side_of.insert(ti.model, models.len() - 1);
                     models.len() - 1
                 }
             };
@@ -144,7 +147,10 @@ fn attach_fisher(models: &mut Vec<ModelFolder>, tasks: &mut [TensorTask]) -> Res
                 return Err(Error::MissingTensor {
                     model: fm.label.clone(),
                     tensor: ti.tensor.clone(),
-                    hint: " (the Fisher file needs a tensor for every merged weight)".into(),
+                    hint: format!(
+                        " (the {} file needs a tensor for every merged weight)",
+                        side.what
+                    ),
                 });
             };
             if fr.shape() != want.as_slice() {
@@ -154,7 +160,7 @@ fn attach_fisher(models: &mut Vec<ModelFolder>, tasks: &mut [TensorTask]) -> Res
                     expected: want,
                     model: fm.label.clone(),
                     got: fr.shape().to_vec(),
-                    hint: " (a Fisher tensor must have its weight's shape)".into(),
+                    hint: format!(" (a {} tensor must have its weight's shape)", side.what),
                 });
             }
             if !fr.dtype().is_mergeable() {
@@ -184,7 +190,7 @@ struct Src {
 
 struct OpenModels {
     refs: Vec<ModelRef>,
-    folders: Vec<ModelFolder>,
+    folders: Vec<ModelInput>,
 }
 
 impl OpenModels {
@@ -205,11 +211,11 @@ impl OpenModels {
                     ),
                 });
             }
-            let mut f = ModelFolder::open(&c.base, &r.label())?;
+            let mut f = ModelInput::open(&c.base, &r.label())?;
             f.attach_compressed(c)?;
             f
         } else {
-            ModelFolder::open(&r.path, &r.label())?
+            ModelInput::open(&r.path, &r.label())?
         };
         for a in &r.adapters {
             if crate::compeft::is_compressed(&a.path) {
@@ -514,8 +520,8 @@ impl Plan {
             )?);
         }
 
-        if method.algo == methods::Algo::Fisher {
-            attach_fisher(&mut models, &mut tasks)?;
+        if let Some(side) = method.imp.side_input() {
+            attach_side_inputs(side, &mut models, &mut tasks)?;
         }
 
         let config_from = base.unwrap_or(ref_first);
@@ -533,8 +539,7 @@ impl Plan {
             warnings,
             recipe,
             globals: std::sync::Mutex::new(None),
-            opcm_prior: None,
-            continued_models: Vec::new(),
+            prior: None,
         })
     }
 
@@ -730,7 +735,7 @@ impl Plan {
 struct TaskBuilder<'a> {
     recipe: &'a Recipe,
     method: &'static MethodInfo,
-    models: &'a [ModelFolder],
+    models: &'a [ModelInput],
     warnings: &'a mut Vec<String>,
 }
 

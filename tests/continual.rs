@@ -8,7 +8,8 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use smelt::methods::opcm::{continual_plan, STATE_NAME};
+use smelt::methods::opcm::STATE_NAME;
+use smelt::workflows::continual::continual_plan;
 
 /// The fixture README's bound: |got − expected| ≤ 1e-6 + 1e-5·|expected|.
 const REF_TOL: Tol = Tol::abs_rel(1e-6, 1e-5);

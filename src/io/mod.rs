@@ -1,8 +1,8 @@
-//! Model folders in and out: memory-mapped safetensors reading, streaming sharded writing,
-//! and the side files (config, tokenizer, model card).
+//! Model folders in and out, at the bottom of the crate (it depends on `dtype` and `error`
+//! only): memory-mapped safetensors reading, model folders and their indexes, the staged
+//! sharded writer and its manifest, and `smelt verify`.
 
 pub mod model;
-pub mod output;
 pub mod safetensors;
 pub mod verify;
 pub mod writer;

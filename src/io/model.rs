@@ -44,19 +44,6 @@ pub struct ModelFolder {
     tensors: HashMap<String, (usize, usize)>,
     /// Names in a stable, human order (layer numbers compared as numbers).
     names: Vec<String>,
-    /// LoRA adapters applied on top, in order (`BASE+ADAPTER`, `adapters:`): each one's full
-    /// tensors replace the tensor as it stands, and its ΔW (times its scale) is added to the
-    /// tensors it targets when they are merged.
-    pub adapters: Vec<AppliedAdapter>,
-    /// A compressed task vector (`smelt compress`) added on top: `BASE+COMPRESSED`, or a
-    /// recipe model that names the compressed folder itself.
-    pub compeft: Option<Box<crate::compeft::Compressed>>,
-}
-
-/// A LoRA adapter applied to a model, with the factor its ΔW is multiplied by.
-pub struct AppliedAdapter {
-    pub adapter: crate::lora::Adapter,
-    pub scale: f64,
 }
 
 fn bad(path: &Path, msg: impl Into<String>) -> Error {
@@ -101,8 +88,6 @@ impl ModelFolder {
             files: Vec::new(),
             tensors: HashMap::new(),
             names: Vec::new(),
-            adapters: Vec::new(),
-            compeft: None,
         };
         let cfg_path = dir.join("config.json");
         if path.is_dir() && cfg_path.is_file() {
@@ -232,57 +217,8 @@ impl ModelFolder {
         Ok(())
     }
 
-    /// Applies a LoRA adapter on top of this model (after those already applied), with its
-    /// ΔW multiplied by `scale`, after checking every module and full tensor of it against
-    /// this model's tensors.
-    pub fn attach_adapter(&mut self, adapter: crate::lora::Adapter, scale: f64) -> Result<()> {
-        if self.compeft.is_some() {
-            return Err(bad(
-                &adapter.dir,
-                "a model with a compressed task vector cannot also take a LoRA adapter",
-            ));
-        }
-        adapter.check_against(self)?;
-        self.adapters.push(AppliedAdapter { adapter, scale });
-        Ok(())
-    }
-
-    /// Adds a compressed task vector on top of this model (which must be the base it was
-    /// made against).
-    pub fn attach_compressed(&mut self, c: crate::compeft::Compressed) -> Result<()> {
-        if !self.adapters.is_empty() {
-            return Err(bad(
-                &c.dir,
-                "a model with a LoRA adapter cannot also take a compressed task vector",
-            ));
-        }
-        c.check_against(self)?;
-        self.compeft = Some(Box::new(c));
-        Ok(())
-    }
-
-    /// The index of the last applied adapter that replaces `name` with a full tensor: the
-    /// tensor as stored comes from it, and only its ΔW and later ones apply on top.
-    fn replaced_by(&self, name: &str) -> Option<usize> {
-        if !self.tensors.contains_key(name) {
-            return None;
-        }
-        self.adapters
-            .iter()
-            .rposition(|a| a.adapter.replacement(name).is_some())
-    }
-
-    /// A tensor as stored: the full replacement of the last adapter that has one, the
-    /// model's own otherwise (the ΔWs of LoRA modules are not in here; see
-    /// [`ModelFolder::deltas_for`]).
+    /// A tensor of this model, as stored.
     pub fn get(&self, name: &str) -> Option<TensorRef<'_>> {
-        if let Some(i) = self.replaced_by(name) {
-            let ad = &self.adapters[i].adapter;
-            return Some(TensorRef {
-                file: &ad.file,
-                info: ad.replacement(name).unwrap(),
-            });
-        }
         self.tensors.get(name).map(|&(fi, ti)| {
             let file = &self.files[fi];
             TensorRef {
@@ -290,43 +226,6 @@ impl ModelFolder {
                 info: &file.tensors()[ti],
             }
         })
-    }
-
-    /// The LoRA modules whose ΔW is added to tensor `name`, in the order the adapters are
-    /// applied, with each adapter's scale: applying the adapters one after another adds the
-    /// ΔW of every adapter from the last full replacement of the tensor on.
-    pub fn deltas_for(&self, name: &str) -> Vec<(&AppliedAdapter, &crate::lora::LoraModule)> {
-        let from = self.replaced_by(name).unwrap_or(0);
-        self.adapters[from..]
-            .iter()
-            .filter_map(|a| a.adapter.module_for(name).map(|m| (a, m)))
-            .collect()
-    }
-
-    /// Where a later adapter's full tensor replaces what an earlier adapter changed, so the
-    /// earlier change is lost (as when the adapters are applied one after another).
-    pub fn adapter_overrides(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        for (k, later) in self.adapters.iter().enumerate() {
-            let mut replaced: Vec<&String> = later.adapter.replaced_tensors().collect();
-            replaced.sort();
-            for t in replaced {
-                for earlier in &self.adapters[..k] {
-                    let what = if earlier.adapter.module_for(t).is_some() {
-                        "adds a ΔW to"
-                    } else if earlier.adapter.replacement(t).is_some() {
-                        "replaces"
-                    } else {
-                        continue;
-                    };
-                    out.push(format!(
-                        "{}: adapter {} {what} {t}, but the later adapter {} replaces that tensor with its own full copy, so the earlier change is discarded",
-                        self.label, earlier.adapter.label, later.adapter.label
-                    ));
-                }
-            }
-        }
-        out
     }
 
     /// Tensor names in natural order (`layers.2` before `layers.10`).
@@ -480,5 +379,50 @@ mod tests {
         assert!(!is_contained("/etc/passwd"));
         assert!(!is_contained("a/../../x"));
         assert!(!is_contained(""));
+    }
+}
+
+/// SHA-256 over `prefix`, then each file's header and 16 samples of 64 KiB spread over its
+/// data: tells inputs apart (fine-tunes share a header layout) without reading their
+/// gigabytes again. The first 16 hex digits.
+pub fn sampled_digest<'a>(
+    prefix: &[Vec<u8>],
+    files: impl Iterator<Item = &'a SafetensorsFile>,
+) -> String {
+    use sha2::{Digest, Sha256};
+    const SAMPLES: usize = 16;
+    const SAMPLE: usize = 64 * 1024;
+    let mut h = Sha256::new();
+    for p in prefix {
+        h.update(p);
+    }
+    for f in files {
+        for t in f.tensors() {
+            h.update(t.name.as_bytes());
+            h.update(t.dtype.st_name().as_bytes());
+            for d in &t.shape {
+                h.update(d.to_le_bytes());
+            }
+            h.update(t.begin.to_le_bytes());
+            h.update(t.end.to_le_bytes());
+        }
+        let data = f.data_region();
+        if data.len() <= SAMPLES * SAMPLE {
+            h.update(data);
+        } else {
+            for k in 0..SAMPLES {
+                let at = (data.len() - SAMPLE) / (SAMPLES - 1) * k;
+                h.update(&data[at..at + SAMPLE]);
+            }
+        }
+    }
+    let d = h.finalize();
+    d.iter().map(|b| format!("{b:02x}")).collect::<String>()[..16].to_string()
+}
+
+impl ModelFolder {
+    /// [`sampled_digest`] of this folder's files.
+    pub fn digest(&self) -> String {
+        sampled_digest(&[], self.files.iter())
     }
 }

@@ -8,16 +8,17 @@
 //! (c_i ← c_i·h_i/Σh, h_i = 1/(g_i + 1e-6)):
 //! θ = Σ c_i (F_i + floor) θ_i / Σ c_i (F_i + floor). Raw weights: no base model.
 
-use super::{Algo, BasePolicy, Ctx, Default, MethodInfo, ParamSpec, Params, Scope};
+use super::{
+    BasePolicy, Ctx, Default, EachJob, Kind, Method, MethodInfo, ParamSpec, Params, Scope, SideInput,
+};
 use crate::backend::{Backend, Segments, Vector};
 use crate::error::Result;
-use crate::recipe::Kind;
 
 /// The file each model's diagonal Fisher is read from, in the model's folder.
 pub const FISHER_FILE: &str = "fisher.safetensors";
 
-pub fn method() -> MethodInfo {
-    MethodInfo {
+pub fn methods() -> Vec<MethodInfo> {
+    vec![MethodInfo {
         name: "fisher",
         pretty: "Fisher merging",
         reference: "https://arxiv.org/abs/2111.09832",
@@ -47,8 +48,8 @@ pub fn method() -> MethodInfo {
         ],
         base: BasePolicy::Ignored,
         models: (1, None),
-        algo: Algo::Fisher,
-    }
+        imp: Box::new(Fisher),
+    }]
 }
 
 /// Σ_p ‖F_i[p]‖² per model i, over every merged tensor.
@@ -108,4 +109,35 @@ pub fn run(b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> {
     let c: Vec<f32> = c.iter().map(|x| *x as f32).collect();
     let floor = cx.params.shared_f("minimal_fisher_weight") as f32;
     b.fisher(cx.job, &c, floor, out)
+}
+
+#[derive(Debug)]
+struct Fisher;
+
+impl Method for Fisher {
+    fn run(&self, b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> {
+        run(b, cx, out)
+    }
+    fn check(&self, params: &Params) -> std::result::Result<(), String> {
+        check(params)
+    }
+    fn side_input(&self) -> Option<SideInput> {
+        Some(SideInput {
+            file: FISHER_FILE,
+            what: "Fisher",
+            why: "fisher merging reads each model's diagonal Fisher (same tensor names and shapes as its weights) from that file",
+        })
+    }
+    fn wants_globals(&self, _params: &Params) -> bool {
+        true
+    }
+    fn whole_model(
+        &self,
+        b: &dyn Backend,
+        each: &EachJob,
+        _seed: u64,
+        _prior: Option<&serde_json::Value>,
+    ) -> Result<Vec<f64>> {
+        globals(b, each)
+    }
 }

@@ -8,14 +8,15 @@
 //! the agreeing deltas, divide by the agreeing weights if `normalize`, scale by `lambda`, add
 //! to the base.
 
-use super::{Algo, BasePolicy, Ctx, Default, EachJob, MethodInfo, ParamSpec, Params, Scope};
+use super::{
+    BasePolicy, Ctx, Default, EachJob, Kind, Method, MethodInfo, ParamSpec, Params, Scope,
+};
 use crate::backend::{
     keep_threshold, py_int_mul, Backend, Consensus, GtaSpec, Job, Keep, Key, Query, RowLayout,
     Segments, Source, Sparsity, Vector, Vote,
 };
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::recipe::Kind;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Sparsify {
@@ -32,6 +33,8 @@ pub enum Sparsify {
     DellaMagprune,
 }
 
+/// One method of the family: which sparsification, sign election, normalisation and
+/// rescaling it applies. Each is its own [`Method`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Variant {
     pub sparsify: Sparsify,
@@ -137,7 +140,7 @@ fn spec(
         params,
         base: BasePolicy::Required,
         models: (0, None),
-        algo: Algo::Gta(v),
+        imp: Box::new(v),
     }
 }
 
@@ -304,7 +307,7 @@ pub fn globals(v: Variant, b: &dyn Backend, each: &EachJob, seed: u64) -> Result
         for (name, val) in p.shared.iter_mut() {
             match *name {
                 "lines_beta" => *val = None,
-                "lambda" => *val = Some(crate::recipe::Value1::Float(1.0)),
+                "lambda" => *val = Some(super::Value1::Float(1.0)),
                 _ => {}
             }
         }
@@ -497,4 +500,31 @@ pub fn run(v: Variant, b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> 
         },
         out,
     )
+}
+
+impl Method for Variant {
+    fn run(&self, b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> {
+        run(*self, b, cx, out)
+    }
+    fn check(&self, params: &Params) -> std::result::Result<(), String> {
+        check(*self, params)
+    }
+    fn align(&self, params: &Params, shape: &[usize]) -> usize {
+        align(*self, params, shape)
+    }
+    fn wants_globals(&self, params: &Params) -> bool {
+        lines_auto(*self, params)
+    }
+    fn whole_model(
+        &self,
+        b: &dyn Backend,
+        each: &EachJob,
+        seed: u64,
+        _prior: Option<&serde_json::Value>,
+    ) -> Result<Vec<f64>> {
+        globals(*self, b, each, seed)
+    }
+    fn checks_inputs_on_the_way(&self) -> bool {
+        true
+    }
 }

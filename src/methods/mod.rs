@@ -1,54 +1,51 @@
-//! The merge methods: their parameters (names, scopes, defaults, help) and their math,
-//! written once against the [`Backend`] primitives.
+//! The merge methods. Each is one file: a type implementing [`Method`] (its math, written
+//! once against the [`Backend`] primitives, and whatever hooks it needs) and a `methods()`
+//! function describing it ([`MethodInfo`]: name, help, parameters, base policy). The
+//! `registry!` line below names every such file; the recipe parser, the planner, the
+//! executor, `smelt methods`, `smelt bench` and the registry-driven tests read that one
+//! list, so a new method is one new file plus one line there.
 
 mod dense;
-mod fisher;
-mod gta;
-mod linear;
-mod model_stock;
-mod nearswap;
-pub mod opcm;
-mod passthrough;
-mod pcb;
-mod sce;
-mod sphere;
-mod tsvm;
-mod widen;
+pub mod params;
 
 pub use fisher::FISHER_FILE;
 pub use gta::della_table;
+pub use params::{Default, Kind, ParamSpec, Params, Scope, Value1};
 
 use crate::backend::{Backend, Job};
 use crate::error::{Error, Result};
-use crate::recipe::{Kind, Value1};
 
-/// Where a parameter is set and to which inputs it applies (mergekit's scopes).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Scope {
-    /// One value per output tensor (`parameters:` at the top or slice level).
-    Shared,
-    /// One value per input model, base included.
-    Input,
-    /// One value per input model other than the base.
-    NonBase,
+/// Declares the method modules and lists what each describes, in this order.
+macro_rules! registry {
+    ($($vis:vis $module:ident),* $(,)?) => {
+        $($vis mod $module;)*
+
+        /// Every method smelt has, in the order `smelt methods` lists them.
+        fn registry() -> &'static [MethodInfo] {
+            static R: std::sync::OnceLock<Vec<MethodInfo>> = std::sync::OnceLock::new();
+            R.get_or_init(|| {
+                let mut v = Vec::new();
+                $(v.extend($module::methods());)*
+                v
+            })
+        }
+    };
 }
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Default {
-    Required,
-    /// Optional with no value (the method then does without it).
-    Unset,
-    Float(f64),
-    Bool(bool),
-}
-
-#[derive(Clone, Copy, Debug)]
-pub struct ParamSpec {
-    pub name: &'static str,
-    pub kind: Kind,
-    pub scope: Scope,
-    pub default: Default,
-    pub help: &'static str,
+// One line per method file: `methods()` in each describes its methods.
+registry! {
+    linear,
+    passthrough,
+    gta,
+    sce,
+    model_stock,
+    sphere,
+    nearswap,
+    tsvm,
+    fisher,
+    widen,
+    pcb,
+    pub opcm,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,25 +58,8 @@ pub enum BasePolicy {
     Ignored,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Algo {
-    Linear,
-    Passthrough,
-    Gta(gta::Variant),
-    Sce,
-    ModelStock,
-    Slerp,
-    NuSlerp,
-    MultiSlerp,
-    Karcher,
-    NearSwap,
-    Tsv,
-    Fisher,
-    Widen,
-    Pcb,
-    Opcm,
-}
-
+/// A method as the rest of smelt sees it: what it is called and takes (for recipes, `smelt
+/// methods` and the planner) and its implementation.
 #[derive(Debug)]
 pub struct MethodInfo {
     pub name: &'static str,
@@ -90,71 +70,103 @@ pub struct MethodInfo {
     pub base: BasePolicy,
     /// How many inputs besides the base a tensor may merge: (at least, at most).
     pub models: (usize, Option<usize>),
-    pub algo: Algo,
+    /// The math and the hooks.
+    pub imp: Box<dyn Method>,
 }
 
 impl MethodInfo {
     pub fn param(&self, name: &str) -> Option<&ParamSpec> {
         self.params.iter().find(|p| p.name == name)
     }
-}
 
-const fn p(
-    name: &'static str,
-    kind: Kind,
-    scope: Scope,
-    default: Default,
-    help: &'static str,
-) -> ParamSpec {
-    ParamSpec {
-        name,
-        kind,
-        scope,
-        default,
-        help,
+    /// Inputs a tensor of the method reads per merged model: its weights, and the tensor of
+    /// the same name in the model's side file when the method has one.
+    pub fn inputs_per_model(&self) -> usize {
+        1 + self.imp.side_input().is_some() as usize
     }
 }
 
-fn registry() -> &'static [MethodInfo] {
-    static R: std::sync::OnceLock<Vec<MethodInfo>> = std::sync::OnceLock::new();
-    R.get_or_init(|| {
-        let mut v = vec![
-            MethodInfo {
-                name: "linear",
-                pretty: "Linear (model soup)",
-                reference: "https://arxiv.org/abs/2203.05482",
-                summary: "Weighted average of the models: Σ wᵢ·θᵢ / Σ wᵢ.",
-                params: vec![
-                    p("weight", Kind::Float, Scope::Input, Default::Required, "weight of this model"),
-                    p("normalize", Kind::Bool, Scope::Shared, Default::Bool(true), "divide by the sum of the weights"),
-                ],
-                base: BasePolicy::Ignored,
-                models: (1, None),
-                algo: Algo::Linear,
-            },
-            MethodInfo {
-                name: "passthrough",
-                pretty: "Passthrough (layer swapping)",
-                reference: "https://arxiv.org/abs/2410.01335",
-                summary: "Copies tensors from exactly one source per slice; with `slices:` it stacks or swaps layers.",
-                params: vec![p("scale", Kind::Float, Scope::Input, Default::Unset, "multiply the copied tensor by this")],
-                base: BasePolicy::Ignored,
-                models: (1, Some(1)),
-                algo: Algo::Passthrough,
-            },
-        ];
-        v.extend(gta::methods());
-        v.push(sce::method());
-        v.push(model_stock::method());
-        v.extend(sphere::methods());
-        v.push(nearswap::method());
-        v.push(tsvm::method());
-        v.push(fisher::method());
-        v.push(widen::method());
-        v.push(pcb::method());
-        v.push(opcm::method());
-        v
-    })
+/// A file every merged model brings beside its weights, read as extra inputs of every tensor
+/// (Fisher merging's diagonal Fisher): with M merged models, input M + i of a tensor is the
+/// tensor of the same name and shape in model i's side file.
+#[derive(Clone, Copy, Debug)]
+pub struct SideInput {
+    /// The file's name in each model's folder.
+    pub file: &'static str,
+    /// What it holds, as messages name it ("Fisher").
+    pub what: &'static str,
+    /// Why the method needs it, for the message when a model lacks it.
+    pub why: &'static str,
+}
+
+/// What a method's finish step knows of the merge it ends: for methods that leave a state
+/// file for a later continuation.
+pub struct Finish<'a> {
+    /// The whole-model statistics ([`Method::whole_model`]).
+    pub globals: &'a [f64],
+    /// The parameters of the first merged tensor (None when every tensor was copied).
+    pub params: Option<&'a Params>,
+    /// The base model and the merged models as `{path, label, digest}` records, in order
+    /// (made on call: the digests read samples of every input file).
+    pub inputs: &'a dyn Fn() -> (Option<serde_json::Value>, Vec<serde_json::Value>),
+    /// The state the merge continued from, if it did ([`crate::plan::Plan::prior`]).
+    pub prior: Option<&'a serde_json::Value>,
+}
+
+/// One merge method. Only [`Method::run`] is required; the other hooks have defaults that
+/// fit a method that merges each tensor on its own.
+pub trait Method: std::fmt::Debug + Send + Sync {
+    /// Merges one output tensor, writing `cx.job.out_dtype` bytes into `out`.
+    fn run(&self, backend: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()>;
+
+    /// Checks a tensor's resolved parameters (at plan time, so that a merge that would fail
+    /// on its last tensor fails before the first); the message names the problem.
+    fn check(&self, _params: &Params) -> std::result::Result<(), String> {
+        Ok(())
+    }
+
+    /// Elements that must stay together in one GPU tile (rows the method ranks within).
+    fn align(&self, _params: &Params, _shape: &[usize]) -> usize {
+        1
+    }
+
+    /// A file each merged model brings beside its weights ([`SideInput`]).
+    fn side_input(&self) -> Option<SideInput> {
+        None
+    }
+
+    /// Does a tensor with these parameters take part in [`Method::whole_model`]'s passes?
+    /// (The executor skips the others, and skips the passes when no tensor does.)
+    fn wants_globals(&self, _params: &Params) -> bool {
+        false
+    }
+
+    /// Statistics of the whole model the method needs before it merges any tensor (Fisher
+    /// norms, PCB's order statistics, OPCM's norms), computed on the backend in passes over
+    /// every merged tensor; they reach [`Method::run`] as [`Ctx::globals`]. `prior` is the
+    /// state an earlier merge left, when this one continues it.
+    fn whole_model(
+        &self,
+        _backend: &dyn Backend,
+        _each: &EachJob,
+        _seed: u64,
+        _prior: Option<&serde_json::Value>,
+    ) -> Result<Vec<f64>> {
+        Ok(Vec::new())
+    }
+
+    /// Whether [`Method::run`] goes through the backend's `gta` or `weighted_sum` for every
+    /// tensor, which check the inputs for NaN and infinity on the way on backends that
+    /// [`Backend::scans_inputs`]: the executor then needs no scan of its own first.
+    fn checks_inputs_on_the_way(&self) -> bool {
+        false
+    }
+
+    /// A file to write into the output beside the weights once every tensor is merged (OPCM's
+    /// state for `smelt continual`): its name and bytes.
+    fn finish(&self, _cx: &Finish) -> Result<Option<(&'static str, Vec<u8>)>> {
+        Ok(None)
+    }
 }
 
 pub fn all() -> &'static [MethodInfo] {
@@ -192,83 +204,6 @@ fn edit_distance(a: &str, b: &str) -> usize {
     prev[b.len()]
 }
 
-/// A tensor's parameters after gradients, filters, precedence and defaults.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Params {
-    /// By the method's shared parameters, in spec order.
-    pub shared: Vec<(&'static str, Option<Value1>)>,
-    /// Per merged input, in order (the base is not among them).
-    pub per_input: Vec<Vec<(&'static str, Option<Value1>)>>,
-}
-
-impl Params {
-    /// Every parameter of `method` at its default for `inputs` merged inputs, with `set`
-    /// overriding by name (benchmarks and tests build parameters without a recipe).
-    pub fn for_method(method: &MethodInfo, inputs: usize, set: &[(&str, Value1)]) -> Params {
-        let value = |p: &ParamSpec| {
-            set.iter()
-                .find(|(n, _)| *n == p.name)
-                .map(|(_, v)| *v)
-                .or(match p.default {
-                    Default::Float(x) => Some(Value1::Float(x)),
-                    Default::Bool(b) => Some(Value1::Bool(b)),
-                    Default::Required | Default::Unset => None,
-                })
-        };
-        Params {
-            shared: method
-                .params
-                .iter()
-                .filter(|p| p.scope == Scope::Shared)
-                .map(|p| (p.name, value(p)))
-                .collect(),
-            per_input: (0..inputs)
-                .map(|_| {
-                    method
-                        .params
-                        .iter()
-                        .filter(|p| p.scope != Scope::Shared)
-                        .map(|p| (p.name, value(p)))
-                        .collect()
-                })
-                .collect(),
-        }
-    }
-
-    pub fn shared_f(&self, name: &str) -> f64 {
-        match self.shared.iter().find(|(n, _)| *n == name) {
-            Some((_, Some(Value1::Float(x)))) => *x,
-            other => panic!("shared float parameter {name} not resolved: {other:?}"),
-        }
-    }
-    /// A shared float parameter that may be unset.
-    pub fn shared_opt(&self, name: &str) -> Option<f64> {
-        self.shared
-            .iter()
-            .find(|(n, _)| *n == name)
-            .and_then(|(_, v)| match v {
-                Some(Value1::Float(x)) => Some(*x),
-                _ => None,
-            })
-    }
-    pub fn shared_b(&self, name: &str) -> bool {
-        match self.shared.iter().find(|(n, _)| *n == name) {
-            Some((_, Some(Value1::Bool(x)))) => *x,
-            other => panic!("shared bool parameter {name} not resolved: {other:?}"),
-        }
-    }
-    /// Float parameter of model input `i` (index into `per_input`), if set.
-    pub fn input_f(&self, i: usize, name: &str) -> Option<f64> {
-        self.per_input[i]
-            .iter()
-            .find(|(n, _)| *n == name)
-            .and_then(|(_, v)| match v {
-                Some(Value1::Float(x)) => Some(*x),
-                _ => None,
-            })
-    }
-}
-
 /// Everything a method needs for one tensor besides the backend.
 pub struct Ctx<'a> {
     pub job: &'a Job<'a>,
@@ -280,7 +215,7 @@ pub struct Ctx<'a> {
     /// [0, 1] (0 for a one-layer model); None for tensors outside the layers (embeddings,
     /// final norm, heads). LiNeS scales by it.
     pub depth: Option<f64>,
-    /// The whole-model statistics of the method ([`whole_model`]); empty for methods that
+    /// The whole-model statistics of the method ([`Method::whole_model`]); empty for methods that
     /// need none.
     pub globals: &'a [f64],
 }
@@ -298,8 +233,8 @@ impl Ctx<'_> {
     }
 }
 
-/// Checks a tensor's resolved parameters at plan time, so that a merge that would fail on
-/// its last tensor fails before the first.
+/// Checks a tensor's resolved parameters at plan time: every number finite, then the
+/// method's own [`Method::check`].
 pub fn check(method: &MethodInfo, params: &Params, tensor: &str) -> Result<()> {
     let err = |msg: String| {
         Err(Error::Param {
@@ -323,24 +258,7 @@ pub fn check(method: &MethodInfo, params: &Params, tensor: &str) -> Result<()> {
             }
         }
     }
-    match method.algo {
-        Algo::Linear => linear::check(params).or_else(err),
-        Algo::Gta(v) => gta::check(v, params).or_else(err),
-        Algo::Karcher => sphere::check_karcher(params).or_else(err),
-        Algo::Fisher => fisher::check(params).or_else(err),
-        Algo::Pcb => pcb::check(params).or_else(err),
-        Algo::Opcm => opcm::check(params).or_else(err),
-        _ => Ok(()),
-    }
-}
-
-/// Inputs a tensor of the method reads per merged model: Fisher merging reads the model's
-/// weights and its Fisher.
-pub fn inputs_per_model(method: &MethodInfo) -> usize {
-    match method.algo {
-        Algo::Fisher => 2,
-        _ => 1,
-    }
+    method.imp.check(params).or_else(err)
 }
 
 /// Calls its argument with the job of every merged tensor (inputs as planned, output
@@ -349,66 +267,6 @@ pub type EachJob<'a> = dyn Fn(&mut JobVisitor) -> Result<()> + 'a;
 
 /// What [`EachJob`] calls: a tensor's job, parameters and shape.
 pub type JobVisitor<'a> = dyn FnMut(&Job, &Params, &[usize]) -> Result<()> + 'a;
-
-/// Statistics of the whole model a method needs before it merges any tensor (Fisher norms,
-/// PCB's order statistics), computed on the backend in passes over every merged tensor;
-/// empty for the per-tensor methods. They reach the method as [`Ctx::globals`].
-pub fn whole_model(
-    method: &MethodInfo,
-    backend: &dyn Backend,
-    each: &EachJob,
-    seed: u64,
-) -> Result<Vec<f64>> {
-    match method.algo {
-        Algo::Gta(v) => gta::globals(v, backend, each, seed),
-        Algo::Fisher => fisher::globals(backend, each),
-        Algo::Pcb => pcb::globals(backend, each),
-        Algo::Opcm => opcm::globals(backend, each),
-        _ => Ok(Vec::new()),
-    }
-}
-
-/// Does a tensor with these parameters take part in [`whole_model`]'s passes? (The
-/// executor skips the others, and skips the passes when no tensor does.)
-pub fn wants_globals(method: &MethodInfo, params: &Params) -> bool {
-    match method.algo {
-        Algo::Fisher | Algo::Pcb | Algo::Opcm => true,
-        Algo::Gta(v) => gta::lines_auto(v, params),
-        _ => false,
-    }
-}
-
-/// Elements that must stay together in one GPU tile for this method (rows it ranks within).
-pub fn job_align(method: &MethodInfo, params: &Params, shape: &[usize]) -> usize {
-    match method.algo {
-        Algo::Gta(v) => gta::align(v, params, shape),
-        Algo::ModelStock => model_stock::segments(params, shape).align(),
-        Algo::NuSlerp => sphere::nuslerp_segments(params, shape).align(),
-        Algo::Widen => widen::align(shape),
-        _ => 1,
-    }
-}
-
-/// Runs `method` for one output tensor, writing `job.out_dtype` bytes into `out`.
-pub fn run(method: &MethodInfo, backend: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> {
-    match method.algo {
-        Algo::Linear => linear::run(backend, cx, out),
-        Algo::Passthrough => passthrough::run(backend, cx, out),
-        Algo::Gta(v) => gta::run(v, backend, cx, out),
-        Algo::Sce => sce::run(backend, cx, out),
-        Algo::ModelStock => model_stock::run(backend, cx, out),
-        Algo::Slerp => sphere::slerp(backend, cx, out),
-        Algo::NuSlerp => sphere::nuslerp(backend, cx, out),
-        Algo::MultiSlerp => sphere::multislerp(backend, cx, out),
-        Algo::Karcher => sphere::karcher(backend, cx, out),
-        Algo::NearSwap => nearswap::run(backend, cx, out),
-        Algo::Tsv => tsvm::run(backend, cx, out),
-        Algo::Fisher => fisher::run(backend, cx, out),
-        Algo::Widen => widen::run(backend, cx, out),
-        Algo::Pcb => pcb::run(backend, cx, out),
-        Algo::Opcm => opcm::run(backend, cx, out),
-    }
-}
 
 #[cfg(test)]
 mod tests {

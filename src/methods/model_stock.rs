@@ -3,13 +3,12 @@
 //! t = N·cos / (1 + (N - 1)·cos), out = t·mean(θᵢ) + (1 - t)·base; per row with
 //! `filter_wise`.
 
-use super::{Algo, BasePolicy, Ctx, Default, MethodInfo, ParamSpec, Params, Scope};
+use super::{BasePolicy, Ctx, Default, Kind, Method, MethodInfo, ParamSpec, Params, Scope};
 use crate::backend::{Backend, Segments, Vector};
 use crate::error::Result;
-use crate::recipe::Kind;
 
-pub fn method() -> MethodInfo {
-    MethodInfo {
+pub fn methods() -> Vec<MethodInfo> {
+    vec![MethodInfo {
         name: "model_stock",
         pretty: "Model Stock",
         reference: "https://arxiv.org/abs/2403.19522",
@@ -23,8 +22,8 @@ pub fn method() -> MethodInfo {
         }],
         base: BasePolicy::Required,
         models: (2, None),
-        algo: Algo::ModelStock,
-    }
+        imp: Box::new(ModelStock),
+    }]
 }
 
 /// Whole tensors, or with `filter_wise` the rows of the last dimension (1-D: one row).
@@ -76,4 +75,16 @@ pub fn run(b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> {
         coefs.push((1.0 - t) as f32);
     }
     b.combine(job, &terms, seg, &coefs, out)
+}
+
+#[derive(Debug)]
+struct ModelStock;
+
+impl Method for ModelStock {
+    fn run(&self, b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> {
+        run(b, cx, out)
+    }
+    fn align(&self, params: &Params, shape: &[usize]) -> usize {
+        segments(params, shape).align()
+    }
 }

@@ -1,13 +1,12 @@
 //! `nearswap`: take the fine-tune's value where it is close to the base, the base's where
 //! they are far apart: w = clamp(t / |base - x|, 0, 1), out = w·x + (1 - w)·base.
 
-use super::{Algo, BasePolicy, Ctx, Default, MethodInfo, ParamSpec, Scope};
+use super::{BasePolicy, Ctx, Default, Kind, Method, MethodInfo, ParamSpec, Scope};
 use crate::backend::Backend;
 use crate::error::Result;
-use crate::recipe::Kind;
 
-pub fn method() -> MethodInfo {
-    MethodInfo {
+pub fn methods() -> Vec<MethodInfo> {
+    vec![MethodInfo {
         name: "nearswap",
         pretty: "NearSwap",
         reference: "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
@@ -21,10 +20,15 @@ pub fn method() -> MethodInfo {
         }],
         base: BasePolicy::Required,
         models: (1, Some(1)),
-        algo: Algo::NearSwap,
-    }
+        imp: Box::new(NearSwap),
+    }]
 }
 
-pub fn run(b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> {
-    b.nearswap(cx.job, cx.params.shared_f("t") as f32, out)
+#[derive(Debug)]
+struct NearSwap;
+
+impl Method for NearSwap {
+    fn run(&self, b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> {
+        b.nearswap(cx.job, cx.params.shared_f("t") as f32, out)
+    }
 }

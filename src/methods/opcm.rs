@@ -16,14 +16,15 @@
 //! (and one model at a time) however many models are merged, at T²/2 folds per tensor.
 
 use super::dense::{is_input_embedding, mat, vectors, write_base_plus};
-use super::{Algo, BasePolicy, Ctx, Default, EachJob, MethodInfo, ParamSpec, Params, Scope};
+use super::{
+    BasePolicy, Ctx, Default, EachJob, Finish, Kind, Method, MethodInfo, ParamSpec, Params, Scope,
+};
 use crate::backend::{Backend, Job, Segments, Vector};
 use crate::error::{Error, Result};
 use crate::linalg::Mat;
-use crate::recipe::Kind;
 
-pub fn method() -> MethodInfo {
-    MethodInfo {
+pub fn methods() -> Vec<MethodInfo> {
+    vec![MethodInfo {
         name: "opcm",
         pretty: "OPCM (continual merging by orthogonal projection)",
         reference: "https://arxiv.org/abs/2501.09522",
@@ -37,11 +38,11 @@ pub fn method() -> MethodInfo {
         }],
         base: BasePolicy::Required,
         models: (1, None),
-        algo: Algo::Opcm,
-    }
+        imp: Box::new(Opcm),
+    }]
 }
 
-pub fn check(params: &Params) -> std::result::Result<(), String> {
+fn check(params: &Params) -> std::result::Result<(), String> {
     let a = params.shared_f("alpha");
     if !(0.0..=1.0).contains(&a) {
         return Err(format!("alpha {a} is not a fraction in [0, 1]"));
@@ -126,11 +127,7 @@ pub struct Prior {
 /// `[λ used at step 1.., T − 1 of them, the rescale of step 1.., T − 1, λ for a next
 /// step, then ‖τ‖ of every model folded in (prior ones first)]`. With a `prior`, model 0
 /// is an earlier merge: its norm is not a task-vector norm, and step 1 uses the prior's λ.
-pub fn globals(b: &dyn Backend, each: &EachJob) -> Result<Vec<f64>> {
-    globals_after(b, each, None)
-}
-
-pub fn globals_after(b: &dyn Backend, each: &EachJob, prior: Option<&Prior>) -> Result<Vec<f64>> {
+fn globals(b: &dyn Backend, each: &EachJob, prior: Option<&Prior>) -> Result<Vec<f64>> {
     let mut norm2: Vec<f64> = Vec::new();
     each(&mut |job, _, _| {
         let m = job.models.len();
@@ -212,49 +209,69 @@ pub fn state(
     })
 }
 
-/// Reads a state file: the prior, alpha, the base entry and the models folded so far.
-pub fn read_state(
-    path: &std::path::Path,
-) -> Result<(Prior, f64, serde_json::Value, Vec<serde_json::Value>)> {
-    let bad = |msg: String| Error::BadModel {
-        path: path.to_path_buf(),
-        msg,
-    };
+/// What a state file holds, read and checked: the prior, alpha, the base entry and the
+/// models folded so far.
+pub struct State {
+    pub prior: Prior,
+    pub alpha: f64,
+    pub base: serde_json::Value,
+    pub models: Vec<serde_json::Value>,
+}
+
+/// Reads a state file and checks it ([`parse_state`]); returns it as it is, for
+/// [`crate::plan::Plan::prior`].
+pub fn read_state(path: &std::path::Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
         path: path.to_path_buf(),
         source: e,
     })?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::BadModel {
+        path: path.to_path_buf(),
+        msg: format!("not valid JSON: {e}"),
+    })?;
+    parse_state(&v).map_err(|msg| Error::BadModel {
+        path: path.to_path_buf(),
+        msg,
+    })?;
+    Ok(v)
+}
+
+/// The parts of a state file's JSON; the message says what is wrong with it.
+pub fn parse_state(v: &serde_json::Value) -> std::result::Result<State, String> {
     if v["format"] != STATE_FORMAT || v["version"] != 1 {
-        return Err(bad(format!(
+        return Err(format!(
             "not a {STATE_FORMAT} version 1 file (format {}, version {})",
             v["format"], v["version"]
-        )));
+        ));
     }
     let num = |k: &str| {
         v[k].as_f64()
             .filter(|x| x.is_finite())
-            .ok_or_else(|| bad(format!("`{k}` is not a number")))
+            .ok_or_else(|| format!("`{k}` is not a number"))
     };
     let lambda = num("lambda")?;
     let alpha = num("alpha")?;
     let norms: Vec<f64> = v["norms"]
         .as_array()
         .filter(|a| !a.is_empty())
-        .ok_or_else(|| bad("`norms` is not a non-empty list".into()))?
+        .ok_or_else(|| "`norms` is not a non-empty list".to_string())?
         .iter()
         .map(|x| x.as_f64().filter(|x| x.is_finite() && *x >= 0.0))
         .collect::<Option<_>>()
-        .ok_or_else(|| bad("`norms` holds something other than non-negative numbers".into()))?;
+        .ok_or_else(|| "`norms` holds something other than non-negative numbers".to_string())?;
     if lambda <= 0.0 {
-        return Err(bad(format!("`lambda` {lambda} is not positive")));
+        return Err(format!("`lambda` {lambda} is not positive"));
     }
     let models = v["models"].as_array().cloned().unwrap_or_default();
-    Ok((Prior { norms, lambda }, alpha, v["base"].clone(), models))
+    Ok(State {
+        prior: Prior { norms, lambda },
+        alpha,
+        base: v["base"].clone(),
+        models,
+    })
 }
 
-pub fn run(b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> {
+fn run(b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> {
     let steps = cx.job.models.len() - 1;
     if cx.globals.len() < 2 * steps + 2 {
         return Err(
@@ -275,73 +292,56 @@ pub fn run(b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> {
     write_base_plus(b, cx.job, &tau, out)
 }
 
-/// The plan of `smelt continual`: fold `new` into the OPCM merge `merged`, continuing from
-/// the state file that merge left (λ, the task-vector norms, alpha, the base). Without a
-/// state file `merged` is taken as a first model (a plain two-model OPCM merge), which
-/// needs `base`. `alpha` overrides the state's.
-pub fn continual_plan(
-    merged: &std::path::Path,
-    new: &std::path::Path,
-    base: Option<&std::path::Path>,
-    alpha: Option<f64>,
-) -> Result<crate::plan::Plan> {
-    use crate::io::model::ModelFolder;
-    let abs = |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-    let state_path = merged.join(STATE_NAME);
-    let state = if state_path.is_file() {
-        Some(read_state(&state_path)?)
-    } else {
-        None
-    };
-    let base_path = match (base, &state) {
-        (Some(b), _) => b.to_path_buf(),
-        (None, Some((_, _, b, _))) => match b["path"].as_str() {
-            Some(p) => std::path::PathBuf::from(p),
-            None => {
-                return Err(Error::BadModel {
-                    path: state_path.clone(),
-                    msg: "the state names no base model; give --base".into(),
-                })
-            }
-        },
-        (None, None) => {
-            return Err(Error::BadModel {
-                path: merged.to_path_buf(),
-                msg: format!(
-                    "has no {STATE_NAME} (it is not the output of an OPCM merge); to start a continual merge from a single model, give --base"
-                ),
-            })
-        }
-    };
-    if let Some((_, _, b, _)) = &state {
-        let folder = ModelFolder::open(&base_path, &base_path.display().to_string())?;
-        let digest = crate::io::output::input_digest(&folder);
-        if let Some(want) = b["digest"].as_str() {
-            if want != digest {
-                return Err(Error::BadModel {
-                    path: base_path.clone(),
-                    msg: format!(
-                        "is not the base of {} (its digest is {digest}; the state file records {want} for {})",
-                        merged.display(),
-                        b["path"].as_str().unwrap_or("?")
-                    ),
-                });
-            }
-        }
+#[derive(Debug)]
+struct Opcm;
+
+impl Method for Opcm {
+    fn run(&self, b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> {
+        run(b, cx, out)
     }
-    let alpha = alpha.or(state.as_ref().map(|s| s.1)).unwrap_or(0.5);
-    let q = |p: &std::path::Path| serde_json::to_string(&abs(p).display().to_string()).unwrap();
-    let text = format!(
-        "merge_method: opcm\nbase_model: {}\nmodels:\n  - model: {}\n  - model: {}\nparameters:\n  alpha: {alpha:?}\n",
-        q(&base_path),
-        q(merged),
-        q(new)
-    );
-    let recipe = crate::recipe::Recipe::parse(&text, &abs(merged).join("continual.yml"))?;
-    let mut plan = crate::plan::Plan::build(recipe, None)?;
-    if let Some((prior, _, _, models)) = state {
-        plan.opcm_prior = Some(prior);
-        plan.continued_models = models;
+    fn check(&self, params: &Params) -> std::result::Result<(), String> {
+        check(params)
     }
-    Ok(plan)
+    fn wants_globals(&self, _params: &Params) -> bool {
+        true
+    }
+    fn whole_model(
+        &self,
+        b: &dyn Backend,
+        each: &EachJob,
+        _seed: u64,
+        prior: Option<&serde_json::Value>,
+    ) -> Result<Vec<f64>> {
+        let prior = prior
+            .map(parse_state)
+            .transpose()
+            .map_err(|msg| Error::Param {
+                tensor: "(whole model)".into(),
+                msg: format!("the state of the merge continued from: {msg}"),
+            })?
+            .map(|s| s.prior);
+        globals(b, each, prior.as_ref())
+    }
+    /// The state file for `smelt continual`: λ and the norms from the whole-model
+    /// statistics, the base and every model folded in so far.
+    fn finish(&self, cx: &Finish) -> Result<Option<(&'static str, Vec<u8>)>> {
+        let (base, merged) = (cx.inputs)();
+        let steps = merged.len().saturating_sub(1);
+        let models = match cx.prior {
+            // the merge continued is model 0; the state lists what it folded in
+            Some(p) => {
+                let mut m = p["models"].as_array().cloned().unwrap_or_default();
+                m.extend(merged[1..].iter().cloned());
+                m
+            }
+            None => merged,
+        };
+        let alpha = cx.params.map(|p| p.shared_f("alpha")).unwrap_or(0.5);
+        let base = base.unwrap_or(serde_json::Value::Null);
+        let v = state(cx.globals, steps, alpha, base, models);
+        Ok(Some((
+            STATE_NAME,
+            (serde_json::to_string_pretty(&v).unwrap() + "\n").into_bytes(),
+        )))
+    }
 }

@@ -12,14 +12,13 @@
 //! averaged with those scores. Per-model `weight` is the λ_t of the authors' vision scripts
 //! (`PCB_merge` itself has none: weight 1).
 
-use super::{Algo, BasePolicy, Ctx, Default, EachJob, MethodInfo, ParamSpec, Params, Scope};
+use super::{BasePolicy, Ctx, Default, EachJob, Kind, Method, MethodInfo, ParamSpec, Params, Scope};
 use crate::backend::{bucket_of, Backend, PcbSpec, Source};
 use crate::dtype::{self, DType};
 use crate::error::{Error, Result};
-use crate::recipe::Kind;
 
-pub fn method() -> MethodInfo {
-    MethodInfo {
+pub fn methods() -> Vec<MethodInfo> {
+    vec![MethodInfo {
         name: "pcb",
         pretty: "PCB-merging (Parameter Competition Balancing)",
         reference: "https://arxiv.org/abs/2410.02396",
@@ -42,8 +41,8 @@ pub fn method() -> MethodInfo {
         ],
         base: BasePolicy::Required,
         models: (1, None),
-        algo: Algo::Pcb,
-    }
+        imp: Box::new(Pcb),
+    }]
 }
 
 pub fn check(params: &Params) -> std::result::Result<(), String> {
@@ -231,4 +230,28 @@ pub fn run(b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> {
             .collect(),
     };
     b.pcb(cx.job, &spec, None, out)
+}
+
+#[derive(Debug)]
+struct Pcb;
+
+impl Method for Pcb {
+    fn run(&self, b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> {
+        run(b, cx, out)
+    }
+    fn check(&self, params: &Params) -> std::result::Result<(), String> {
+        check(params)
+    }
+    fn wants_globals(&self, _params: &Params) -> bool {
+        true
+    }
+    fn whole_model(
+        &self,
+        b: &dyn Backend,
+        each: &EachJob,
+        _seed: u64,
+        _prior: Option<&serde_json::Value>,
+    ) -> Result<Vec<f64>> {
+        globals(b, each)
+    }
 }

@@ -4,15 +4,14 @@
 //! square of its masked task vector, erase the deltas whose sign disagrees with the
 //! (unweighted) majority, and average the rest by those weights.
 
-use super::{Algo, BasePolicy, Ctx, Default, MethodInfo, ParamSpec, Scope};
+use super::{BasePolicy, Ctx, Default, Kind, Method, MethodInfo, ParamSpec, Scope};
 use crate::backend::{
     py_int_mul, Backend, Consensus, GtaSpec, Keep, Key, Query, RankCut, Source, Sparsity, Vote,
 };
 use crate::error::Result;
-use crate::recipe::Kind;
 
-pub fn method() -> MethodInfo {
-    MethodInfo {
+pub fn methods() -> Vec<MethodInfo> {
+    vec![MethodInfo {
         name: "sce",
         pretty: "SCE (select, calculate, erase)",
         reference: "https://arxiv.org/abs/2408.07990",
@@ -35,8 +34,8 @@ pub fn method() -> MethodInfo {
         ],
         base: BasePolicy::Required,
         models: (0, None),
-        algo: Algo::Sce,
-    }
+        imp: Box::new(Sce),
+    }]
 }
 
 pub fn run(b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> {
@@ -103,4 +102,13 @@ pub fn run(b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> {
         },
         out,
     )
+}
+
+#[derive(Debug)]
+struct Sce;
+
+impl Method for Sce {
+    fn run(&self, b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> {
+        run(b, cx, out)
+    }
 }

@@ -5,10 +5,9 @@
 //! (the backend's `dots`), a little f64 arithmetic on the host — the Karcher iterations run
 //! entirely in these coefficients — and one pass that forms the combination (`combine`).
 
-use super::{Algo, BasePolicy, Ctx, Default, MethodInfo, ParamSpec, Params, Scope};
+use super::{BasePolicy, Ctx, Default, Kind, Method, MethodInfo, ParamSpec, Params, Scope};
 use crate::backend::{Backend, Segments, Vector};
 use crate::error::Result;
-use crate::recipe::Kind;
 
 fn param(
     name: &'static str,
@@ -42,7 +41,7 @@ pub fn methods() -> Vec<MethodInfo> {
             )],
             base: BasePolicy::Required,
             models: (1, Some(1)),
-            algo: Algo::Slerp,
+            imp: Box::new(Sphere::Slerp),
         },
         MethodInfo {
             name: "nuslerp",
@@ -68,7 +67,7 @@ pub fn methods() -> Vec<MethodInfo> {
             ],
             base: BasePolicy::Optional,
             models: (2, Some(2)),
-            algo: Algo::NuSlerp,
+            imp: Box::new(Sphere::NuSlerp),
         },
         MethodInfo {
             name: "multislerp",
@@ -88,7 +87,7 @@ pub fn methods() -> Vec<MethodInfo> {
             ],
             base: BasePolicy::Optional,
             models: (1, None),
-            algo: Algo::MultiSlerp,
+            imp: Box::new(Sphere::MultiSlerp),
         },
         MethodInfo {
             name: "karcher",
@@ -101,7 +100,7 @@ pub fn methods() -> Vec<MethodInfo> {
             ],
             base: BasePolicy::Ignored,
             models: (1, None),
-            algo: Algo::Karcher,
+            imp: Box::new(Sphere::Karcher),
         },
     ]
 }
@@ -355,4 +354,36 @@ pub fn karcher(b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> {
     }
     let coefs: Vec<f32> = c.iter().map(|x| *x as f32).collect();
     b.combine(job, &vecs, Segments::Whole, &coefs, out)
+}
+
+/// The four spherical methods share their helpers; each is its own [`Method`].
+#[derive(Debug)]
+enum Sphere {
+    Slerp,
+    NuSlerp,
+    MultiSlerp,
+    Karcher,
+}
+
+impl Method for Sphere {
+    fn run(&self, b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> {
+        match self {
+            Sphere::Slerp => slerp(b, cx, out),
+            Sphere::NuSlerp => nuslerp(b, cx, out),
+            Sphere::MultiSlerp => multislerp(b, cx, out),
+            Sphere::Karcher => karcher(b, cx, out),
+        }
+    }
+    fn check(&self, params: &Params) -> std::result::Result<(), String> {
+        match self {
+            Sphere::Karcher => check_karcher(params),
+            _ => Ok(()),
+        }
+    }
+    fn align(&self, params: &Params, shape: &[usize]) -> usize {
+        match self {
+            Sphere::NuSlerp => nuslerp_segments(params, shape).align(),
+            _ => 1,
+        }
+    }
 }

@@ -9,14 +9,13 @@
 //! list-valued `alpha`); the shared `alpha` scales the merged task vector afterwards.
 
 use super::dense::{mat, vectors, write_base_plus};
-use super::{Algo, BasePolicy, Ctx, Default, MethodInfo, ParamSpec, Scope};
+use super::{BasePolicy, Ctx, Default, Kind, Method, MethodInfo, ParamSpec, Scope};
 use crate::backend::{py_int_mul, Backend, Vector};
 use crate::error::Result;
 use crate::linalg::Mat;
-use crate::recipe::Kind;
 
-pub fn method() -> MethodInfo {
-    MethodInfo {
+pub fn methods() -> Vec<MethodInfo> {
+    vec![MethodInfo {
         name: "tsv",
         pretty: "TSV-M (Task Singular Vectors merging)",
         reference: "https://arxiv.org/abs/2412.00081",
@@ -39,8 +38,8 @@ pub fn method() -> MethodInfo {
         ],
         base: BasePolicy::Required,
         models: (1, None),
-        algo: Algo::Tsv,
-    }
+        imp: Box::new(Tsv),
+    }]
 }
 
 /// The TSV-M task vector of 2-D task vectors `taus` (each `rows × cols`), before `alpha`.
@@ -114,4 +113,13 @@ pub fn run(b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> {
         tau.iter_mut().for_each(|x| *x *= alpha);
     }
     write_base_plus(b, job, &tau, out)
+}
+
+#[derive(Debug)]
+struct Tsv;
+
+impl Method for Tsv {
+    fn run(&self, b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> {
+        run(b, cx, out)
+    }
 }

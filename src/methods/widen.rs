@@ -11,13 +11,12 @@
 //! tensors: G = |δ| per element, no ranks, weight = score(G). The weights do not sum to 1.
 
 use super::dense::vectors;
-use super::{Algo, BasePolicy, Ctx, Default, MethodInfo, ParamSpec, Scope};
+use super::{BasePolicy, Ctx, Default, Kind, Method, MethodInfo, ParamSpec, Params, Scope};
 use crate::backend::{Backend, Segments, Vector};
 use crate::error::Result;
-use crate::recipe::Kind;
 
-pub fn method() -> MethodInfo {
-    MethodInfo {
+pub fn methods() -> Vec<MethodInfo> {
+    vec![MethodInfo {
         name: "widen",
         pretty: "WIDEN (weight disentanglement)",
         reference: "https://arxiv.org/abs/2408.03092",
@@ -40,8 +39,8 @@ pub fn method() -> MethodInfo {
         ],
         base: BasePolicy::Required,
         models: (1, None),
-        algo: Algo::Widen,
-    }
+        imp: Box::new(Widen),
+    }]
 }
 
 /// Input embeddings are merged per token: MergeLLM transposes `model.embed_tokens.weight`
@@ -169,4 +168,16 @@ pub fn run(b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> {
         coefs.extend(weights.iter().map(|w| w[c] as f32));
     }
     b.combine(job, &terms, seg, &coefs, out)
+}
+
+#[derive(Debug)]
+struct Widen;
+
+impl Method for Widen {
+    fn run(&self, b: &dyn Backend, cx: &Ctx, out: &mut [u8]) -> Result<()> {
+        run(b, cx, out)
+    }
+    fn align(&self, _params: &Params, shape: &[usize]) -> usize {
+        align(shape)
+    }
 }

@@ -39,50 +39,7 @@ pub enum Setting {
     Cond(Vec<Conditional>),
 }
 
-/// The type a parameter's evaluated value must have.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    Float,
-    Bool,
-}
-
-impl fmt::Display for Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Kind::Float => "number",
-            Kind::Bool => "boolean",
-        })
-    }
-}
-
-/// A resolved parameter value.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Value1 {
-    Float(f64),
-    Bool(bool),
-}
-
-impl fmt::Display for Value1 {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Value1::Float(x) => write!(f, "{}", fmt_num(*x)),
-            Value1::Bool(b) => write!(f, "{b}"),
-        }
-    }
-}
-
-/// Shortest text for a number (`0.5`, `1`, `0.30000001`).
-pub fn fmt_num(x: f64) -> String {
-    let s = format!("{x}");
-    if s.len() > 10 {
-        format!("{x:.6}")
-            .trim_end_matches('0')
-            .trim_end_matches('.')
-            .to_string()
-    } else {
-        s
-    }
-}
+pub use crate::methods::params::{fmt_num, Kind, Value1};
 
 fn scalar_from(v: &Value) -> Option<Scalar> {
     match v {

@@ -13,22 +13,23 @@
 //! A stop request (Ctrl-C, SIGTERM) is honoured between tensors: what is written stays in the
 //! partial folder with its journal, and `--resume` carries on from the finished shards.
 
+pub mod output;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Mutex};
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use rayon::prelude::*;
 
 use crate::backend::{Backend, FiniteScan, Input, Job, Sink};
-use crate::dtype::DType;
+use crate::dtype::{first_nonfinite, DType};
 use crate::error::{Error, Result};
-use crate::io::output;
+use crate::inputs::input_digest;
 use crate::io::writer::{
     free_space, hex, HashAlgo, Layout, MappedSlot, OutTensor, StagedOutput, Start,
 };
-use crate::methods::{self, Ctx};
+use crate::methods::{self, Ctx, Finish};
 use crate::plan::{Plan, TensorTask};
 
 pub struct ExecOptions<'a> {
@@ -100,7 +101,7 @@ pub fn fingerprint(plan: &Plan, layout: &Layout) -> String {
         h.update(&s.header);
     }
     for m in &plan.models {
-        h.update(output::input_digest(m).as_bytes());
+        h.update(input_digest(m).as_bytes());
     }
     hex(&h.finalize())
 }
@@ -147,47 +148,6 @@ fn advise(plan: &Plan, t: &TensorTask, will_need: bool) {
     }
 }
 
-/// Index and value of the first NaN or infinity in little-endian `bytes` of `dtype`.
-pub fn first_nonfinite(dtype: DType, bytes: &[u8]) -> Option<(usize, f32)> {
-    // all-ones exponent: infinity or NaN
-    let hit = match dtype {
-        DType::F32 => scan_exponents::<4>(bytes, 0x7f80_0000, |b| u32::from_le_bytes(*b)),
-        DType::BF16 => scan_exponents::<2>(bytes, 0x7f80, |b| u16::from_le_bytes(*b) as u32),
-        DType::F16 => scan_exponents::<2>(bytes, 0x7c00, |b| u16::from_le_bytes(*b) as u32),
-        _ => None,
-    }?;
-    let s = dtype.size();
-    let mut v = [0f32; 1];
-    crate::dtype::decode(dtype, &bytes[hit * s..(hit + 1) * s], &mut v);
-    Some((hit, v[0]))
-}
-
-/// The first element whose `bits & mask == mask`, in parallel blocks; each block of 256
-/// elements is tested branch-free (vectorised) and searched only when it has a hit.
-fn scan_exponents<const S: usize>(
-    bytes: &[u8],
-    mask: u32,
-    bits: impl Fn(&[u8; S]) -> u32 + Sync,
-) -> Option<usize> {
-    const BLOCK: usize = 1 << 16;
-    const SUB: usize = 256;
-    let (elems, _) = bytes.as_chunks::<S>();
-    elems
-        .par_chunks(BLOCK)
-        .enumerate()
-        .find_map_first(|(c, chunk)| {
-            chunk.chunks(SUB).enumerate().find_map(|(k, sub)| {
-                let any = sub.iter().fold(false, |a, e| a | (bits(e) & mask == mask));
-                if !any {
-                    return None;
-                }
-                sub.iter()
-                    .position(|e| bits(e) & mask == mask)
-                    .map(|j| c * BLOCK + k * SUB + j)
-            })
-        })
-}
-
 /// Refuses inputs holding NaN or infinity, naming the model and tensor.
 fn check_inputs(plan: &Plan, t: &TensorTask) -> Result<()> {
     for ti in t.base.iter().chain(&t.models) {
@@ -204,7 +164,7 @@ fn check_inputs(plan: &Plan, t: &TensorTask) -> Result<()> {
     Ok(())
 }
 
-/// The whole-model statistics the plan's method needs ([`methods::whole_model`]),
+/// The whole-model statistics the plan's method needs ([`methods::Method::whole_model`]),
 /// computed on the backend the first time they are asked for (passes that read the inputs
 /// again), then kept in the plan.
 pub fn whole_model_sums(plan: &Plan, backend: &dyn Backend) -> Result<Vec<f64>> {
@@ -213,8 +173,7 @@ pub fn whole_model_sums(plan: &Plan, backend: &dyn Backend) -> Result<Vec<f64>> 
         return Ok(v.clone());
     }
     let each = |f: &mut methods::JobVisitor| -> Result<()> {
-        let wanted =
-            |t: &&TensorTask| !t.copy_only && methods::wants_globals(plan.method, &t.params);
+        let wanted = |t: &&TensorTask| !t.copy_only && plan.method.imp.wants_globals(&t.params);
         for t in plan.tasks.iter().filter(wanted) {
             // statistics of what will be merged: adapted models with their ΔW added
             let owned = lora_inputs(plan, backend, t)?;
@@ -229,17 +188,15 @@ pub fn whole_model_sums(plan: &Plan, backend: &dyn Backend) -> Result<Vec<f64>> 
     if !plan
         .tasks
         .iter()
-        .any(|t| !t.copy_only && methods::wants_globals(plan.method, &t.params))
+        .any(|t| !t.copy_only && plan.method.imp.wants_globals(&t.params))
     {
         *cached = Some(Vec::new());
         return Ok(Vec::new());
     }
-    let v = match &plan.opcm_prior {
-        Some(p) if plan.method.algo == methods::Algo::Opcm => {
-            methods::opcm::globals_after(backend, &each, Some(p))?
-        }
-        _ => methods::whole_model(plan.method, backend, &each, plan.seed)?,
-    };
+    let v = plan
+        .method
+        .imp
+        .whole_model(backend, &each, plan.seed, plan.prior.as_ref())?;
     *cached = Some(v.clone());
     Ok(v)
 }
@@ -324,7 +281,7 @@ fn merge_tensor_scanned(
     }
     let globals = whole_model_sums(plan, backend)?;
     let mut job = Job::new(&t.name, base, models, plan.load_dtype, t.out_dtype)
-        .with_align(methods::job_align(plan.method, &t.params, &t.shape));
+        .with_align(plan.method.imp.align(&t.params, &t.shape));
     if let Some(scan) = scan.filter(|_| owned.iter().all(Option::is_none)) {
         job = job.with_scan(scan);
     }
@@ -342,7 +299,7 @@ fn merge_tensor_scanned(
         }),
         globals: &globals,
     };
-    let r = methods::run(plan.method, backend, &cx, out);
+    let r = plan.method.imp.run(backend, &cx, out);
     backend.end_job(&job);
     r
 }
@@ -431,12 +388,8 @@ pub fn execute(plan: &Plan, backend: &dyn Backend, opts: &ExecOptions) -> Result
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_else(|| "merged".into());
-    if plan.method.algo == methods::Algo::Opcm {
-        let g = whole_model_sums(plan, current)?;
-        staged.write_file(
-            methods::opcm::STATE_NAME,
-            (serde_json::to_string_pretty(&opcm_state(plan, &g)).unwrap() + "\n").as_bytes(),
-        )?;
+    if let Some((file, bytes)) = finish(plan, current)? {
+        staged.write_file(file, &bytes)?;
     }
     output::write_side_files(plan, &staged, &name)?;
     let out_dir = staged.commit()?;
@@ -505,16 +458,13 @@ fn run_tasks<'b>(
                 if let Some(&next) = todo.get(n + 1) {
                     advise(plan, &plan.tasks[next], true);
                 }
-                // GTA and linear merges, on a backend whose gta and weighted_sum decode every
-                // input element, look for NaN and infinity on the way (in the inputs, and in
-                // an f32 output as it is written); other merges have their inputs scanned first
+                // methods that merge through gta or weighted_sum, on a backend whose kernels
+                // decode every input element, look for NaN and infinity on the way (in the
+                // inputs, and in an f32 output as it is written); other merges have their
+                // inputs scanned first
                 let check = !opts.allow_nonfinite && !t.copy_only;
-                let on_the_way = check
-                    && current.scans_inputs()
-                    && matches!(
-                        plan.method.algo,
-                        methods::Algo::Gta(_) | methods::Algo::Linear
-                    );
+                let on_the_way =
+                    check && current.scans_inputs() && plan.method.imp.checks_inputs_on_the_way();
                 if check && !on_the_way {
                     check_inputs(plan, t)?;
                 }
@@ -630,70 +580,31 @@ fn throttle_ms() -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// The state an OPCM merge leaves for `smelt continual`: λ and the norms from the merge's
-/// whole-model statistics, the base and every model folded in (with their digests).
-fn opcm_state(plan: &Plan, globals: &[f64]) -> serde_json::Value {
+/// The method's finish step ([`methods::Method::finish`]): a file for the output, from the
+/// whole-model statistics and the inputs (each as its path, label and digest).
+fn finish(plan: &Plan, backend: &dyn Backend) -> Result<Option<(&'static str, Vec<u8>)>> {
+    let globals = whole_model_sums(plan, backend)?;
     let entry = |i: usize| {
         let m = &plan.models[i];
         let path = std::fs::canonicalize(&m.path).unwrap_or_else(|_| m.path.clone());
         serde_json::json!({
             "path": path.display().to_string(),
             "label": m.label,
-            "digest": output::input_digest(m),
+            "digest": input_digest(m),
         })
     };
-    let base = plan.base.map(entry).unwrap_or(serde_json::Value::Null);
-    let merged: Vec<usize> = (0..plan.models.len())
-        .filter(|&i| Some(i) != plan.base)
-        .collect();
-    let (mut models, new) = match &plan.opcm_prior {
-        Some(_) => (plan.continued_models.clone(), &merged[1..]),
-        None => (Vec::new(), &merged[..]),
+    let inputs = || {
+        let models = (0..plan.models.len())
+            .filter(|&i| Some(i) != plan.base)
+            .map(entry)
+            .collect();
+        (plan.base.map(entry), models)
     };
-    models.extend(new.iter().map(|&i| entry(i)));
-    let steps = merged.len().saturating_sub(1);
-    let alpha = plan
-        .tasks
-        .iter()
-        .find(|t| !t.copy_only)
-        .map(|t| t.params.shared_f("alpha"))
-        .unwrap_or(0.5);
-    methods::opcm::state(globals, steps, alpha, base, models)
-}
-
-#[cfg(test)]
-mod nonfinite_tests {
-    use super::first_nonfinite;
-    use crate::dtype::DType;
-
-    #[test]
-    fn finds_the_first_nan_or_infinity_in_every_dtype() {
-        let n = (1 << 16) * 2 + 300;
-        for dt in [DType::F32, DType::BF16, DType::F16] {
-            let enc = |v: &[f32]| -> Vec<u8> {
-                v.iter()
-                    .flat_map(|x| match dt {
-                        DType::F32 => x.to_le_bytes().to_vec(),
-                        DType::BF16 => crate::dtype::f32_to_bf16(*x).to_le_bytes().to_vec(),
-                        _ => crate::dtype::f32_to_f16(*x).to_le_bytes().to_vec(),
-                    })
-                    .collect()
-            };
-            // large finite values (f16's largest is 65504) are not hits
-            let mut v: Vec<f32> = (0..n)
-                .map(|i| if i % 3 == 0 { 65504.0 } else { -1.5 })
-                .collect();
-            assert_eq!(first_nonfinite(dt, &enc(&v)), None, "{dt}");
-            for (first, second) in [(0, 5), (255, 256), ((1 << 16) - 1, 1 << 16), (n - 2, n - 1)] {
-                v[second] = f32::INFINITY;
-                v[first] = f32::NAN;
-                let (i, x) = first_nonfinite(dt, &enc(&v)).unwrap();
-                assert!(i == first && x.is_nan(), "{dt}: {i} {x}");
-                v[first] = -1.5;
-                let (i, x) = first_nonfinite(dt, &enc(&v)).unwrap();
-                assert!(i == second && x == f32::INFINITY, "{dt}: {i} {x}");
-                v[second] = -1.5;
-            }
-        }
-    }
+    let cx = Finish {
+        globals: &globals,
+        params: plan.tasks.iter().find(|t| !t.copy_only).map(|t| &t.params),
+        inputs: &inputs,
+        prior: plan.prior.as_ref(),
+    };
+    plan.method.imp.finish(&cx)
 }

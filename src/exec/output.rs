@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use crate::dtype::DType;
 use crate::error::Result;
+use crate::inputs::input_digest;
 use crate::io::model::ModelFolder;
 use crate::io::writer::StagedOutput;
 use crate::plan::Plan;
@@ -171,52 +172,6 @@ fn hub_id(m: &ModelFolder) -> Option<String> {
         && !id.starts_with('/')
         && !std::path::Path::new(id).exists();
     looks_like_id.then(|| id.to_string())
-}
-
-/// SHA-256 over each shard's header and 16 samples of 64 KiB spread over its data: tells
-/// inputs apart (fine-tunes share a header layout) without reading their gigabytes again.
-pub fn input_digest(m: &ModelFolder) -> String {
-    use sha2::{Digest, Sha256};
-    const SAMPLES: usize = 16;
-    const SAMPLE: usize = 64 * 1024;
-    let mut h = Sha256::new();
-    // Applied adapters are part of the input: their order, scales, configs and tensors.
-    for a in &m.adapters {
-        h.update(a.scale.to_le_bytes());
-        h.update(
-            serde_json::to_string(&a.adapter.config.raw)
-                .unwrap_or_default()
-                .as_bytes(),
-        );
-    }
-    let compeft = m.compeft.iter().map(|c| &c.file);
-    for f in m
-        .files()
-        .iter()
-        .chain(m.adapters.iter().map(|a| &a.adapter.file))
-        .chain(compeft)
-    {
-        for t in f.tensors() {
-            h.update(t.name.as_bytes());
-            h.update(t.dtype.st_name().as_bytes());
-            for d in &t.shape {
-                h.update(d.to_le_bytes());
-            }
-            h.update(t.begin.to_le_bytes());
-            h.update(t.end.to_le_bytes());
-        }
-        let data = f.data_region();
-        if data.len() <= SAMPLES * SAMPLE {
-            h.update(data);
-        } else {
-            for k in 0..SAMPLES {
-                let at = (data.len() - SAMPLE) / (SAMPLES - 1) * k;
-                h.update(&data[at..at + SAMPLE]);
-            }
-        }
-    }
-    let d = h.finalize();
-    d.iter().map(|b| format!("{b:02x}")).collect::<String>()[..16].to_string()
 }
 
 fn yaml_str(s: &str) -> String {
