@@ -5,10 +5,6 @@
 //! one by one on a [`backend`] (CPU or GPU) with the [`methods`], and the [`io`] writer
 //! streams them into a Hugging Face model folder.
 
-// Errors carry the names a user needs (model, tensor, shapes); they are built on the cold
-// path, so their size is not worth boxing for.
-#![allow(clippy::result_large_err)]
-
 pub mod backend;
 pub mod bench;
 pub mod compeft;
