@@ -7,7 +7,7 @@
 # A check for refactors that must not change behaviour: build the binary before and after, then
 #   scripts/compare-binaries.sh /tmp/smelt-base target/release/smelt
 # It runs one fixed list of smelt commands with OLD_BIN, then the same list with NEW_BIN, and
-# compares every file each command wrote with `cmp`. One line per case: `same` or
+# compares every file each command wrote byte for byte (as `cmp` does). One line per case: `same` or
 # `DIFFERENT: <what>`; the exit status is 1 when any case differs or fails, 2 on a usage error.
 #
 # The cases (all CPU cases use --device cpu; merges and lora merge use --seed 42):
@@ -16,7 +16,8 @@
 #     ft3 play math, code, chat; merges there also pass --out-shard-size 20MB, so outputs are
 #     sharded with an index):
 #       - `smelt merge` of every recipe in assets/recipes/ and scripts/compare-recipes/, each
-#         twice: with out_dtype forced to bfloat16 (`NAME.bf16`) and to float32 (`NAME.f32`).
+#         twice: with out_dtype forced to bfloat16 (`NAME.bf16`) and to float32 (`NAME.f32`);
+#         on the large set only NAME.f32, and NAME.bf16 of assets/recipes (to save time).
 #         A recipe whose text has a line `# compare-sets: tiny` runs on the tiny set only
 #         (tsv, opcm: SVD-heavy, 35-45 s a merge at 30M; and the LoRA recipes);
 #       - `smelt compress` of math and of code (their vectors are then merged by
@@ -67,8 +68,10 @@
 #   SMELT_CMP_MASK       see Masking above
 #   SMELT_CMP_MESSAGES=0 do not compare the commands' messages
 #
-# Needs bash, cmp, jq, python3 with numpy (for the generated set and the Fisher files).
-# Takes about N minutes on a 2-core machine (see the report at the end of a run).
+# Needs bash, jq, python3 with numpy (the generated set, the Fisher files, the comparison).
+# About 250 cases. CPU time about 4.5 minutes for both passes together (pcb and della on the
+# large set are the slowest, 3-9 s each); the last line reports the wall time of each pass.
+# Each case's messages, exit status and time (real user sys) are in WORK/{old,new}/_log/.
 set -uo pipefail
 
 die() { echo "compare-binaries.sh: $*" >&2; exit 2; }
@@ -182,6 +185,9 @@ write_recipes() {
         name=$(basename "$f" .yml)
         if [[ $set != tiny ]] && grep -q '^# compare-sets: tiny' "$f"; then continue; fi
         for dt in bf16 f32; do
+            # The large set: float32 output for every recipe (it shows a change in the last bit
+            # that bf16 rounding would mostly hide), bfloat16 for assets/recipes only (time).
+            if [[ $set != tiny && $dt == bf16 && $f != "$REPO"/assets/recipes/* ]]; then continue; fi
             { sed '/^out_dtype:/d' "$f"
               [[ $dt == bf16 ]] && echo "out_dtype: bfloat16" || echo "out_dtype: float32"
             } > "$dir/$name.$dt.yml"
@@ -236,8 +242,9 @@ c() {
     local log=$RUN/_log/${name//\//__}
     mkdir -p "$(dirname "$RUN/$name")"
     echo "$name" >> "$RUN/_log/cases"
-    "$BIN" "$@" -o "$RUN/$name" > "$log.out" 2>&1
-    echo $? > "$log.rc"
+    local TIMEFORMAT="%R %U %S" rc
+    { time { "$BIN" "$@" -o "$RUN/$name" > "$log.out" 2>&1; rc=$?; }; } 2> "$log.time"
+    echo $rc > "$log.rc"
 }
 
 gpu_usable() { "$OLD" devices 2>/dev/null | grep -q '^\[0\]'; }
@@ -310,54 +317,89 @@ run_all() {
 
 # ---- comparison -------------------------------------------------------------------------
 
-mask_file() { # FILE: the text compared under SMELT_CMP_MASK
-    case $(basename "$1") in
-        smelt-manifest.json) jq 'del(.files["README.md"])' "$1" | grep -Ev -- "$MASK" ;;
-        *) grep -Ev -- "$MASK" "$1" ;;
-    esac
-}
-same_file() { # A B
-    if [[ -n $MASK ]]; then
-        case $(basename "$1") in
-            README.md | smelt-manifest.json) cmp -s <(mask_file "$1") <(mask_file "$2"); return ;;
-        esac
-    fi
-    cmp -s -- "$1" "$2"
-}
-# Messages with the run-dependent parts masked: numbers (timings, rates, percentages) and the
-# unit of a rate (KB/s or MB/s depending on speed).
-messages() { sed -E 's#[0-9.]+ ?[KMGT]?i?B/s#RATE#g; s#[0-9]+#N#g' "$1"; }
+# One Python process compares every case (a few thousand cmp, find and sed processes took
+# longer than the merges on a loaded 2-core machine): per case the exit status, the file list,
+# each file byte for byte (filecmp.cmp with shallow=False, i.e. what `cmp` does; with
+# SMELT_CMP_MASK, README.md and smelt-manifest.json as described at the top) and the messages
+# with the numbers masked. One line per case; exit status 1 when any case differs or failed.
+compare_all() {
+    python3 - "$WORK" "$MASK" "$MESSAGES" <<'EOF'
+import filecmp, json, os, re, sys
 
-compare_case() { # NAME -> prints its line, returns 1 on a difference
-    local name=$1 lo=$WORK/old/_log/${1//\//__} ln=$WORK/new/_log/${1//\//__}
-    local o=$WORK/old/$name n=$WORK/new/$name rco rcn f diffs=()
-    rco=$(cat "$lo.rc")
-    rcn=$(cat "$ln.rc" 2>/dev/null || echo missing)
-    if [[ $rco != 0 ]]; then
-        printf '%-44s ERROR: OLD_BIN exited %s (%s)\n' "$name" "$rco" "$(tail -n1 "$lo.out")"
-        return 1
-    fi
-    [[ $rcn != "$rco" ]] && diffs+=("exit status $rco -> $rcn")
-    if [[ $rcn == 0 ]]; then
-        local lo_files ln_files
-        lo_files=$(cd "$o" && find . ! -type d | sort)
-        ln_files=$(cd "$n" && find . ! -type d | sort)
-        [[ $lo_files != "$ln_files" ]] && diffs+=("file list: $(diff <(echo "$lo_files") <(echo "$ln_files") | grep '^[<>]' | tr '\n' ' ')")
-        while read -r f; do
-            [[ -z $f || ! -f $n/$f ]] && continue
-            same_file "$o/$f" "$n/$f" || diffs+=("${f#./}")
-        done <<< "$lo_files"
-    fi
-    if [[ $MESSAGES == 1 ]] && ! cmp -s <(messages "$lo.out") <(messages "$ln.out"); then
-        diffs+=("(messages)")
-    fi
-    if [[ ${#diffs[@]} == 0 ]]; then
-        printf '%-44s same (%d files)\n' "$name" "$(cd "$o" && find . -type f | wc -l)"
-        return 0
-    fi
-    local IFS=,
-    printf '%-44s DIFFERENT: %s\n' "$name" "${diffs[*]}"
-    return 1
+work, mask, messages = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+mask_re = re.compile(mask) if mask else None
+
+def files(d):
+    out = set()
+    for root, dirs, names in os.walk(d):
+        for n in names:
+            out.add(os.path.relpath(os.path.join(root, n), d))
+    return out
+
+def masked(path):
+    with open(path, "rb") as f:
+        data = f.read()
+    if os.path.basename(path) == "smelt-manifest.json":
+        j = json.loads(data)
+        j.get("files", {}).pop("README.md", None)
+        data = json.dumps(j, indent=2, sort_keys=True).encode()
+    lines = data.decode("utf-8", "replace").splitlines()
+    return [l for l in lines if not mask_re.search(l)]
+
+def same(a, b):
+    if mask_re and os.path.basename(a) in ("README.md", "smelt-manifest.json"):
+        return masked(a) == masked(b)
+    return filecmp.cmp(a, b, shallow=False)
+
+RATE = re.compile(r"[0-9.]+ ?[KMGT]?i?B/s")
+NUM = re.compile(r"[0-9]+")
+def msgs(path):
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return NUM.sub("N", RATE.sub("RATE", f.read()))
+
+def read(path, default=None):
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return default
+
+old, new = os.path.join(work, "old"), os.path.join(work, "new")
+cases = read(os.path.join(old, "_log", "cases"), "").split("\n")
+fails = 0
+if cases != read(os.path.join(new, "_log", "cases"), "").split("\n"):
+    print("DIFFERENT: the two passes ran different case lists")
+    fails += 1
+for name in filter(None, cases):
+    key = name.replace("/", "__")
+    lo, ln = os.path.join(old, "_log", key), os.path.join(new, "_log", key)
+    rco, rcn = read(lo + ".rc"), read(ln + ".rc", "missing")
+    if rco != "0":
+        last = (read(lo + ".out", "") or "").splitlines()[-1:] or [""]
+        print(f"{name:<44} ERROR: OLD_BIN exited {rco} ({last[0]})")
+        fails += 1
+        continue
+    diffs = []
+    if rcn != rco:
+        diffs.append(f"exit status {rco} -> {rcn}")
+    o, n = os.path.join(old, name), os.path.join(new, name)
+    fo = files(o)
+    if rcn == "0":
+        fn = files(n)
+        if fo != fn:
+            diffs.append("file list: " + " ".join(
+                [f"-{f}" for f in sorted(fo - fn)] + [f"+{f}" for f in sorted(fn - fo)]))
+        diffs += [f for f in sorted(fo & fn) if not same(os.path.join(o, f), os.path.join(n, f))]
+    if messages and msgs(lo + ".out") != msgs(ln + ".out"):
+        diffs.append("(messages)")
+    if diffs:
+        print(f"{name:<44} DIFFERENT: {', '.join(diffs)}")
+        fails += 1
+    else:
+        print(f"{name:<44} same ({len(fo)} files)")
+print(f"{len(list(filter(None, cases)))} cases, {fails} different or failed", end="")
+sys.exit(1 if fails else 0)
+EOF
 }
 
 # ---- main ------------------------------------------------------------------------------
@@ -381,16 +423,9 @@ run_all "$NEW" "$NEW_SEED"
 mv "$RUN" "$WORK/new"
 T_NEW=$((SECONDS - t))
 
-fails=0
-total=0
-if ! cmp -s "$WORK/old/_log/cases" "$WORK/new/_log/cases"; then
-    echo "DIFFERENT: the two passes ran different case lists" ; fails=1
-fi
-while read -r name; do
-    total=$((total + 1))
-    compare_case "$name" || fails=$((fails + 1))
-done < "$WORK/old/_log/cases"
-echo "$total cases, $fails different or failed; OLD_BIN ${T_OLD}s, NEW_BIN ${T_NEW}s, total $((SECONDS - T0))s"
+compare_all
+fails=$?
+echo "; OLD_BIN ${T_OLD}s, NEW_BIN ${T_NEW}s, total $((SECONDS - T0))s"
 if [[ $fails != 0 ]]; then
     echo "outputs and messages kept in $WORK/old and $WORK/new (messages: _log/CASE.out)"
     exit 1
