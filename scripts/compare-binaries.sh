@@ -7,8 +7,9 @@
 # A check for refactors that must not change behaviour: build the binary before and after, then
 #   scripts/compare-binaries.sh /tmp/smelt-base target/release/smelt
 # It runs one fixed list of smelt commands with OLD_BIN, then the same list with NEW_BIN, and
-# compares every file each command wrote byte for byte (as `cmp` does). One line per case: `same` or
-# `DIFFERENT: <what>`; the exit status is 1 when any case differs or fails, 2 on a usage error.
+# compares every file each command wrote byte for byte (as `cmp` does). One line per case:
+# `same` or `DIFFERENT: <what>`; the exit status is 1 when any case differs or fails, 2 on a
+# usage error.
 #
 # The cases (all CPU cases use --device cpu; merges and lora merge use --seed 42):
 #   * on two model sets, "tiny" (assets/models: base, math, code, chat) and "large" (generated
