@@ -70,8 +70,10 @@
 #   SMELT_CMP_MESSAGES=0 do not compare the commands' messages
 #
 # Needs bash, jq, python3 with numpy (the generated set, the Fisher files, the comparison).
-# About 250 cases. CPU time about 4.5 minutes for both passes together (pcb and della on the
-# large set are the slowest, 3-9 s each); the last line reports the wall time of each pass.
+# 209 cases. Both passes together take about 160 s of CPU time (user + sys; pcb and della on
+# the large set are the slowest, 3-9 s each); 6-8 minutes of wall time were measured on a 2-core
+# machine under a load of about 10, so expect a few minutes on an idle one. The last line
+# reports the wall time of each pass.
 # Each case's messages, exit status and time (real user sys) are in WORK/{old,new}/_log/.
 set -uo pipefail
 
