@@ -125,3 +125,69 @@ pub fn make_backend(d: &DeviceArgs) -> anyhow::Result<Box<dyn Backend>> {
         Err(e) => Err(anyhow::Error::new(e).context("--device gpu")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::error::ErrorKind;
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Cmd};
+
+    fn merge(extra: &[&str]) -> Result<Cli, clap::Error> {
+        let mut argv = vec!["smelt", "merge", "r.yml", "-o", "out"];
+        argv.extend_from_slice(extra);
+        Cli::try_parse_from(argv)
+    }
+
+    #[test]
+    fn sizes_read_as_parse_size_reads_them() {
+        assert_eq!("5GB".parse(), Ok(ByteSize(5_000_000_000)));
+        assert_eq!("2GiB".parse(), Ok(ByteSize(2 << 30)));
+        assert_eq!("16M".parse(), Ok(ByteSize(16_000_000)));
+        assert_eq!("0".parse::<ByteSize>(), Err(parse_size("0").unwrap_err()));
+    }
+
+    #[test]
+    fn a_bad_size_is_a_usage_error_that_names_its_flag() {
+        for (flag, value) in [("--out-shard-size", "5XB"), ("--vram-budget", "abc")] {
+            let e = merge(&[flag, value]).err().expect("refused");
+            assert_eq!(e.kind(), ErrorKind::ValueValidation);
+            let msg = e.to_string();
+            assert!(msg.contains(flag) && msg.contains(value), "{msg}");
+        }
+    }
+
+    #[test]
+    fn defaults_and_choices_reach_the_library_types() {
+        let Cmd::Merge(a) = merge(&[]).unwrap().cmd else {
+            panic!("not merge")
+        };
+        assert_eq!(a.out_shard_size, ByteSize(5_000_000_000));
+        assert_eq!(HashAlgo::from(a.hash), HashAlgo::Blake3);
+        assert_eq!(a.device.device, DeviceChoice::Auto);
+        assert_eq!(a.device.vram_budget, None);
+        let Cmd::Merge(a) = merge(&[
+            "--hash",
+            "sha256",
+            "--device",
+            "cpu",
+            "--vram-budget",
+            "4GiB",
+        ])
+        .unwrap()
+        .cmd
+        else {
+            panic!("not merge")
+        };
+        assert_eq!(HashAlgo::from(a.hash), HashAlgo::Sha256);
+        assert_eq!(a.device.device, DeviceChoice::Cpu);
+        assert_eq!(a.device.vram_budget, Some(ByteSize(4 << 30)));
+        let Cmd::Bench(b) = Cli::try_parse_from(["smelt", "bench"]).unwrap().cmd else {
+            panic!("not bench")
+        };
+        assert_eq!(b.device, BenchDevices::All);
+        assert!(b.device.cpu() && b.device.gpus());
+        assert_eq!(b.elements, ByteSize(16_000_000));
+    }
+}

@@ -111,3 +111,13 @@ pub enum Cmd {
     /// Show a model folder's tensors, dtypes, shapes and size.
     Inspect(inspect::InspectArgs),
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_definitions_hold_together() {
+        super::Cli::command().debug_assert();
+    }
+}
