@@ -1,0 +1,67 @@
+//! `smelt continual`: fold one more fine-tuned model into an OPCM merge.
+
+use std::path::PathBuf;
+
+use super::args::{ByteSize, DeviceArgs};
+use super::execute::{execute_fresh, print_linalg};
+
+#[derive(clap::Args)]
+pub struct ContinualArgs {
+    /// An OPCM merge (with opcm-state.json), or a first fine-tuned model (with --base).
+    pub merged: PathBuf,
+    /// The fine-tuned model to fold in.
+    pub new: PathBuf,
+    /// Output folder (refused if it exists, unless --force).
+    #[arg(short, long)]
+    pub out: PathBuf,
+    /// The base model (default: the one the state file records).
+    #[arg(long)]
+    pub base: Option<PathBuf>,
+    /// Share of the merged task vector's singular value mass whose subspace NEW may not
+    /// write into (default: the state's; 0.5 without one).
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// Largest shard to write, e.g. 5GB, 500MB, 2GiB.
+    #[arg(long, default_value = "5GB")]
+    pub out_shard_size: ByteSize,
+    /// Replace OUT if it exists (the old folder is removed only after the new one is complete).
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+pub fn run(args: ContinualArgs) -> anyhow::Result<()> {
+    let ContinualArgs {
+        merged,
+        new,
+        out,
+        base,
+        alpha,
+        out_shard_size,
+        force,
+        device,
+    } = args;
+    let plan = smelt::workflows::continual::continual_plan(&merged, &new, base.as_deref(), alpha)?;
+    for w in &plan.warnings {
+        log::warn!("{w}");
+    }
+    let report = execute_fresh(&plan, &device, out, force, out_shard_size.get())?;
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        report.out_dir.join(smelt::methods::opcm::STATE_NAME),
+    )?)?;
+    let n = state["models"].as_array().map_or(0, |m| m.len());
+    println!(
+        "folded {} into {}: {} models merged so far, next λ {:.6}, task-vector norms {}; {} tensors in {:.2} s on {}",
+        new.display(),
+        report.out_dir.display(),
+        n,
+        state["lambda"].as_f64().unwrap_or(f64::NAN),
+        state["norms"],
+        report.tensors,
+        report.seconds,
+        report.backend
+    );
+    print_linalg(&report);
+    Ok(())
+}
