@@ -17,7 +17,7 @@ use bytemuck::{Pod, Zeroable};
 use wgpu::util::DeviceExt;
 
 use super::{
-    Backend, Consensus, GtaSpec, Input, Job, Keep, Key, PcbSpec, RowLayout, Segments, Source,
+    Backend, Consensus, Fused, GtaSpec, Input, Job, Keep, Key, PcbSpec, RowLayout, Segments, Source,
     Sparsity, Vector, Vote,
 };
 use crate::error::{Error, Result};
@@ -1117,91 +1117,6 @@ impl Backend for Gpu {
     }
 
     // always all three sums (one shader for both uses)
-    fn masked_sums(&self, job: &Job, sp: &Sparsity, _squares: bool) -> Result<Vec<[f64; 3]>> {
-        let m = job.models.len();
-        if job.numel == 0 || m == 0 {
-            return Ok(vec![[0.0; 3]; m]);
-        }
-        let mut guard = self.state(job)?;
-        let st = guard.as_mut().unwrap();
-        let mut header = self.header(job, st, sp.seed);
-        header.use_var = sp.ranks_by_variance() as u32;
-        let mut models = self.models_meta(job, st);
-        let della = self.sparsity_meta(st, sp, &mut models);
-        let meta = self.meta_buffer(&header, &models);
-        let bytes = self.accumulate(
-            job,
-            st,
-            (Shader::Gta, "masked_sums"),
-            &meta,
-            st.total_groups as u64 * m as u64 * 12,
-            None,
-            |me, st, t| {
-                if let Some(d) = &della {
-                    me.della_ranks(job, st, t, d)?;
-                }
-                Ok((
-                    della.as_ref().map(|d| d.aux.clone()),
-                    Self::quad_grid(st, t),
-                ))
-            },
-        )?;
-        let parts = floats(&bytes);
-        let mut out = vec![[0.0f64; 3]; m];
-        for w in 0..st.total_groups as usize {
-            for (i, o) in out.iter_mut().enumerate() {
-                for (j, v) in o.iter_mut().enumerate() {
-                    *v += parts[(w * m + i) * 3 + j] as f64;
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    fn gta(&self, job: &Job, spec: &GtaSpec, out: &mut [u8]) -> Result<()> {
-        if job.numel == 0 {
-            return Ok(());
-        }
-        let (header, models, della) = {
-            let mut guard = self.state(job)?;
-            let st = guard.as_mut().unwrap();
-            let sp = &spec.sparsity;
-            let mut h = self.header(job, st, sp.seed);
-            let mut wsum = 0.0f32;
-            spec.weights.iter().for_each(|w| wsum += *w);
-            h.wsum = if wsum.abs() < 1e-8 { 1.0 } else { wsum };
-            h.consensus = match spec.consensus {
-                Consensus::None => 0,
-                Consensus::Sum => 1,
-                Consensus::Count => 2,
-            };
-            h.vote = (spec.vote == Vote::Unweighted) as u32;
-            h.normalize = spec.normalize as u32;
-            h.lambda = spec.lambda;
-            if let Some(f) = spec.div_floor {
-                h.floor_on = 1;
-                h.div_floor = f;
-            }
-            h.use_var = sp.ranks_by_variance() as u32;
-            let mut models = self.models_meta(job, st);
-            let della = self.sparsity_meta(st, sp, &mut models);
-            for (i, mm) in models.iter_mut().enumerate() {
-                mm.weight = spec.weights[i];
-                mm.scale = spec.scale[i];
-            }
-            (h, models, della)
-        };
-        self.apply(
-            job,
-            (Shader::Gta, "gta"),
-            header,
-            models,
-            None,
-            della.as_ref(),
-            out,
-        )
-    }
-
     fn weighted_sum(
         &self,
         job: &Job,
@@ -1358,6 +1273,135 @@ impl Backend for Gpu {
         )
     }
 
+    fn matmul(&self, a: &Mat, b: &Mat, ta: bool, tb: bool) -> Result<Mat> {
+        let _t = crate::backend::linalg_time::matmul();
+        self.gpu_matmul(a, b, ta, tb)
+    }
+
+    /// Randomised range finder (Halko, Martinsson & Tropp 2011) with the products on the GPU:
+    /// Y = A·Ω for a Gaussian-like Ω of rank + 10 columns, two power iterations, then the
+    /// small dense SVD of Qᵀ·A on the host. Small or nearly full-rank problems go straight
+    /// to the dense SVD.
+    fn svd(&self, a: &Mat, rank: Option<usize>) -> Result<Svd> {
+        let _t = crate::backend::linalg_time::svd();
+        let full = a.rows.min(a.cols);
+        let k = rank.unwrap_or(full).min(full);
+        let l = (k + 10).min(full);
+        if full <= 64 || 2 * l >= full {
+            return crate::linalg::svd(a, Some(k));
+        }
+        let stream = crate::rng::Stream::new(0x5eed_5eed, "svd", 0);
+        let omega = Mat::from_fn(a.cols, l, |i, j| {
+            stream.uniform_at((i * l + j) as u64) - 0.5
+        });
+        let mut q = crate::linalg::orthonormal_basis(&self.gpu_matmul(a, &omega, false, false)?);
+        for _ in 0..2 {
+            let z = crate::linalg::orthonormal_basis(&self.gpu_matmul(a, &q, true, false)?);
+            q = crate::linalg::orthonormal_basis(&self.gpu_matmul(a, &z, false, false)?);
+        }
+        let small = self.gpu_matmul(&q, a, true, false)?;
+        let d = crate::linalg::svd(&small, Some(k))?;
+        Ok(Svd {
+            u: crate::linalg::matmul(&q, &d.u, false, false)?,
+            s: d.s,
+            vt: d.vt,
+        })
+    }
+
+    fn end_job(&self, job: &Job) {
+        let mut g = self.state.lock().unwrap();
+        if g.as_ref().map(|s| s.id) == Some(job.id) {
+            *g = None;
+        }
+    }
+}
+
+impl Fused for Gpu {
+    fn masked_sums(&self, job: &Job, sp: &Sparsity, _squares: bool) -> Result<Vec<[f64; 3]>> {
+        let m = job.models.len();
+        if job.numel == 0 || m == 0 {
+            return Ok(vec![[0.0; 3]; m]);
+        }
+        let mut guard = self.state(job)?;
+        let st = guard.as_mut().unwrap();
+        let mut header = self.header(job, st, sp.seed);
+        header.use_var = sp.ranks_by_variance() as u32;
+        let mut models = self.models_meta(job, st);
+        let della = self.sparsity_meta(st, sp, &mut models);
+        let meta = self.meta_buffer(&header, &models);
+        let bytes = self.accumulate(
+            job,
+            st,
+            (Shader::Gta, "masked_sums"),
+            &meta,
+            st.total_groups as u64 * m as u64 * 12,
+            None,
+            |me, st, t| {
+                if let Some(d) = &della {
+                    me.della_ranks(job, st, t, d)?;
+                }
+                Ok((
+                    della.as_ref().map(|d| d.aux.clone()),
+                    Self::quad_grid(st, t),
+                ))
+            },
+        )?;
+        let parts = floats(&bytes);
+        let mut out = vec![[0.0f64; 3]; m];
+        for w in 0..st.total_groups as usize {
+            for (i, o) in out.iter_mut().enumerate() {
+                for (j, v) in o.iter_mut().enumerate() {
+                    *v += parts[(w * m + i) * 3 + j] as f64;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn gta(&self, job: &Job, spec: &GtaSpec, out: &mut [u8]) -> Result<()> {
+        if job.numel == 0 {
+            return Ok(());
+        }
+        let (header, models, della) = {
+            let mut guard = self.state(job)?;
+            let st = guard.as_mut().unwrap();
+            let sp = &spec.sparsity;
+            let mut h = self.header(job, st, sp.seed);
+            let mut wsum = 0.0f32;
+            spec.weights.iter().for_each(|w| wsum += *w);
+            h.wsum = if wsum.abs() < 1e-8 { 1.0 } else { wsum };
+            h.consensus = match spec.consensus {
+                Consensus::None => 0,
+                Consensus::Sum => 1,
+                Consensus::Count => 2,
+            };
+            h.vote = (spec.vote == Vote::Unweighted) as u32;
+            h.normalize = spec.normalize as u32;
+            h.lambda = spec.lambda;
+            if let Some(f) = spec.div_floor {
+                h.floor_on = 1;
+                h.div_floor = f;
+            }
+            h.use_var = sp.ranks_by_variance() as u32;
+            let mut models = self.models_meta(job, st);
+            let della = self.sparsity_meta(st, sp, &mut models);
+            for (i, mm) in models.iter_mut().enumerate() {
+                mm.weight = spec.weights[i];
+                mm.scale = spec.scale[i];
+            }
+            (h, models, della)
+        };
+        self.apply(
+            job,
+            (Shader::Gta, "gta"),
+            header,
+            models,
+            None,
+            della.as_ref(),
+            out,
+        )
+    }
+
     fn fisher(&self, job: &Job, coefs: &[f32], floor: f32, out: &mut [u8]) -> Result<()> {
         assert_eq!(
             job.models.len(),
@@ -1404,47 +1448,5 @@ impl Backend for Gpu {
 
     fn nearswap(&self, job: &Job, t: f32, out: &mut [u8]) -> Result<()> {
         self.apply_with_t(job, "nearswap", t, out)
-    }
-
-    fn matmul(&self, a: &Mat, b: &Mat, ta: bool, tb: bool) -> Result<Mat> {
-        let _t = crate::backend::linalg_time::matmul();
-        self.gpu_matmul(a, b, ta, tb)
-    }
-
-    /// Randomised range finder (Halko, Martinsson & Tropp 2011) with the products on the GPU:
-    /// Y = A·Ω for a Gaussian-like Ω of rank + 10 columns, two power iterations, then the
-    /// small dense SVD of Qᵀ·A on the host. Small or nearly full-rank problems go straight
-    /// to the dense SVD.
-    fn svd(&self, a: &Mat, rank: Option<usize>) -> Result<Svd> {
-        let _t = crate::backend::linalg_time::svd();
-        let full = a.rows.min(a.cols);
-        let k = rank.unwrap_or(full).min(full);
-        let l = (k + 10).min(full);
-        if full <= 64 || 2 * l >= full {
-            return crate::linalg::svd(a, Some(k));
-        }
-        let stream = crate::rng::Stream::new(0x5eed_5eed, "svd", 0);
-        let omega = Mat::from_fn(a.cols, l, |i, j| {
-            stream.uniform_at((i * l + j) as u64) - 0.5
-        });
-        let mut q = crate::linalg::orthonormal_basis(&self.gpu_matmul(a, &omega, false, false)?);
-        for _ in 0..2 {
-            let z = crate::linalg::orthonormal_basis(&self.gpu_matmul(a, &q, true, false)?);
-            q = crate::linalg::orthonormal_basis(&self.gpu_matmul(a, &z, false, false)?);
-        }
-        let small = self.gpu_matmul(&q, a, true, false)?;
-        let d = crate::linalg::svd(&small, Some(k))?;
-        Ok(Svd {
-            u: crate::linalg::matmul(&q, &d.u, false, false)?,
-            s: d.s,
-            vt: d.vt,
-        })
-    }
-
-    fn end_job(&self, job: &Job) {
-        let mut g = self.state.lock().unwrap();
-        if g.as_ref().map(|s| s.id) == Some(job.id) {
-            *g = None;
-        }
     }
 }
