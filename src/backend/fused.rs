@@ -35,7 +35,6 @@ pub trait Fused {
     /// |d| ≥ f32::from_bits(`threshold`) and 0 elsewhere (0 for d = 0, of either sign), in
     /// job.out_dtype.
     fn ternary(&self, job: &Job, threshold: u32, out: &mut [u8]) -> Result<()>;
-
 }
 
 /// Which key a rank band is judged on.
@@ -197,4 +196,3 @@ pub fn pcb_tanh(x: f32) -> f32 {
         ((1.0 - e) / (1.0 + e)).copysign(x)
     }
 }
-

@@ -25,7 +25,7 @@ pub mod select;
 pub use fused::{
     keep_threshold, pcb_tanh, Consensus, Fused, GtaSpec, Keep, Key, PcbSpec, Sparsity, Vote,
 };
-pub use select::bucket_of;
+pub use select::{bucket_of, py_int_mul};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
