@@ -1,8 +1,9 @@
 //! Element types and the f32 <-> f16/bf16 conversions.
 //!
 //! The conversions are written with integer operations on the bit patterns (no `half`
-//! intrinsics) so that the WGSL copies in `shaders/convert.wgsl` can do exactly the same
-//! thing: round-to-nearest-even, subnormals kept, NaN kept quiet with its sign.
+//! intrinsics) so that the WGSL copies in `src/backend/gpu/kernels/prelude/common.wgsl` can
+//! do exactly the same thing: round-to-nearest-even, subnormals kept, NaN kept quiet with its
+//! sign.
 
 use std::fmt;
 

@@ -1,5 +1,5 @@
 //! The counter-based random generator behind DARE and DELLA, shared bit for bit with WGSL
-//! (`shaders/rng.wgsl`).
+//! (`src/backend/gpu/kernels/prelude/rng.wgsl`).
 //!
 //! Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11) keyed
 //! by the seed; the counter is (element block, tensor-name hash, model index). The bits for an

@@ -12,7 +12,7 @@ use common::{assert_close, Tol};
 use smelt::backend::cpu::Cpu;
 use smelt::backend::gpu::{Gpu, GpuOptions};
 use smelt::backend::{
-    Backend, Consensus, GtaSpec, Input, Job, Keep, Key, Query, RankCut, RowLayout, Segments,
+    Backend, Consensus, Fused, GtaSpec, Input, Job, Keep, Key, Query, RankCut, RowLayout, Segments,
     Source, Sparsity, Vector, Vote,
 };
 use smelt::dtype::{self, DType};

@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 use super::{
-    pcb_tanh, Backend, Consensus, GtaSpec, Input, Job, Keep, Key, PcbSpec, Query, RankCut,
+    pcb_tanh, Backend, Consensus, Fused, GtaSpec, Input, Job, Keep, Key, PcbSpec, Query, RankCut,
     RowLayout, Segments, Source, Sparsity, Vector, Vote,
 };
 use crate::dtype::{self, DType};
@@ -551,19 +551,6 @@ fn chunk_range(n: usize, c: usize) -> (usize, usize) {
     (start, CHUNK.min(n - start))
 }
 
-/// Finds the bucket holding the element of descending rank `k - 1` in a histogram, given
-/// `above` elements already known to rank higher. Returns (bucket, count strictly above it).
-fn bucket_for(h: &[u64], k: u64, above: u64) -> (u32, u64) {
-    let mut acc = above;
-    for b in (0..h.len()).rev() {
-        if acc + h[b] >= k {
-            return (b as u32, acc);
-        }
-        acc += h[b];
-    }
-    unreachable!("rank {k} beyond the histogram's total {acc}")
-}
-
 /// Sample size of [`bracket_select`] (at most; n/64 for smaller tensors, at least
 /// MIN_SAMPLE), taken in runs of contiguous elements.
 const SAMPLE: usize = 1 << 16;
@@ -755,7 +742,7 @@ impl Backend for Cpu {
                 job.name
             );
         }
-        select_with(
+        super::select::select_with(
             job,
             queries,
             |j, s| self.histogram(j, s),
@@ -846,138 +833,6 @@ impl Backend for Cpu {
             before += cnt;
         }
         unreachable!("fewer than {q} elements equal to the threshold")
-    }
-
-    fn masked_sums(&self, job: &Job, sp: &Sparsity, squares: bool) -> Result<Vec<[f64; 3]>> {
-        let n = job.numel;
-        let m = job.models.len();
-        let ranks = della_ranks(job, sp);
-        let var = sp.ranks_by_variance();
-        let partials: Vec<(Vec<[f64; 3]>, ChunkBits)> = (0..chunks(n))
-            .into_par_iter()
-            .map_init(
-                || Scratch::take(m),
-                |s, c| {
-                    let s: &mut Scratch = s;
-                    let (start, len) = chunk_range(n, c);
-                    s.load_all(job, start, len, true);
-                    if var {
-                        variance_keys(&s.x, len, &mut s.var);
-                    }
-                    let mut out = vec![[0.0f64; 3]; m];
-                    let mut bits = vec![Vec::new(); m];
-                    for (i, o) in out.iter_mut().enumerate() {
-                        let cx = keep_ctx(job, sp, &ranks, i, &s.var[..len]);
-                        let kb = &mut s.kb[i];
-                        keep_bits(&sp.keep[i], &cx, start, &s.x[i][..len], kb);
-                        // eight independent f64 lanes (in a fixed order): vectorised, and
-                        // the same sums whatever the thread count
-                        *o = if squares {
-                            masked_lanes::<true>(&s.x[i][..len], kb)
-                        } else {
-                            masked_lanes::<false>(&s.x[i][..len], kb)
-                        };
-                        if drawn_at_random(&sp.keep[i]) {
-                            bits[i] = kb.clone();
-                        }
-                    }
-                    (out, bits)
-                },
-            )
-            .collect();
-        let mut tot = vec![[0.0f64; 3]; m];
-        let mut bits = Vec::with_capacity(partials.len());
-        for (p, b) in partials {
-            for (t, v) in tot.iter_mut().zip(p) {
-                (0..3).for_each(|j| t[j] += v[j]);
-            }
-            bits.push(b);
-        }
-        if sp.keep.iter().any(drawn_at_random) {
-            *KEEP_BITS.lock().unwrap_or_else(|e| e.into_inner()) = Some(KeepBits {
-                job: job.id,
-                seed: sp.seed,
-                keep: sp.keep.clone(),
-                tables: sp.tables.clone(),
-                bits,
-            });
-        }
-        Ok(tot)
-    }
-
-    fn gta(&self, job: &Job, spec: &GtaSpec, out: &mut [u8]) -> Result<()> {
-        let m = job.models.len();
-        let osz = job.out_dtype.size();
-        let sp = &spec.sparsity;
-        let cached = take_keep_bits(job, sp);
-        // DELLA's per-row ranks only feed its random keep, which the cached bits replace
-        let ranks = match cached {
-            Some(_) => vec![None; m],
-            None => della_ranks(job, sp),
-        };
-        let var = sp.ranks_by_variance();
-        let wsum: f32 = {
-            let mut s = 0.0f32;
-            spec.weights.iter().for_each(|w| s += *w);
-            if s.abs() < 1e-8 {
-                1.0
-            } else {
-                s
-            }
-        };
-        let checks = ChunkChecks::default();
-        out.par_chunks_mut(CHUNK * osz).enumerate().for_each_init(
-            || Scratch::take(m),
-            |s, (c, oc)| {
-                let s: &mut Scratch = s;
-                let start = c * CHUNK;
-                let len = oc.len() / osz;
-                s.load_all(job, start, len, true);
-                // the inputs as they go by (cheap: the chunk is in cache); a non-finite base
-                // or model value leaves a non-finite delta
-                if job.base.is_some() {
-                    checks.inputs(job, &s.base[..len]);
-                }
-                s.x.iter().for_each(|x| checks.inputs(job, &x[..len]));
-                if var {
-                    variance_keys(&s.x, len, &mut s.var);
-                }
-                // keep bits of every model into kb
-                for i in 0..m {
-                    let kb = &mut s.kb[i];
-                    match cached.as_ref().map(|b| &b[c][i]) {
-                        Some(bits) if !bits.is_empty() => {
-                            kb.clear();
-                            kb.extend_from_slice(bits);
-                        }
-                        _ => {
-                            let cx = keep_ctx(job, sp, &ranks, i, &s.var[..len]);
-                            keep_bits(&sp.keep[i], &cx, start, &s.x[i][..len], kb);
-                        }
-                    }
-                }
-                // then every step for 64 elements at a time (fewer passes over the chunk's buffers)
-                let in_place = job.sink.is_none() && f32_in_place(job.out_dtype, oc);
-                let mix: &mut [f32] = if in_place {
-                    bytemuck::cast_slice_mut(oc)
-                } else {
-                    &mut s.acc[..len]
-                };
-                let (x, k, b) = (&mut s.x, &s.kb, &s.base[..len]);
-                let full = len / 64 * 64;
-                for o in (0..full).step_by(64) {
-                    gta_lanes::<64>(x, k, b, spec, wsum, o, mix);
-                }
-                for o in full..len {
-                    gta_lanes::<1>(x, k, b, spec, wsum, o, mix);
-                }
-                checks.output(job, mix);
-                if !in_place {
-                    emit(job, c, &s.acc[..len], oc, &mut s.obytes, &checks);
-                }
-            },
-        );
-        checks.finish(job, true)
     }
 
     fn scans_inputs(&self) -> bool {
@@ -1153,6 +1008,140 @@ impl Backend for Cpu {
     fn svd(&self, a: &Mat, rank: Option<usize>) -> Result<Svd> {
         let _t = super::linalg_time::svd();
         crate::linalg::svd(a, rank)
+    }
+}
+
+impl Fused for Cpu {
+    fn masked_sums(&self, job: &Job, sp: &Sparsity, squares: bool) -> Result<Vec<[f64; 3]>> {
+        let n = job.numel;
+        let m = job.models.len();
+        let ranks = della_ranks(job, sp);
+        let var = sp.ranks_by_variance();
+        let partials: Vec<(Vec<[f64; 3]>, ChunkBits)> = (0..chunks(n))
+            .into_par_iter()
+            .map_init(
+                || Scratch::take(m),
+                |s, c| {
+                    let s: &mut Scratch = s;
+                    let (start, len) = chunk_range(n, c);
+                    s.load_all(job, start, len, true);
+                    if var {
+                        variance_keys(&s.x, len, &mut s.var);
+                    }
+                    let mut out = vec![[0.0f64; 3]; m];
+                    let mut bits = vec![Vec::new(); m];
+                    for (i, o) in out.iter_mut().enumerate() {
+                        let cx = keep_ctx(job, sp, &ranks, i, &s.var[..len]);
+                        let kb = &mut s.kb[i];
+                        keep_bits(&sp.keep[i], &cx, start, &s.x[i][..len], kb);
+                        // eight independent f64 lanes (in a fixed order): vectorised, and
+                        // the same sums whatever the thread count
+                        *o = if squares {
+                            masked_lanes::<true>(&s.x[i][..len], kb)
+                        } else {
+                            masked_lanes::<false>(&s.x[i][..len], kb)
+                        };
+                        if drawn_at_random(&sp.keep[i]) {
+                            bits[i] = kb.clone();
+                        }
+                    }
+                    (out, bits)
+                },
+            )
+            .collect();
+        let mut tot = vec![[0.0f64; 3]; m];
+        let mut bits = Vec::with_capacity(partials.len());
+        for (p, b) in partials {
+            for (t, v) in tot.iter_mut().zip(p) {
+                (0..3).for_each(|j| t[j] += v[j]);
+            }
+            bits.push(b);
+        }
+        if sp.keep.iter().any(drawn_at_random) {
+            *KEEP_BITS.lock().unwrap_or_else(|e| e.into_inner()) = Some(KeepBits {
+                job: job.id,
+                seed: sp.seed,
+                keep: sp.keep.clone(),
+                tables: sp.tables.clone(),
+                bits,
+            });
+        }
+        Ok(tot)
+    }
+
+    fn gta(&self, job: &Job, spec: &GtaSpec, out: &mut [u8]) -> Result<()> {
+        let m = job.models.len();
+        let osz = job.out_dtype.size();
+        let sp = &spec.sparsity;
+        let cached = take_keep_bits(job, sp);
+        // DELLA's per-row ranks only feed its random keep, which the cached bits replace
+        let ranks = match cached {
+            Some(_) => vec![None; m],
+            None => della_ranks(job, sp),
+        };
+        let var = sp.ranks_by_variance();
+        let wsum: f32 = {
+            let mut s = 0.0f32;
+            spec.weights.iter().for_each(|w| s += *w);
+            if s.abs() < 1e-8 {
+                1.0
+            } else {
+                s
+            }
+        };
+        let checks = ChunkChecks::default();
+        out.par_chunks_mut(CHUNK * osz).enumerate().for_each_init(
+            || Scratch::take(m),
+            |s, (c, oc)| {
+                let s: &mut Scratch = s;
+                let start = c * CHUNK;
+                let len = oc.len() / osz;
+                s.load_all(job, start, len, true);
+                // the inputs as they go by (cheap: the chunk is in cache); a non-finite base
+                // or model value leaves a non-finite delta
+                if job.base.is_some() {
+                    checks.inputs(job, &s.base[..len]);
+                }
+                s.x.iter().for_each(|x| checks.inputs(job, &x[..len]));
+                if var {
+                    variance_keys(&s.x, len, &mut s.var);
+                }
+                // keep bits of every model into kb
+                for i in 0..m {
+                    let kb = &mut s.kb[i];
+                    match cached.as_ref().map(|b| &b[c][i]) {
+                        Some(bits) if !bits.is_empty() => {
+                            kb.clear();
+                            kb.extend_from_slice(bits);
+                        }
+                        _ => {
+                            let cx = keep_ctx(job, sp, &ranks, i, &s.var[..len]);
+                            keep_bits(&sp.keep[i], &cx, start, &s.x[i][..len], kb);
+                        }
+                    }
+                }
+                // then every step for 64 elements at a time (fewer passes over the chunk's buffers)
+                let in_place = job.sink.is_none() && f32_in_place(job.out_dtype, oc);
+                let mix: &mut [f32] = if in_place {
+                    bytemuck::cast_slice_mut(oc)
+                } else {
+                    &mut s.acc[..len]
+                };
+                let (x, k, b) = (&mut s.x, &s.kb, &s.base[..len]);
+                let full = len / 64 * 64;
+                for o in (0..full).step_by(64) {
+                    gta_lanes::<64>(x, k, b, spec, wsum, o, mix);
+                }
+                for o in full..len {
+                    gta_lanes::<1>(x, k, b, spec, wsum, o, mix);
+                }
+                checks.output(job, mix);
+                if !in_place {
+                    emit(job, c, &s.acc[..len], oc, &mut s.obytes, &checks);
+                }
+            },
+        );
+        checks.finish(job, true)
     }
 
     fn fisher(&self, job: &Job, coefs: &[f32], floor: f32, out: &mut [u8]) -> Result<()> {
@@ -1445,79 +1434,10 @@ pub fn sign(x: f32) -> f32 {
     }
 }
 
-/// The two-level radix selection shared by the backends: a histogram of the high 16 bits of
-/// the keys finds the bucket holding rank k; a histogram of the low 16 bits inside that
-/// bucket finds the exact threshold; when the threshold value is tied and only some of the
-/// tied elements fit, the index of the last one that fits is found in index order.
-pub fn select_with(
-    job: &Job,
-    queries: &[Query],
-    hist: impl Fn(&Job, &[(Source, Option<u32>)]) -> Result<Vec<Vec<u64>>>,
-    nth_equal: impl Fn(&Job, Source, u32, u64) -> Result<u32>,
-) -> Result<Vec<RankCut>> {
-    let n = job.numel as u64;
-    let edge = |k: u64| if k == 0 { RankCut::NONE } else { RankCut::ALL };
-    let mut out: Vec<RankCut> = queries.iter().map(|q| edge(q.k)).collect();
-    // Level 1, one histogram per distinct source.
-    let mut srcs: Vec<Source> = Vec::new();
-    for q in queries {
-        if q.k > 0 && q.k < n && !srcs.contains(&q.source) {
-            srcs.push(q.source);
-        }
-    }
-    if srcs.is_empty() {
-        return Ok(out);
-    }
-    let h1 = hist(job, &srcs.iter().map(|s| (*s, None)).collect::<Vec<_>>())?;
-    // Level 2 for each distinct (source, high bucket).
-    let mut level2: Vec<(Source, u32)> = Vec::new();
-    let mut first: Vec<Option<(u32, u64)>> = Vec::new();
-    for q in queries {
-        if q.k == 0 || q.k >= n {
-            first.push(None);
-            continue;
-        }
-        let si = srcs.iter().position(|s| *s == q.source).unwrap();
-        let (hb, above) = bucket_for(&h1[si], q.k, 0);
-        if !level2.contains(&(q.source, hb)) {
-            level2.push((q.source, hb));
-        }
-        first.push(Some((hb, above)));
-    }
-    let h2 = hist(
-        job,
-        &level2
-            .iter()
-            .map(|(s, hb)| (*s, Some(*hb)))
-            .collect::<Vec<_>>(),
-    )?;
-    for (qi, q) in queries.iter().enumerate() {
-        let Some((hb, above)) = first[qi] else {
-            continue;
-        };
-        let li = level2.iter().position(|x| *x == (q.source, hb)).unwrap();
-        let (lb, c_gt) = bucket_for(&h2[li], q.k, above);
-        let t = (hb << 16) | lb;
-        let eq = h2[li][lb as usize];
-        let quota = q.k - c_gt;
-        out[qi] = if quota == eq {
-            RankCut {
-                bits: t,
-                index: u32::MAX,
-            }
-        } else {
-            RankCut {
-                bits: t,
-                index: nth_equal(job, q.source, t, quota - 1)? + 1,
-            }
-        };
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::select::select_with;
 
     fn f32_input(v: &[f32]) -> Vec<u8> {
         v.iter().flat_map(|x| x.to_le_bytes()).collect()

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::shaders::Shader;
+use super::kernels::Shader;
 use crate::error::{Error, Result};
 
 /// What `smelt devices` shows of an adapter.
@@ -101,9 +101,6 @@ fn rank(t: wgpu::DeviceType) -> u32 {
     }
 }
 
-/// Entry points that also bind group 1 (a per-dispatch step at a dynamic offset).
-pub const STEPPED: &[&str] = &["bitonic"];
-
 pub struct GpuContext {
     pub device: wgpu::Device,
     pub queue: wgpu::Queue,
@@ -116,8 +113,9 @@ pub struct GpuContext {
     pub dummy: wgpu::Buffer,
     pipeline_layout: wgpu::PipelineLayout,
     stepped_layout: wgpu::PipelineLayout,
-    modules: Mutex<HashMap<Shader, Arc<wgpu::ShaderModule>>>,
-    pipelines: Mutex<HashMap<(Shader, &'static str), Arc<wgpu::ComputePipeline>>>,
+    /// Keyed by the family's file name.
+    modules: Mutex<HashMap<&'static str, Arc<wgpu::ShaderModule>>>,
+    pipelines: Mutex<HashMap<(&'static str, &'static str), Arc<wgpu::ComputePipeline>>>,
     built: AtomicUsize,
     errors: Arc<Mutex<Vec<String>>>,
     lost: Arc<AtomicBool>,
@@ -261,27 +259,32 @@ impl GpuContext {
     }
 
     /// The pipeline of an entry point, built on first use and cached.
-    pub fn pipeline(
+    pub(super) fn pipeline(
         &self,
-        shader: Shader,
+        shader: &'static Shader,
         entry: &'static str,
     ) -> Result<Arc<wgpu::ComputePipeline>> {
-        if let Some(p) = self.pipelines.lock().unwrap().get(&(shader, entry)) {
+        debug_assert!(
+            shader.entries.contains(&entry),
+            "{}: no entry point {entry}",
+            shader.name
+        );
+        if let Some(p) = self.pipelines.lock().unwrap().get(&(shader.name, entry)) {
             return Ok(p.clone());
         }
         let t0 = std::time::Instant::now();
         let module = {
             let mut mods = self.modules.lock().unwrap();
-            match mods.get(&shader) {
+            match mods.get(shader.name) {
                 Some(m) => m.clone(),
                 None => {
                     let m = Arc::new(self.device.create_shader_module(
                         wgpu::ShaderModuleDescriptor {
-                            label: Some(shader.name()),
+                            label: Some(shader.name),
                             source: wgpu::ShaderSource::Wgsl(shader.source().into()),
                         },
                     ));
-                    mods.insert(shader, m.clone());
+                    mods.insert(shader.name, m.clone());
                     m
                 }
             }
@@ -290,7 +293,7 @@ impl GpuContext {
             self.device
                 .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                     label: Some(entry),
-                    layout: Some(if STEPPED.contains(&entry) {
+                    layout: Some(if shader.stepped.contains(&entry) {
                         &self.stepped_layout
                     } else {
                         &self.pipeline_layout
@@ -304,14 +307,14 @@ impl GpuContext {
         self.check()?;
         log::debug!(
             "built pipeline {}::{entry} in {:.0} ms",
-            shader.name(),
+            shader.name,
             t0.elapsed().as_secs_f64() * 1e3
         );
         self.built.fetch_add(1, Ordering::Relaxed);
         self.pipelines
             .lock()
             .unwrap()
-            .insert((shader, entry), p.clone());
+            .insert((shader.name, entry), p.clone());
         Ok(p)
     }
 

@@ -1,5 +1,5 @@
 // Rank selection on the f32 bit patterns of non-negative keys (integer order is float
-// order). The host drives src/backend/cpu.rs::select_with over these kernels: a histogram
+// order). The host drives src/backend/select.rs::select_with over these kernels: a histogram
 // of the high 16 bits, a histogram of the low 16 bits inside one high bucket, and, when a tie
 // at the threshold must be split, the position of the q-th tied element.
 //

@@ -1,5 +1,5 @@
-// The task-arithmetic family (task arithmetic, TIES, DARE, Breadcrumbs, DELLA, SCE) and
-// the weighted sum (linear). Arithmetic follows the order of src/backend/cpu.rs exactly:
+// The task-arithmetic family (task arithmetic, TIES, DARE, Breadcrumbs, DELLA, SCE): the
+// combine and its masked sums. Arithmetic follows the order of src/backend/cpu.rs exactly:
 //   u_i = (d_i * keep_i) * scale_i,  wd_i = u_i * w_i,  sums over models in order from zero.
 
 // 1.0 where the random word's top 24 bits are below the threshold of each lane.
@@ -113,22 +113,6 @@ fn gta(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) l
     store4(q, b + v);
 }
 
-@compute @workgroup_size(256)
-fn weighted_sum(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let q = quad_index(wid, nwg, lid);
-    if 4u * q >= tile.n {
-        return;
-    }
-    var acc = vec4<f32>(0.0);
-    for (var i = 0u; i < job.n_models; i++) {
-        acc = acc + load_model4(i, q) * job.models[i].weight;
-    }
-    if job.has_divisor == 1u {
-        acc = acc / job.divisor;
-    }
-    store4(q, acc);
-}
-
 var<workgroup> red: array<vec3<f32>, 256>;
 
 // Per workgroup and model: (Σ|d|, Σ|d|·keep, Σ(d·keep)²) as f32 words at
@@ -173,106 +157,5 @@ fn masked_sums(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
             dst[o + 2u] = bitcast<u32>(red[0].z);
         }
         workgroupBarrier();
-    }
-}
-
-// NearSwap: w = clamp(t / max(|b - x|, 1e-6), 0, 1), out = w·x + (1 - w)·b.
-@compute @workgroup_size(256)
-fn nearswap(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let q = quad_index(wid, nwg, lid);
-    if 4u * q >= tile.n {
-        return;
-    }
-    let b = load_base4(q);
-    let x = load_model4(0u, q);
-    let w = clamp(job.t / max(abs(b - x), vec4<f32>(1e-6)), vec4<f32>(0.0), vec4<f32>(1.0));
-    store4(q, w * x + (1.0 - w) * b);
-}
-
-// ComPEFT: sign(d) where |d| >= the threshold (job.t, compared as f32 bits), else 0;
-// d = models[0] - base. sgn gives 0 for d = 0 (and NaN), as the CPU path.
-@compute @workgroup_size(256)
-fn ternary(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let q = quad_index(wid, nwg, lid);
-    if 4u * q >= tile.n {
-        return;
-    }
-    let d = load_model4(0u, q) - load_base4(q);
-    let kept = bitcast<vec4<u32>>(abs(d)) >= vec4<u32>(bitcast<u32>(job.t));
-    store4(q, select(vec4<f32>(0.0), sgn(d), kept));
-}
-
-// Fisher-weighted average: M = n_items models, models[M + i] is the diagonal Fisher of
-// models[i]; w_i = weight_i·(F_i + t), out = Σ w_i·θ_i / Σ w_i, sums in model order.
-@compute @workgroup_size(256)
-fn fisher(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let q = quad_index(wid, nwg, lid);
-    if 4u * q >= tile.n {
-        return;
-    }
-    let m = job.n_items;
-    var num = vec4<f32>(0.0);
-    var den = vec4<f32>(0.0);
-    for (var i = 0u; i < m; i++) {
-        let w = job.models[i].weight * (load_model4(m + i, q) + job.t);
-        num = num + w * load_model4(i, q);
-        den = den + w;
-    }
-    store4(q, num / den);
-}
-
-// tanh as src/backend/mod.rs::pcb_tanh: a series below 0.1 (no cancellation for the tiny
-// products PCB feeds it), the exponential form above.
-fn pcb_tanh(x: f32) -> f32 {
-    let a = abs(x);
-    if a < 0.1 {
-        let x2 = x * x;
-        return x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))));
-    }
-    let e = exp(-2.0 * a);
-    let t = (1.0 - e) / (1.0 + e);
-    return select(t, -t, x < 0.0);
-}
-
-// PCB-merging (src/backend/mod.rs::PcbSpec): per model lo = lo_bits, hi = hi_bits,
-// q = lo_index, bmax = hi_index (f32 bits), weight. n_items = 1: write β of model `focus`.
-@compute @workgroup_size(256)
-fn pcb(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let q = quad_index(wid, nwg, lid);
-    if 4u * q >= tile.n {
-        return;
-    }
-    let b = load_base4(q);
-    let m = job.n_models;
-    let n = f32(m);
-    var sum = vec4<f32>(0.0);
-    for (var i = 0u; i < m; i++) {
-        sum = sum + delta4(i, q, b);
-    }
-    var num = vec4<f32>(0.0);
-    var den = vec4<f32>(0.0);
-    for (var i = 0u; i < m; i++) {
-        let mm = job.models[i];
-        let lo = bitcast<f32>(mm.lo_bits);
-        let hi = bitcast<f32>(mm.hi_bits);
-        let qq = bitcast<f32>(mm.lo_index);
-        let bmax = bitcast<f32>(mm.hi_index);
-        let t = delta4(i, q, b);
-        let a = clamp(abs(t), vec4<f32>(lo), vec4<f32>(hi));
-        let r = (a - lo) / (hi - lo);
-        let p = t * sum;
-        let beta = exp(n * (r * r)) * vec4<f32>(pcb_tanh(p.x), pcb_tanh(p.y), pcb_tanh(p.z), pcb_tanh(p.w));
-        if job.n_items == 1u && job.focus == i {
-            num = beta;
-            break;
-        }
-        let sc = (clamp(beta, vec4<f32>(qq), vec4<f32>(bmax)) - qq) / (bmax - qq);
-        num = num + mm.weight * (sgn(t) * a) * sc;
-        den = den + sc;
-    }
-    if job.n_items == 1u {
-        store4(q, num);
-    } else {
-        store4(q, b + num / max(den, vec4<f32>(1e-12)));
     }
 }

@@ -1,4 +1,4 @@
-// Shared by every smelt kernel (prepended to each op family's source):
+// Shared by every smelt kernel (prepended to each kernel family's source):
 // the packed-input binding, per-operation metadata, dtype unpacking and packing, and
 // 2-D dispatch indexing.
 //
