@@ -1,4 +1,4 @@
-//! ComPEFT compression of a task vector (Yadav et al. 2023, arXiv 2311.13171; ALGORITHMS.md
+//! ComPEFT compression of a task vector (Yadav et al. 2023, arXiv 2311.13171; docs/ALGORITHMS.md
 //! §16): τ = model − base over the whole model is reduced to its largest-magnitude entries,
 //! each replaced by its sign times one scale, α·σ (σ the standard deviation of all of τ).
 //!

@@ -162,7 +162,7 @@ pub struct GtaSpec {
     pub lambda: f32,
 }
 
-/// PCB-merging's per-element balancing (ALGORITHMS.md §11) with the whole-model statistics
+/// PCB-merging's per-element balancing (docs/ALGORITHMS.md §11) with the whole-model statistics
 /// of each task vector τ_i = models[i] − base, n = number of models:
 ///
 /// ```text

@@ -1,4 +1,4 @@
-//! `fisher` — Fisher-weighted averaging (Matena & Raffel 2022; ALGORITHMS.md §18.1), as
+//! `fisher` — Fisher-weighted averaging (Matena & Raffel 2022; docs/ALGORITHMS.md §18.1), as
 //! fusion_bench's `merging_with_fisher_weights` computes it.
 //!
 //! Each model brings its diagonal Fisher F_i (same tensor names and shapes) in

@@ -240,7 +240,7 @@ pub fn della_table(density: f64, epsilon: f64, len: usize) -> Vec<u32> {
         .collect()
 }
 
-/// LiNeS (Wang et al. 2024, ALGORITHMS.md §14): the factor on the merged task vector of a
+/// LiNeS (Wang et al. 2024, docs/ALGORITHMS.md §14): the factor on the merged task vector of a
 /// tensor at `depth` (layer / (L − 1), None outside the layers): α + β·depth. Unless the
 /// recipe gives `lines_alpha`, α is the paper's (‖Σ τ_t‖₁ / ‖τ_MTL‖₁) / T: for task
 /// arithmetic exactly 1/T; for the methods that sparsify or elect signs, `auto` (computed

@@ -1,5 +1,5 @@
 //! `opcm` — continual merging by orthogonal projection (Tang et al. 2025, arXiv 2501.09522;
-//! ALGORITHMS.md §13), as fusion_bench's `opcm_general.OPCM` computes it, models folded in
+//! docs/ALGORITHMS.md §13), as fusion_bench's `opcm_general.OPCM` computes it, models folded in
 //! recipe order.
 //!
 //! The merge starts as the first model (λ = 1). Folding in model t: each linear weight

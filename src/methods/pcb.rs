@@ -1,5 +1,5 @@
 //! `pcb` — PCB-merging, Parameter Competition Balancing (Du et al., NeurIPS 2024;
-//! ALGORITHMS.md §11), as the authors' `pcb-merging.py::PCB_merge` computes it.
+//! docs/ALGORITHMS.md §11), as the authors' `pcb-merging.py::PCB_merge` computes it.
 //!
 //! The reference flattens the whole model into one row per task vector and takes order
 //! statistics of each row; so does this: before any tensor is merged, passes over every

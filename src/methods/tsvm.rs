@@ -1,4 +1,4 @@
-//! `tsv` — TSV-M, Task Singular Vector merging (Gargiulo et al., CVPR 2025; ALGORITHMS.md
+//! `tsv` — TSV-M, Task Singular Vector merging (Gargiulo et al., CVPR 2025; docs/ALGORITHMS.md
 //! §15), as fusion_bench's `TaskSingularVectorMerging` computes it.
 //!
 //! Per 2-D tensor: the top k = int(min(m, n)·(1/T)) singular triplets of each task vector,

@@ -1,5 +1,5 @@
 //! `widen` — WIDEN, weight disentanglement (Yu et al. 2024, arXiv 2408.03092;
-//! ALGORITHMS.md §12), as MergeLLM's `widen_merging` computes it. Merges fine-tuned *and*
+//! docs/ALGORITHMS.md §12), as MergeLLM's `widen_merging` computes it. Merges fine-tuned *and*
 //! further-pre-trained models into a base.
 //!
 //! 2-D tensors, per column c (input unit; for an input embedding, per token: the reference
