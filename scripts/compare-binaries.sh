@@ -250,7 +250,8 @@ c() {
     echo $rc > "$log.rc"
 }
 
-gpu_usable() { "$OLD" devices 2>/dev/null | grep -q '^\[0\]'; }
+# grep reads all of it (no -q): an early exit would break smelt's pipe and, under pipefail, fail
+gpu_usable() { "$OLD" devices 2>/dev/null | grep '^\[0\]' >/dev/null; }
 
 run_all() {
     BIN=$1
