@@ -20,7 +20,7 @@
 # or hang is written to fuzz/artifacts/TARGET/ and stops that target: the script then reports it,
 # goes on with the others, and exits non-zero. Reproduce one with
 #   RUSTC_BOOTSTRAP=1 cargo fuzz run TARGET fuzz/artifacts/TARGET/crash-...
-# and turn it into a regression test in tests/reliability.rs. Corpus and artifacts stay out of
+# and turn it into a regression test in tests/it/reliability.rs. Corpus and artifacts stay out of
 # git (fuzz/.gitignore). FUZZ_JOBS=N runs N fuzzing processes per target (default 1).
 set -uo pipefail
 

@@ -8,7 +8,7 @@ and prints JSON on stdout:
 `hex` is the tensor's raw little-endian bytes. Every shard listed by
 model.safetensors.index.json is read (or model.safetensors when there is no index), once
 with `safetensors.numpy.load_file` and once with `safe_open(framework="np")`; the two must
-agree. Used by tests/python_reader.rs.
+agree. Used by tests/it/python_reader.rs.
 """
 
 import json

@@ -2,7 +2,7 @@
 //! and parameter gradients. None may panic on any input; what the writer produces must be
 //! read back exactly.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -3,13 +3,11 @@
 //! the CPU: names, dtypes, shapes and bytes, in a single file and in several shards with an
 //! index. Python 3 with numpy and safetensors is required: without it these tests fail.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 use smelt::backend::cpu::Cpu;
 use smelt::dtype::DType;
 use smelt::plan::Plan;

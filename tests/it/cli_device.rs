@@ -2,11 +2,11 @@
 //! gives (within a bf16 ulp; in practice bit for bit), `auto` falls back to the CPU with one
 //! line saying so, and `gpu` without an adapter is an error that says why.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 
-use common::{assert_close, load_dir, smelt, stderr, Tol};
+use crate::common::{assert_close, load_dir, smelt, stderr, Tol};
 
 fn merge(recipe: &str, out: &Path, device: &str, env: &[(&str, &str)]) -> std::process::Output {
     let mut c = smelt();

@@ -8,20 +8,20 @@
 //! the recipe. Expected values are closed forms in f64, compared after rounding to f32.
 //! DELLA is random: its test checks statistics and the deterministic L1 rescale instead.
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 use smelt::dtype::DType;
 
 /// The fixture tolerance without its absolute part, for results far below 1e-7 in size.
 const REL: Tol = Tol::abs_rel(0.0, 1e-6);
 
-/// Writes the models (tensor `w` of `shape`), then for every backend merges `recipe` and
-/// checks `w` against `expected`.
+/// Writes the models (tensor `w` of `shape`), then merges `recipe` on `backend` and checks
+/// `w` against `expected`.
 #[track_caller]
 fn check_shaped(
+    bname: &str,
+    backend: &dyn Backend,
     shape: &[usize],
     models: &[(&str, &[f32])],
     recipe: &str,
@@ -34,33 +34,38 @@ fn check_shaped(
         write_model(&tmp.path().join(name), 0, &[("w", &t)]);
     }
     let want: Vec<f32> = expected.iter().map(|x| *x as f32).collect();
-    for (bname, backend) in backends() {
-        let got = merge_text(tmp.path(), recipe, backend.as_ref());
-        assert_eq!(got.len(), 1, "{bname}");
-        let w = &got["w"];
-        assert_eq!(w.shape, shape.to_vec(), "{bname}");
-        assert_eq!(w.dtype, DType::F32, "{bname}");
-        assert!(
-            w.data.iter().all(|x| x.is_finite()),
-            "{bname}: non-finite values {:?}",
-            w.data
-        );
-        let first = recipe.lines().next().unwrap_or("");
-        assert_close(
-            &format!("{bname}: {first}: w"),
-            &w.data,
-            &want,
-            DType::F32,
-            tol,
-        );
-    }
+    let got = merge_text(tmp.path(), recipe, backend);
+    assert_eq!(got.len(), 1, "{bname}");
+    let w = &got["w"];
+    assert_eq!(w.shape, shape.to_vec(), "{bname}");
+    assert_eq!(w.dtype, DType::F32, "{bname}");
+    assert!(
+        w.data.iter().all(|x| x.is_finite()),
+        "{bname}: non-finite values {:?}",
+        w.data
+    );
+    let first = recipe.lines().next().unwrap_or("");
+    assert_close(
+        &format!("{bname}: {first}: w"),
+        &w.data,
+        &want,
+        DType::F32,
+        tol,
+    );
 }
 
 /// [`check_shaped`] for 1-D tensors.
 #[track_caller]
-fn check(models: &[(&str, &[f32])], recipe: &str, expected: &[f64], tol: Tol) {
+fn check(
+    bname: &str,
+    backend: &dyn Backend,
+    models: &[(&str, &[f32])],
+    recipe: &str,
+    expected: &[f64],
+    tol: Tol,
+) {
     let n = models[0].1.len();
-    check_shaped(&[n], models, recipe, expected, tol);
+    check_shaped(bname, backend, &[n], models, recipe, expected, tol);
 }
 
 fn add(a: &[f32], b: &[f64]) -> Vec<f64> {
@@ -102,13 +107,14 @@ fn della_models() -> [(&'static str, &'static [f32]); 3] {
     [("base", &DE_BASE), ("x0", &DE_X0), ("x1", &DE_X1)]
 }
 
-#[test]
-fn della_density_one_is_ties_without_trim() {
+fn della_density_one_is_ties_without_trim(bname: &str, backend: &dyn Backend) {
     // della (sum election, normalize true): the weighted mean of the agreeing deltas
     //   e0 + : {x0} 2/2 = 1      e1 + : {x1} 3/1 = 3
     //   e2 + : {x0, x1} (4 + 2)/(2 + 1) = 2      e3 - : {x1} -4/1 = -4
     //   base 1 + [1, 3, 2, -4] = [2, 4, 3, -3]
     check(
+        bname,
+        backend,
         &della_models(),
         &della_recipe("della", "1.0", "1.0", ""),
         &[2.0, 4.0, 3.0, -3.0],
@@ -116,6 +122,8 @@ fn della_density_one_is_ties_without_trim() {
     );
     // lambda 0.5 scales the merged delta: 1 + [0.5, 1.5, 1, -2]
     check(
+        bname,
+        backend,
         &della_models(),
         &della_recipe("della", "1.0", "1.0", "parameters: {lambda: 0.5}\n"),
         &[1.5, 2.5, 2.0, -1.0],
@@ -123,10 +131,13 @@ fn della_density_one_is_ties_without_trim() {
     );
 }
 
-#[test]
-fn della_linear_density_one_is_a_weighted_sum() {
+backend_test!(della_density_one_is_ties_without_trim);
+
+fn della_linear_density_one_is_a_weighted_sum(bname: &str, backend: &dyn Backend) {
     // della_linear (no election, normalize false): 1 + Σ w·d = 1 + [1, 1, 6, -4]
     check(
+        bname,
+        backend,
         &della_models(),
         &della_recipe("della_linear", "1.0", "1.0", ""),
         &[2.0, 2.0, 7.0, -3.0],
@@ -134,6 +145,8 @@ fn della_linear_density_one_is_a_weighted_sum() {
     );
     // normalize true divides by Σ w = 3: 1 + [1/3, 1/3, 2, -4/3]
     check(
+        bname,
+        backend,
         &della_models(),
         &della_recipe(
             "della_linear",
@@ -146,12 +159,15 @@ fn della_linear_density_one_is_a_weighted_sum() {
     );
 }
 
-#[test]
-fn della_density_zero_drops_the_model() {
+backend_test!(della_linear_density_one_is_a_weighted_sum);
+
+fn della_density_zero_drops_the_model(bname: &str, backend: &dyn Backend) {
     // density 0 drops every element of that model, whatever epsilon says
     for method in ["della", "della_linear"] {
         // both at 0: the base
         check(
+            bname,
+            backend,
             &della_models(),
             &della_recipe(method, "0.0", "0.0", ""),
             &f64s(&DE_BASE),
@@ -159,6 +175,8 @@ fn della_density_zero_drops_the_model() {
         );
         // x0 dropped, x1 kept whole: della 1 + d1·1/1, della_linear 1 + 1·d1 -> x1
         check(
+            bname,
+            backend,
             &della_models(),
             &della_recipe(method, "0.0", "1.0", ""),
             &f64s(&DE_X1),
@@ -166,6 +184,8 @@ fn della_density_zero_drops_the_model() {
         );
     }
 }
+
+backend_test!(della_density_zero_drops_the_model);
 
 /// A tensor for DELLA's statistics: rows of `len` whose |delta| ranks are known. In row i the
 /// element at column j has ascending rank r = (a_i·j + b_i) mod len and |delta| =
@@ -257,8 +277,7 @@ fn assert_kept(what: &str, kept: usize, probs: &[f64]) {
 ///
 /// Tensors: [64, 257] (rows of dimension 1), [40, 256] (whole rows in 1024-element GPU
 /// tiles) and [4097] (1-D: one row).
-#[test]
-fn della_keep_rates_by_rank_and_l1_rescale() {
+fn della_keep_rates_by_rank_and_l1_rescale(bname: &str, backend: &dyn Backend) {
     let (density, epsilon) = (0.5f64, 0.25f64);
     let mut rng = Lcg(11);
     let tensors = [
@@ -291,79 +310,78 @@ fn della_keep_rates_by_rank_and_l1_rescale() {
     );
     // the kept masks of the first backend: every other one must keep the same elements
     let mut first: Vec<Vec<bool>> = Vec::new();
-    for (bname, backend) in backends() {
-        let plan = plan_text(tmp.path(), &recipe, Some(7));
-        let got = merge_plan(&plan, backend.as_ref());
-        for (ti, t) in tensors.iter().enumerate() {
-            let out = &got[t.name].data;
-            let what = format!("{bname}, tensor {} {:?}", t.name, t.shape);
-            let kept: Vec<bool> = out.iter().zip(&t.base).map(|(o, b)| o != b).collect();
-            if first.len() == ti {
-                first.push(kept.clone());
-            } else {
-                let diff = (0..kept.len()).find(|&i| kept[i] != first[ti][i]);
-                assert!(
-                    diff.is_none(),
-                    "{what}: keeps other elements than the first backend, e.g. {diff:?}"
-                );
-            }
-            let prob =
-                |r: usize| (density - epsilon) + 2.0 * epsilon * r as f64 / (t.len - 1) as f64;
-
-            for dec in 0..10 {
-                let idx: Vec<usize> = (0..out.len())
-                    .filter(|&i| t.rank[i] * 10 / t.len == dec)
-                    .collect();
-                let probs: Vec<f64> = idx.iter().map(|&i| prob(t.rank[i])).collect();
-                let k = idx.iter().filter(|&&i| kept[i]).count();
-                assert_kept(&format!("{what}, rank decile {dec}"), k, &probs);
-            }
-            if t.shape.len() == 2 {
-                for g in 0..4 {
-                    let idx: Vec<usize> = (0..out.len()).filter(|&i| t.group[i] == g).collect();
-                    let probs: Vec<f64> = idx.iter().map(|&i| prob(t.rank[i])).collect();
-                    let mean = probs.iter().sum::<f64>() / probs.len() as f64;
-                    assert!((mean - 0.5).abs() < 1e-12);
-                    let k = idx.iter().filter(|&&i| kept[i]).count();
-                    assert_kept(&format!("{what}, rows of scale 2^{g}"), k, &probs);
-                }
-            }
-
-            let full: f64 = t.delta.iter().map(|d| d.abs() as f64).sum();
-            let kept_l1: f64 = t
-                .delta
-                .iter()
-                .zip(&kept)
-                .filter(|(_, k)| **k)
-                .map(|(d, _)| d.abs() as f64)
-                .sum();
-            let ratio = full / kept_l1;
-            let (mut g, mut e) = (Vec::new(), Vec::new());
-            for i in 0..out.len() {
-                if kept[i] {
-                    g.push((out[i] as f64 - t.base[i] as f64) as f32);
-                    e.push((t.delta[i] as f64 * ratio) as f32);
-                }
-            }
-            assert_close(
-                &format!("{what}: kept elements against delta·{ratio:.6}"),
-                &g,
-                &e,
-                DType::F32,
-                Tol::abs_rel(0.0, 6.0 * f32::EPSILON as f64),
-            );
-            let out_l1: f64 = out
-                .iter()
-                .zip(&t.base)
-                .map(|(o, b)| (*o as f64 - *b as f64).abs())
-                .sum();
+    let plan = plan_text(tmp.path(), &recipe, Some(7));
+    let got = merge_plan(&plan, backend);
+    for (ti, t) in tensors.iter().enumerate() {
+        let out = &got[t.name].data;
+        let what = format!("{bname}, tensor {} {:?}", t.name, t.shape);
+        let kept: Vec<bool> = out.iter().zip(&t.base).map(|(o, b)| o != b).collect();
+        if first.len() == ti {
+            first.push(kept.clone());
+        } else {
+            let diff = (0..kept.len()).find(|&i| kept[i] != first[ti][i]);
             assert!(
-                (out_l1 - full).abs() <= 1e-5 * full,
-                "{what}: L1 {out_l1} vs delta L1 {full}"
+                diff.is_none(),
+                "{what}: keeps other elements than the first backend, e.g. {diff:?}"
             );
         }
+        let prob = |r: usize| (density - epsilon) + 2.0 * epsilon * r as f64 / (t.len - 1) as f64;
+
+        for dec in 0..10 {
+            let idx: Vec<usize> = (0..out.len())
+                .filter(|&i| t.rank[i] * 10 / t.len == dec)
+                .collect();
+            let probs: Vec<f64> = idx.iter().map(|&i| prob(t.rank[i])).collect();
+            let k = idx.iter().filter(|&&i| kept[i]).count();
+            assert_kept(&format!("{what}, rank decile {dec}"), k, &probs);
+        }
+        if t.shape.len() == 2 {
+            for g in 0..4 {
+                let idx: Vec<usize> = (0..out.len()).filter(|&i| t.group[i] == g).collect();
+                let probs: Vec<f64> = idx.iter().map(|&i| prob(t.rank[i])).collect();
+                let mean = probs.iter().sum::<f64>() / probs.len() as f64;
+                assert!((mean - 0.5).abs() < 1e-12);
+                let k = idx.iter().filter(|&&i| kept[i]).count();
+                assert_kept(&format!("{what}, rows of scale 2^{g}"), k, &probs);
+            }
+        }
+
+        let full: f64 = t.delta.iter().map(|d| d.abs() as f64).sum();
+        let kept_l1: f64 = t
+            .delta
+            .iter()
+            .zip(&kept)
+            .filter(|(_, k)| **k)
+            .map(|(d, _)| d.abs() as f64)
+            .sum();
+        let ratio = full / kept_l1;
+        let (mut g, mut e) = (Vec::new(), Vec::new());
+        for i in 0..out.len() {
+            if kept[i] {
+                g.push((out[i] as f64 - t.base[i] as f64) as f32);
+                e.push((t.delta[i] as f64 * ratio) as f32);
+            }
+        }
+        assert_close(
+            &format!("{what}: kept elements against delta·{ratio:.6}"),
+            &g,
+            &e,
+            DType::F32,
+            Tol::abs_rel(0.0, 6.0 * f32::EPSILON as f64),
+        );
+        let out_l1: f64 = out
+            .iter()
+            .zip(&t.base)
+            .map(|(o, b)| (*o as f64 - *b as f64).abs())
+            .sum();
+        assert!(
+            (out_l1 - full).abs() <= 1e-5 * full,
+            "{what}: L1 {out_l1} vs delta L1 {full}"
+        );
     }
 }
+
+backend_test!(della_keep_rates_by_rank_and_l1_rescale);
 
 #[test]
 fn della_epsilon_must_keep_probabilities_inside_zero_one() {
@@ -433,8 +451,7 @@ fn sce_recipe(params: &str) -> String {
     format!("merge_method: sce\nbase_model: base\nmodels:\n  - model: x0\n  - model: x1\n  - model: x2\n{params}")
 }
 
-#[test]
-fn sce_variance_selection_weights_and_unweighted_election() {
+fn sce_variance_selection_weights_and_unweighted_election(bname: &str, backend: &dyn Backend) {
     // select_topk 0.5: 5 elements have nonzero variance -> k = int(5 · 0.5) = 2 (counting
     // e0 would give 3 and keep e5): the two largest variances, e3 and e1. Masked deltas:
     //   T0 = [0, 3, 0, 3, 0, 0], T1 = [0, -1, 0, 1, 0, 0], T2 = [0, -1, 0, -4, 0, 0]
@@ -445,6 +462,8 @@ fn sce_variance_selection_weights_and_unweighted_election() {
     //       agreeing {0, 1}: (18·3 + 2·1)/(18 + 2) = 2.8
     //   the rest: every T is 0, nobody agrees, 0 / max(0, 1e-6) = 0
     check(
+        bname,
+        backend,
         &sce_models(),
         &sce_recipe("parameters: {select_topk: 0.5}\n"),
         &[1.0, 4.0, 1.0, 3.8, 1.0, 1.0],
@@ -452,16 +471,26 @@ fn sce_variance_selection_weights_and_unweighted_election() {
     );
 }
 
-#[test]
-fn sce_without_selection() {
+backend_test!(sce_variance_selection_weights_and_unweighted_election);
+
+fn sce_without_selection(bname: &str, backend: &dyn Backend) {
     // select_topk 1 (the default) keeps every element; weights ∝ mean squares of the deltas:
     //   Σd0² = 16 + 9 + 1 + 9 + 0.25 + 4 = 39.25, Σd1² = 20, Σd2² = 34
     //   e0 [4, 4, 4] all agree: 4          e1 [3, -1, -1] + {0}: 3
     //   e2 [1, -1, 0] Σ 0 -> + {0}: 1      e3 [3, 1, -4] Σ 0 -> + {0, 1}: (39.25·3 + 20)/59.25
     //   e4 [0.5, 0, 0] {0}: 0.5            e5 [-2, 1, 1] Σ 0 -> + {1, 2}: (20 + 34)/54 = 1
     let want = add(&SC_BASE, &[4.0, 3.0, 1.0, 137.75 / 59.25, 0.5, 1.0]);
-    check(&sce_models(), &sce_recipe(""), &want, Tol::FIXTURE);
     check(
+        bname,
+        backend,
+        &sce_models(),
+        &sce_recipe(""),
+        &want,
+        Tol::FIXTURE,
+    );
+    check(
+        bname,
+        backend,
         &sce_models(),
         &sce_recipe("parameters: {select_topk: 1.0}\n"),
         &want,
@@ -469,6 +498,8 @@ fn sce_without_selection() {
     );
     // select_topk 0 keeps nothing: the base
     check(
+        bname,
+        backend,
         &sce_models(),
         &sce_recipe("parameters: {select_topk: 0.0}\n"),
         &f64s(&SC_BASE),
@@ -476,8 +507,9 @@ fn sce_without_selection() {
     );
 }
 
-#[test]
-fn sce_uniform_weights_below_the_absolute_threshold() {
+backend_test!(sce_without_selection);
+
+fn sce_uniform_weights_below_the_absolute_threshold(bname: &str, backend: &dyn Backend) {
     // Base 0, a = 2^-12: d0 = [a, a], d1 = [3a, -a]. Mean squares a² and 5a², sum
     // 6·2^-24 ≈ 3.6e-7 < 1e-6 -> uniform weights [1/2, 1/2]:
     //   e0 both +: (a/2 + 3a/2) / 1 = 2a (by mean squares it would be 8a/3)
@@ -486,6 +518,8 @@ fn sce_uniform_weights_below_the_absolute_threshold() {
     let zeros = [0.0f32; 2];
     let r = "merge_method: sce\nbase_model: base\nmodels:\n  - model: x0\n  - model: x1\n";
     check(
+        bname,
+        backend,
         &[("base", &zeros), ("x0", &[a, a]), ("x1", &[3.0 * a, -a])],
         r,
         &[2.0 * a as f64, a as f64],
@@ -495,6 +529,8 @@ fn sce_uniform_weights_below_the_absolute_threshold() {
     //   e0 (a/6 + 3a·5/6) / 1 = 8a/3;  e1 a
     let a = 2f32.powi(-6);
     check(
+        bname,
+        backend,
         &[("base", &zeros), ("x0", &[a, a]), ("x1", &[3.0 * a, -a])],
         r,
         &[8.0 * a as f64 / 3.0, a as f64],
@@ -502,8 +538,9 @@ fn sce_uniform_weights_below_the_absolute_threshold() {
     );
 }
 
-#[test]
-fn sce_divisor_is_clamped_at_1e_minus_6() {
+backend_test!(sce_uniform_weights_below_the_absolute_threshold);
+
+fn sce_divisor_is_clamped_at_1e_minus_6(bname: &str, backend: &dyn Backend) {
     // Base 0: d0 = [1024, -2^-10], d1 = [0, 2^-9]. Mean squares (f32): (2^20 + 2^-20)/2 -> 2^19
     // and 2^-18/2 = 2^-19; their sum rounds to 2^19 -> weights [1, 2^-38].
     //   e0: only d0 is nonzero: 1024
@@ -511,6 +548,8 @@ fn sce_divisor_is_clamped_at_1e_minus_6() {
     //       = 2^-47 / 1e-6 ≈ 7.1e-9 (without the clamp: 2^-9)
     let zeros = [0.0f32; 2];
     check(
+        bname,
+        backend,
         &[
             ("base", &zeros),
             ("x0", &[1024.0, -(2f32.powi(-10))]),
@@ -521,6 +560,8 @@ fn sce_divisor_is_clamped_at_1e_minus_6() {
         REL,
     );
 }
+
+backend_test!(sce_divisor_is_clamped_at_1e_minus_6);
 
 // ---- Model Stock (§9) --------------------------------------------------------------------
 
@@ -535,11 +576,12 @@ fn ms_recipe(n: usize, params: &str) -> String {
     r
 }
 
-#[test]
-fn model_stock_two_fine_tunes() {
+fn model_stock_two_fine_tunes(bname: &str, backend: &dyn Backend) {
     // d0 = [1, 1, 0, 0], d1 = [1, 0, 1, 0]: cos = 1/(√2·√2) = 1/2, t = 2·(1/2)/(1 + 1/2) = 2/3
     // out = t·mean(x) + (1 - t)·base = base + t·mean(d) = base + (2/3)·[1, 1/2, 1/2, 0]
     check(
+        bname,
+        backend,
         &[
             ("base", &MS_BASE),
             ("x0", &[2.0, 3.0, 3.0, 4.0]),
@@ -552,6 +594,8 @@ fn model_stock_two_fine_tunes() {
     // d0 = [1, 1, 0, 0], d1 = [-1, 0, 1, 0]: cos = -1/2, t = -1/(1/2) = -2 (not clamped)
     // base - 2·[0, 1/2, 1/2, 0]
     check(
+        bname,
+        backend,
         &[
             ("base", &MS_BASE),
             ("x0", &[2.0, 3.0, 3.0, 4.0]),
@@ -563,12 +607,15 @@ fn model_stock_two_fine_tunes() {
     );
 }
 
-#[test]
-fn model_stock_three_fine_tunes() {
+backend_test!(model_stock_two_fine_tunes);
+
+fn model_stock_three_fine_tunes(bname: &str, backend: &dyn Backend) {
     // d0 = [2, 0, 0, 0], d1 = [1, 0, 0, 0], d2 = [0, 3, 0, 0]
     // pairwise cos: (0,1) 1, (0,2) 0, (1,2) 0 -> mean 1/3; t = 3·(1/3)/(1 + 2·(1/3)) = 3/5
     // mean(d) = [1, 1, 0, 0] -> base + [0.6, 0.6, 0, 0]
     check(
+        bname,
+        backend,
         &[
             ("base", &MS_BASE),
             ("x0", &[3.0, 2.0, 3.0, 4.0]),
@@ -581,8 +628,9 @@ fn model_stock_three_fine_tunes() {
     );
 }
 
-#[test]
-fn model_stock_filter_wise_rows() {
+backend_test!(model_stock_three_fine_tunes);
+
+fn model_stock_filter_wise_rows(bname: &str, backend: &dyn Backend) {
     // A [2, 4] tensor. Row 0: d0 = [1, 1, 0, 0], d1 = [1, 0, 1, 0] -> cos 1/2, t = 2/3.
     // Row 1: d0 = [1, 0, 0, 0], d1 = [3, 0, 0, 0] -> cos 1, t = 2/2 = 1: the mean of the models.
     let base = [1.0f32, 2.0, 3.0, 4.0, -1.0, -2.0, -3.0, -4.0];
@@ -591,6 +639,8 @@ fn model_stock_filter_wise_rows() {
     let models: [(&str, &[f32]); 3] = [("base", &base), ("x0", &x0), ("x1", &x1)];
     // filter_wise: row 0 base + (2/3)·[1, 1/2, 1/2, 0]; row 1 base + [2, 0, 0, 0]
     check_shaped(
+        bname,
+        backend,
         &[2, 4],
         &models,
         &ms_recipe(2, "parameters: {filter_wise: true}\n"),
@@ -603,8 +653,18 @@ fn model_stock_filter_wise_rows() {
     let t = 2.0 * c / (1.0 + c);
     let mean_d = [1.0, 0.5, 0.5, 0.0, 2.0, 0.0, 0.0, 0.0];
     let want: Vec<f64> = (0..8).map(|i| base[i] as f64 + t * mean_d[i]).collect();
-    check_shaped(&[2, 4], &models, &ms_recipe(2, ""), &want, Tol::FIXTURE);
     check_shaped(
+        bname,
+        backend,
+        &[2, 4],
+        &models,
+        &ms_recipe(2, ""),
+        &want,
+        Tol::FIXTURE,
+    );
+    check_shaped(
+        bname,
+        backend,
         &[2, 4],
         &models,
         &ms_recipe(2, "parameters: {filter_wise: false}\n"),
@@ -613,24 +673,40 @@ fn model_stock_filter_wise_rows() {
     );
 }
 
+backend_test!(model_stock_filter_wise_rows);
+
 // ---- SLERP (§10.1) -----------------------------------------------------------------------
 
 fn slerp_recipe(t: &str) -> String {
     format!("merge_method: slerp\nbase_model: v0\nmodels:\n  - model: v0\n  - model: v1\nparameters: {{t: {t}}}\n")
 }
 
-#[test]
-fn slerp_endpoints_are_exact() {
+fn slerp_endpoints_are_exact(bname: &str, backend: &dyn Backend) {
     // Not parallel (spherical branch): coefficients sin(θ)/sin(θ) = 1 and sin(0) = 0.
     let v0 = [3.0f32, -1.0, 0.5, 2.0];
     let v1 = [0.25f32, 4.0, -2.0, 1.0];
     let m: [(&str, &[f32]); 2] = [("v0", &v0), ("v1", &v1)];
-    check(&m, &slerp_recipe("0.0"), &f64s(&v0), Tol::EXACT);
-    check(&m, &slerp_recipe("1.0"), &f64s(&v1), Tol::EXACT);
+    check(
+        bname,
+        backend,
+        &m,
+        &slerp_recipe("0.0"),
+        &f64s(&v0),
+        Tol::EXACT,
+    );
+    check(
+        bname,
+        backend,
+        &m,
+        &slerp_recipe("1.0"),
+        &f64s(&v1),
+        Tol::EXACT,
+    );
 }
 
-#[test]
-fn slerp_orthogonal_vectors() {
+backend_test!(slerp_endpoints_are_exact);
+
+fn slerp_orthogonal_vectors(bname: &str, backend: &dyn Backend) {
     // v0 = [3, 0, 0, 4] (norm 5), v1 = [0, 2, 0, 0] (norm 2): cos 0, θ = π/2, sin θ = 1.
     // t = 0.5: both coefficients sin(π/4) = √2/2 -> [3√2/2, √2, 0, 2√2] (lerp: [1.5, 1, 0, 2])
     let v0 = [3.0f32, 0.0, 0.0, 4.0];
@@ -638,6 +714,8 @@ fn slerp_orthogonal_vectors() {
     let m: [(&str, &[f32]); 2] = [("v0", &v0), ("v1", &v1)];
     let h = 2f64.sqrt() / 2.0;
     check(
+        bname,
+        backend,
         &m,
         &slerp_recipe("0.5"),
         &[3.0 * h, 2.0 * h, 0.0, 4.0 * h],
@@ -649,6 +727,8 @@ fn slerp_orthogonal_vectors() {
         (std::f64::consts::PI / 8.0).sin(),
     );
     check(
+        bname,
+        backend,
         &m,
         &slerp_recipe("0.25"),
         &[3.0 * a, 2.0 * b, 0.0, 4.0 * a],
@@ -656,12 +736,15 @@ fn slerp_orthogonal_vectors() {
     );
 }
 
-#[test]
-fn slerp_sixty_degrees() {
+backend_test!(slerp_orthogonal_vectors);
+
+fn slerp_sixty_degrees(bname: &str, backend: &dyn Backend) {
     // v0 = [1, 1, 0, 0], v1 = [1, 0, 1, 0]: cos 1/2, θ = π/3; t = 0.5: both coefficients
     // sin(π/6)/sin(π/3) = 1/√3 -> [2, 1, 1, 0]/√3
     let s = 1.0 / 3f64.sqrt();
     check(
+        bname,
+        backend,
         &[("v0", &[1.0, 1.0, 0.0, 0.0]), ("v1", &[1.0, 0.0, 1.0, 0.0])],
         &slerp_recipe("0.5"),
         &[2.0 * s, s, s, 0.0],
@@ -669,13 +752,16 @@ fn slerp_sixty_degrees() {
     );
 }
 
-#[test]
-fn slerp_linear_branch_above_the_dot_threshold() {
+backend_test!(slerp_sixty_degrees);
+
+fn slerp_linear_branch_above_the_dot_threshold(bname: &str, backend: &dyn Backend) {
     // v0 = [1, 0], v1 = [1, y]: cos = 1/√(1 + y²), θ = atan(y).
     // y = 0.028: cos ≈ 0.999608 > 0.9995 -> linear: (v0 + v1)/2 = [1, 0.014]
     //   (spherical would be (v0 + v1)/(2cos(θ/2)), 1e-4 larger)
     let y = 0.028f32;
     check(
+        bname,
+        backend,
         &[("v0", &[1.0, 0.0]), ("v1", &[1.0, y])],
         &slerp_recipe("0.5"),
         &[1.0, y as f64 / 2.0],
@@ -685,12 +771,16 @@ fn slerp_linear_branch_above_the_dot_threshold() {
     let y = 0.032f32;
     let k = 1.0 / (2.0 * ((y as f64).atan() / 2.0).cos());
     check(
+        bname,
+        backend,
         &[("v0", &[1.0, 0.0]), ("v1", &[1.0, y])],
         &slerp_recipe("0.5"),
         &[2.0 * k, y as f64 * k],
         Tol::FIXTURE,
     );
 }
+
+backend_test!(slerp_linear_branch_above_the_dot_threshold);
 
 // ---- NuSLERP (§10.2) ---------------------------------------------------------------------
 
@@ -701,14 +791,15 @@ fn nuslerp_recipe(base: bool, w0: &str, w1: &str, params: &str) -> String {
     )
 }
 
-#[test]
-fn nuslerp_flattened_with_and_without_base() {
+fn nuslerp_flattened_with_and_without_base(bname: &str, backend: &dyn Backend) {
     let r3 = 3f64.sqrt();
     // No base: x0 = [2, 0, 0, 0], x1 = [0, 0, 4, 0] orthogonal (θ = π/2, sin θ = 1).
     // Weights [2, 1] -> t = 1/3: sin(2π/6) = √3/2 on x0, sin(π/6) = 1/2 on x1 -> [√3, 0, 2, 0]
     let x0 = [2.0f32, 0.0, 0.0, 0.0];
     let x1 = [0.0f32, 0.0, 4.0, 0.0];
     check(
+        bname,
+        backend,
         &[("x0", &x0), ("x1", &x1)],
         &nuslerp_recipe(false, "2.0", "1.0", ""),
         &[r3, 0.0, 2.0, 0.0],
@@ -717,6 +808,8 @@ fn nuslerp_flattened_with_and_without_base() {
     // Weights [1, -1] sum to 0 -> t = 0.5: √2/2 on each -> [√2, 0, 2√2, 0]
     let s2 = 2f64.sqrt();
     check(
+        bname,
+        backend,
         &[("x0", &x0), ("x1", &x1)],
         &nuslerp_recipe(false, "1.0", "-1.0", ""),
         &[s2, 0.0, 2.0 * s2, 0.0],
@@ -726,6 +819,8 @@ fn nuslerp_flattened_with_and_without_base() {
     // models themselves, [3, 1, 1, 1] and [1, 1, 5, 1], would give something else.)
     let base = [1.0f32; 4];
     check(
+        bname,
+        backend,
         &[
             ("base", &base),
             ("x0", &[3.0, 1.0, 1.0, 1.0]),
@@ -737,8 +832,9 @@ fn nuslerp_flattened_with_and_without_base() {
     );
 }
 
-#[test]
-fn nuslerp_rows_and_columns() {
+backend_test!(nuslerp_flattened_with_and_without_base);
+
+fn nuslerp_rows_and_columns(bname: &str, backend: &dyn Backend) {
     let r3 = 3f64.sqrt();
     // t = 1/3 throughout (weights [2, 1]). For a pair of orthogonal vectors a (norm 2) and
     // b (norm 4) along different axes: (√3/2)·a + (1/2)·b; for parallel or antiparallel
@@ -749,6 +845,8 @@ fn nuslerp_rows_and_columns() {
     //   row 1: [1, 0] and [3, 0] parallel  -> [2/3 + 1, 0] = [5/3, 0]
     // (flattened, [2, 0, 1, 0] and [0, 4, 3, 0] have cos 3/(√5·5): a different result)
     check_shaped(
+        bname,
+        backend,
         &[2, 2],
         &[("x0", &[2.0, 0.0, 1.0, 0.0]), ("x1", &[0.0, 4.0, 3.0, 0.0])],
         &nuslerp_recipe(
@@ -767,6 +865,8 @@ fn nuslerp_rows_and_columns() {
     //   col 2: [0, 1] and [0, -1] antiparallel -> [0, 2/3 - 1/3] = [0, 1/3]
     // row-major: [[√3, 5/3, 0], [2, 0, 1/3]]
     check_shaped(
+        bname,
+        backend,
         &[2, 3],
         &[
             ("x0", &[2.0, 1.0, 0.0, 0.0, 0.0, 1.0]),
@@ -787,6 +887,8 @@ fn nuslerp_rows_and_columns() {
     let x0 = plus([2.0, 1.0, 0.0, 0.0, 0.0, 1.0]);
     let x1 = plus([0.0, 3.0, 0.0, 4.0, 0.0, -1.0]);
     check_shaped(
+        bname,
+        backend,
         &[2, 3],
         &[("base", &base), ("x0", &x0), ("x1", &x1)],
         &nuslerp_recipe(
@@ -799,6 +901,8 @@ fn nuslerp_rows_and_columns() {
         Tol::FIXTURE,
     );
 }
+
+backend_test!(nuslerp_rows_and_columns);
 
 // ---- Multi-SLERP (§10.3) -----------------------------------------------------------------
 
@@ -821,8 +925,7 @@ fn multislerp_recipe(base: bool, weights: &[&str], params: &str) -> String {
     r
 }
 
-#[test]
-fn multislerp_two_models() {
+fn multislerp_two_models(bname: &str, backend: &dyn Backend) {
     let v0 = [3.0f32, 0.0, 0.0];
     let v1 = [0.0f32, 4.0, 0.0];
     let m: [(&str, &[f32]); 2] = [("x0", &v0), ("x1", &v1)];
@@ -830,6 +933,8 @@ fn multislerp_two_models() {
     // (the linear average would be [1.5, 2, 0])
     let k = 3.5 / 2f64.sqrt();
     check(
+        bname,
+        backend,
         &m,
         &multislerp_recipe(false, &["1.0", "1.0"], ""),
         &[k, k, 0.0],
@@ -838,6 +943,8 @@ fn multislerp_two_models() {
     // weights [3, 1] -> [0.75, 0.25]: m = [0.75, 0.25, 0], |m| = √0.625, Σ w|V| = 3.25
     let k = 3.25 / 0.625f64.sqrt();
     check(
+        bname,
+        backend,
         &m,
         &multislerp_recipe(false, &["3.0", "1.0"], ""),
         &[0.75 * k, 0.25 * k, 0.0],
@@ -846,6 +953,8 @@ fn multislerp_two_models() {
     // not normalised: m = [3, 1, 0], |m| = √10, Σ w|V| = 9 + 4 = 13
     let k = 13.0 / 10f64.sqrt();
     check(
+        bname,
+        backend,
         &m,
         &multislerp_recipe(
             false,
@@ -857,8 +966,9 @@ fn multislerp_two_models() {
     );
 }
 
-#[test]
-fn multislerp_three_models_with_and_without_base() {
+backend_test!(multislerp_two_models);
+
+fn multislerp_three_models_with_and_without_base(bname: &str, backend: &dyn Backend) {
     // V0 = [2, 0, 0, 0], V1 = [0, 2, 0, 0], V2 = [0, 0, 3, 4] (norm 5); weights 0.5/0.3/0.2
     // m = [0.5, 0.3, 0.2·0.6, 0.2·0.8] = [0.5, 0.3, 0.12, 0.16], |m|² = 0.38
     // Σ w|V| = 1 + 0.6 + 1 = 2.6 -> 2.6/√0.38 · m
@@ -871,6 +981,8 @@ fn multislerp_three_models_with_and_without_base() {
     ];
     let w = ["0.5", "0.3", "0.2"];
     check(
+        bname,
+        backend,
         &[("x0", &v[0]), ("x1", &v[1]), ("x2", &v[2])],
         &multislerp_recipe(false, &w, ""),
         &want,
@@ -883,12 +995,16 @@ fn multislerp_three_models_with_and_without_base() {
         .map(|d| base.iter().zip(d).map(|(b, d)| b + d).collect())
         .collect();
     check(
+        bname,
+        backend,
         &[("base", &base), ("x0", &x[0]), ("x1", &x[1]), ("x2", &x[2])],
         &multislerp_recipe(true, &w, ""),
         &add(&base, &want),
         Tol::FIXTURE,
     );
 }
+
+backend_test!(multislerp_three_models_with_and_without_base);
 
 // ---- Karcher mean (§10.4) ----------------------------------------------------------------
 
@@ -901,13 +1017,14 @@ fn karcher_recipe(n: usize, params: &str) -> String {
     r
 }
 
-#[test]
-fn karcher_two_models_is_the_midpoint_direction() {
+fn karcher_two_models_is_the_midpoint_direction(bname: &str, backend: &dyn Backend) {
     // Two unit vectors: the Karcher mean is the geodesic midpoint, normalize(U0 + U1); the
     // scale is the mean norm.
     // X0 = [3, 0, 0], X1 = [0, 5, 0]: [1, 1, 0]/√2 · 4
     let k = 4.0 / 2f64.sqrt();
     check(
+        bname,
+        backend,
         &[("x0", &[3.0, 0.0, 0.0]), ("x1", &[0.0, 5.0, 0.0])],
         &karcher_recipe(2, ""),
         &[k, k, 0.0],
@@ -917,6 +1034,8 @@ fn karcher_two_models_is_the_midpoint_direction() {
     let s = (2.0 + 3.0 * 2f64.sqrt()) / 2.0;
     let a = std::f64::consts::PI / 8.0;
     check(
+        bname,
+        backend,
         &[("x0", &[2.0, 0.0]), ("x1", &[3.0, 3.0])],
         &karcher_recipe(2, ""),
         &[s * a.cos(), s * a.sin()],
@@ -924,12 +1043,15 @@ fn karcher_two_models_is_the_midpoint_direction() {
     );
 }
 
-#[test]
-fn karcher_three_symmetric_models() {
+backend_test!(karcher_two_models_is_the_midpoint_direction);
+
+fn karcher_three_symmetric_models(bname: &str, backend: &dyn Backend) {
     // [1, 0, 0], [0, 2, 0], [0, 0, 3]: by symmetry the mean direction is [1, 1, 1]/√3; the
     // scale is (1 + 2 + 3)/3 = 2
     let k = 2.0 / 3f64.sqrt();
     check(
+        bname,
+        backend,
         &[
             ("x0", &[1.0, 0.0, 0.0]),
             ("x1", &[0.0, 2.0, 0.0]),
@@ -941,14 +1063,17 @@ fn karcher_three_symmetric_models() {
     );
 }
 
-#[test]
-fn karcher_antipodal_models() {
+backend_test!(karcher_three_symmetric_models);
+
+fn karcher_antipodal_models(bname: &str, backend: &dyn Backend) {
     // X1 = -2·X0: the mean of the unit vectors is 0 (< tol), so the first direction is
     // taken; X1 is at θ = π from it, where U1 - cos θ·u = -U0 + U0 = 0 adds no tangent.
     // scale (|X0| + 2|X0|)/2 -> 1.5·X0
     let x0 = [1.0f32, -2.0, 2.0];
     let x1 = [-2.0f32, 4.0, -4.0];
     check(
+        bname,
+        backend,
         &[("x0", &x0), ("x1", &x1)],
         &karcher_recipe(2, ""),
         &[1.5, -3.0, 3.0],
@@ -956,11 +1081,14 @@ fn karcher_antipodal_models() {
     );
 }
 
-#[test]
-fn karcher_zero_norm_input() {
+backend_test!(karcher_antipodal_models);
+
+fn karcher_zero_norm_input(bname: &str, backend: &dyn Backend) {
     // X0 = 0 has no direction and is left out of the mean, but still counts in the scale:
     // direction [3, 4]/5, scale (0 + 5)/2 = 2.5 -> [1.5, 2]
     check(
+        bname,
+        backend,
         &[("x0", &[0.0, 0.0, 0.0]), ("x1", &[3.0, 4.0, 0.0])],
         &karcher_recipe(2, ""),
         &[1.5, 2.0, 0.0],
@@ -968,6 +1096,8 @@ fn karcher_zero_norm_input() {
     );
     // every input zero: zeros
     check(
+        bname,
+        backend,
         &[("x0", &[0.0, 0.0]), ("x1", &[0.0, 0.0])],
         &karcher_recipe(2, ""),
         &[0.0, 0.0],
@@ -975,10 +1105,11 @@ fn karcher_zero_norm_input() {
     );
 }
 
+backend_test!(karcher_zero_norm_input);
+
 // ---- NearSwap (§10.5) --------------------------------------------------------------------
 
-#[test]
-fn nearswap_by_distance() {
+fn nearswap_by_distance(bname: &str, backend: &dyn Backend) {
     // base [1, 1, 1, 1, 1], x = [1.5, 3, -3, 1, 0.9]: |base - x| = [0.5, 2, 4, 0, 0.1]
     // t = 1: w = clamp(1/|diff|, 0, 1) = [1, 0.5, 0.25, 1 (0 -> 1e-6), 1]
     //   out = w·x + (1 - w)·base = [1.5, 2, 0.25·(-3) + 0.75 = 0, 1, 0.9]
@@ -989,21 +1120,38 @@ fn nearswap_by_distance() {
         format!("merge_method: nearswap\nbase_model: base\nmodels:\n  - model: x\nparameters: {{t: {t}}}\n")
     };
     let m: [(&str, &[f32]); 2] = [("base", &base), ("x", &x)];
-    check(&m, &r("1.0"), &[1.5, 2.0, 0.0, 1.0, 0.9], Tol::FIXTURE);
+    check(
+        bname,
+        backend,
+        &m,
+        &r("1.0"),
+        &[1.5, 2.0, 0.0, 1.0, 0.9],
+        Tol::FIXTURE,
+    );
     // t = 0.5: w = [1, 0.25, 0.125, 1, 1] -> [1.5, 0.75 + 0.75 = 1.5, 0.875 - 0.375 = 0.5, 1, 0.9]
-    check(&m, &r("0.5"), &[1.5, 1.5, 0.5, 1.0, 0.9], Tol::FIXTURE);
+    check(
+        bname,
+        backend,
+        &m,
+        &r("0.5"),
+        &[1.5, 1.5, 0.5, 1.0, 0.9],
+        Tol::FIXTURE,
+    );
     // t = 0: w = 0 everywhere -> the base
-    check(&m, &r("0.0"), &f64s(&base), Tol::EXACT);
+    check(bname, backend, &m, &r("0.0"), &f64s(&base), Tol::EXACT);
 }
+
+backend_test!(nearswap_by_distance);
 
 // ---- edge cases --------------------------------------------------------------------------
 
-#[test]
-fn slerp_parallel_and_antiparallel_take_the_linear_branch() {
+fn slerp_parallel_and_antiparallel_take_the_linear_branch(bname: &str, backend: &dyn Backend) {
     let v0 = [1.0f32, 2.0, -3.0, 0.5];
     // parallel, v1 = 2·v0: cos 1 -> 0.75·v0 + 0.25·v1 = 1.25·v0
     let v1: Vec<f32> = v0.iter().map(|x| 2.0 * x).collect();
     check(
+        bname,
+        backend,
         &[("v0", &v0), ("v1", &v1)],
         &slerp_recipe("0.25"),
         &v0.iter().map(|x| 1.25 * *x as f64).collect::<Vec<_>>(),
@@ -1012,6 +1160,8 @@ fn slerp_parallel_and_antiparallel_take_the_linear_branch() {
     // antiparallel, v1 = -2·v0: cos -1 -> 0.75·v0 - 0.5·v0 = 0.25·v0
     let v1: Vec<f32> = v0.iter().map(|x| -2.0 * x).collect();
     check(
+        bname,
+        backend,
         &[("v0", &v0), ("v1", &v1)],
         &slerp_recipe("0.25"),
         &v0.iter().map(|x| 0.25 * *x as f64).collect::<Vec<_>>(),
@@ -1019,12 +1169,15 @@ fn slerp_parallel_and_antiparallel_take_the_linear_branch() {
     );
 }
 
-#[test]
-fn slerp_zero_vectors() {
+backend_test!(slerp_parallel_and_antiparallel_take_the_linear_branch);
+
+fn slerp_zero_vectors(bname: &str, backend: &dyn Backend) {
     // v0 = 0: its norm (0 <= eps) is taken as 1, so its unit vector is 0 and cos = 0: the
     // spherical branch with θ = π/2 gives sin(t·π/2)·v1; t = 1/3 -> v1/2
     let v1 = [2.0f32, -4.0, 6.0, 0.0];
     check(
+        bname,
+        backend,
         &[("v0", &[0.0; 4]), ("v1", &v1)],
         &slerp_recipe("0.3333333333333333"),
         &[1.0, -2.0, 3.0, 0.0],
@@ -1032,6 +1185,8 @@ fn slerp_zero_vectors() {
     );
     // both zero: zeros
     check(
+        bname,
+        backend,
         &[("v0", &[0.0; 3]), ("v1", &[0.0; 3])],
         &slerp_recipe("0.5"),
         &[0.0; 3],
@@ -1039,13 +1194,16 @@ fn slerp_zero_vectors() {
     );
 }
 
-#[test]
-fn multislerp_antipodal_inputs() {
+backend_test!(slerp_zero_vectors);
+
+fn multislerp_antipodal_inputs(bname: &str, backend: &dyn Backend) {
     // V1 = -2·V0: the unit vectors cancel, m = 0 (< eps) -> with two models mergekit falls
     // back to the linear combination 0.5·V0 + 0.5·V1 = -0.5·V0
     let v0 = [1.0f32, 2.0, 2.0];
     let v1 = [-2.0f32, -4.0, -4.0];
     check(
+        bname,
+        backend,
         &[("x0", &v0), ("x1", &v1)],
         &multislerp_recipe(false, &["1.0", "1.0"], ""),
         &[-0.5, -1.0, -1.0],
@@ -1054,6 +1212,8 @@ fn multislerp_antipodal_inputs() {
     // the same norms (V1 = -V0): 0
     let v1 = [-1.0f32, -2.0, -2.0];
     check(
+        bname,
+        backend,
         &[("x0", &v0), ("x1", &v1)],
         &multislerp_recipe(false, &["1.0", "1.0"], ""),
         &[0.0, 0.0, 0.0],
@@ -1074,25 +1234,26 @@ fn multislerp_antipodal_inputs() {
         &multislerp_recipe(false, &["1.0", "1.0", "0.0"], ""),
         None,
     );
-    for (bname, backend) in backends() {
-        let task = &plan.tasks[0];
-        let mut out = vec![0u8; task.out_bytes() as usize];
-        let r = smelt::exec::merge_tensor(&plan, backend.as_ref(), task, &mut out);
-        let msg = r
-            .expect_err("cancelling unit vectors must fail")
-            .to_string();
-        assert!(
-            msg.contains("tensor w") && msg.contains("zero"),
-            "{bname}: {msg}"
-        );
-    }
+    let task = &plan.tasks[0];
+    let mut out = vec![0u8; task.out_bytes() as usize];
+    let r = smelt::exec::merge_tensor(&plan, backend, task, &mut out);
+    let msg = r
+        .expect_err("cancelling unit vectors must fail")
+        .to_string();
+    assert!(
+        msg.contains("tensor w") && msg.contains("zero"),
+        "{bname}: {msg}"
+    );
 }
 
-#[test]
-fn multislerp_nearly_antipodal_inputs() {
+backend_test!(multislerp_antipodal_inputs);
+
+fn multislerp_nearly_antipodal_inputs(bname: &str, backend: &dyn Backend) {
     // V0 = [1, 0], V1 = [-1, y]: m = (U0 + U1)/2 ≈ [0, y/2].
     // y = 2e-9: |m| = 1e-9 < eps = 1e-8 -> the linear fallback: (V0 + V1)/2 = [0, 1e-9]
     check(
+        bname,
+        backend,
         &[("x0", &[1.0, 0.0]), ("x1", &[-1.0, 2e-9])],
         &multislerp_recipe(false, &["1.0", "1.0"], ""),
         &[0.0, 1e-9],
@@ -1107,12 +1268,16 @@ fn multislerp_nearly_antipodal_inputs() {
     let a = ((1.0 - 1.0 / n1) / (y / n1)).atan();
     let scale = (1.0 + n1) / 2.0;
     check(
+        bname,
+        backend,
         &[("x0", &[1.0, 0.0]), ("x1", &[-1.0, 1e-3])],
         &multislerp_recipe(false, &["1.0", "1.0"], ""),
         &[scale * a.sin(), scale * a.cos()],
         Tol::abs_rel(5e-5, 1e-6),
     );
 }
+
+backend_test!(multislerp_nearly_antipodal_inputs);
 
 // A fine-tune identical to the base (zero delta) next to one with delta [1, -2, 0.5, 0]:
 // the zero delta never agrees in a sign election and carries no weight, so every method
@@ -1124,8 +1289,7 @@ fn zero_delta_models() -> [(&'static str, &'static [f32]); 3] {
     [("base", &ZD_BASE), ("same", &ZD_BASE), ("x", &ZD_X)]
 }
 
-#[test]
-fn zero_deltas_in_elections() {
+fn zero_deltas_in_elections(bname: &str, backend: &dyn Backend) {
     // ties / della: the zero delta is trimmed or dropped at random, the L1 rescale of an all-zero
     // delta is skipped (norm < 1e-7); x, kept whole (density 1), wins every element alone
     for (method, extra) in [
@@ -1136,14 +1300,30 @@ fn zero_deltas_in_elections() {
         let r = format!(
             "merge_method: {method}\nbase_model: base\nmodels:\n  - {{model: same, parameters: {{weight: 1.0, density: 0.5{extra}}}}}\n  - {{model: x, parameters: {{weight: 1.0, density: 1.0{extra}}}}}\n"
         );
-        check(&zero_delta_models(), &r, &f64s(&ZD_X), Tol::FIXTURE);
+        check(
+            bname,
+            backend,
+            &zero_delta_models(),
+            &r,
+            &f64s(&ZD_X),
+            Tol::FIXTURE,
+        );
     }
     // sce, select_topk 1: weights = mean squares [0, (1 + 4 + 0.25)/4] -> [0, 1]; x alone
     let sce = "merge_method: sce\nbase_model: base\nmodels:\n  - model: same\n  - model: x\n";
-    check(&zero_delta_models(), sce, &f64s(&ZD_X), Tol::FIXTURE);
+    check(
+        bname,
+        backend,
+        &zero_delta_models(),
+        sce,
+        &f64s(&ZD_X),
+        Tol::FIXTURE,
+    );
     // select_topk 0.5: variances d²/4 = [0.25, 1, 0.0625, 0], 3 nonzero -> k = int(1.5) = 1:
     // only e1 (delta -2) survives -> base + [0, -2, 0, 0]
     check(
+        bname,
+        backend,
         &zero_delta_models(),
         &format!("{sce}parameters: {{select_topk: 0.5}}\n"),
         &[1.0, 0.0, 3.0, 4.0],
@@ -1151,10 +1331,13 @@ fn zero_deltas_in_elections() {
     );
 }
 
-#[test]
-fn model_stock_degenerate_angles() {
+backend_test!(zero_deltas_in_elections);
+
+fn model_stock_degenerate_angles(bname: &str, backend: &dyn Backend) {
     // zero delta: cos = 0/max(0, 1e-6) = 0 -> t = 0 -> the base
     check(
+        bname,
+        backend,
         &zero_delta_models(),
         &ms_recipe_named(&["same", "x"]),
         &f64s(&ZD_BASE),
@@ -1162,6 +1345,8 @@ fn model_stock_degenerate_angles() {
     );
     // every fine-tune equal to the base: the base
     check(
+        bname,
+        backend,
         &[("base", &ZD_BASE), ("same", &ZD_BASE), ("x", &ZD_BASE)],
         &ms_recipe_named(&["same", "x"]),
         &f64s(&ZD_BASE),
@@ -1169,6 +1354,8 @@ fn model_stock_degenerate_angles() {
     );
     // antiparallel deltas, d1 = -d0: cos -1, 1 + (2 - 1)·cos = 0 -> singular: t = 0, the base
     check(
+        bname,
+        backend,
         &[
             ("base", &ZD_BASE),
             ("same", &[0.0, 4.0, 2.5, 4.0]),
@@ -1180,6 +1367,8 @@ fn model_stock_degenerate_angles() {
     );
 }
 
+backend_test!(model_stock_degenerate_angles);
+
 fn ms_recipe_named(models: &[&str]) -> String {
     let mut r = String::from("merge_method: model_stock\nbase_model: base\nmodels:\n");
     for m in models {
@@ -1188,46 +1377,61 @@ fn ms_recipe_named(models: &[&str]) -> String {
     r
 }
 
-#[test]
-fn sce_when_every_variance_is_zero() {
+fn sce_when_every_variance_is_zero(bname: &str, backend: &dyn Backend) {
     // Two fine-tunes equal to each other (delta [1, -2, 0.5, 0]): every variance is 0, so
     // select_topk 0.5 keeps int(0 · 0.5) = 0 elements -> the base
     let m: [(&str, &[f32]); 3] = [("base", &ZD_BASE), ("x0", &ZD_X), ("x1", &ZD_X)];
     let r = "merge_method: sce\nbase_model: base\nmodels:\n  - model: x0\n  - model: x1\n";
     check(
+        bname,
+        backend,
         &m,
         &format!("{r}parameters: {{select_topk: 0.5}}\n"),
         &f64s(&ZD_BASE),
         Tol::EXACT,
     );
     // without selection both agree wherever the delta is nonzero: (c·d + c·d)/(2c) = d -> x
-    check(&m, r, &f64s(&ZD_X), Tol::FIXTURE);
+    check(bname, backend, &m, r, &f64s(&ZD_X), Tol::FIXTURE);
 }
 
-#[test]
-fn one_model() {
+backend_test!(sce_when_every_variance_is_zero);
+
+fn one_model(bname: &str, backend: &dyn Backend) {
     let x = [2.0f32, -1.0, 0.5, 3.0];
     // multislerp and karcher return a single model as it is (multislerp even with a base: it
     // returns the model, not base + anything)
     check(
+        bname,
+        backend,
         &[("x0", &x)],
         &multislerp_recipe(false, &["0.3"], ""),
         &f64s(&x),
         Tol::EXACT,
     );
     check(
+        bname,
+        backend,
         &[("base", &ZD_BASE), ("x0", &x)],
         &multislerp_recipe(true, &["0.3"], ""),
         &f64s(&x),
         Tol::EXACT,
     );
-    check(&[("x0", &x)], &karcher_recipe(1, ""), &f64s(&x), Tol::EXACT);
+    check(
+        bname,
+        backend,
+        &[("x0", &x)],
+        &karcher_recipe(1, ""),
+        &f64s(&x),
+        Tol::EXACT,
+    );
     // sce with one model, select_topk 1: its own sign always wins, weight c/c -> x
     let sce = "merge_method: sce\nbase_model: base\nmodels:\n  - model: x0\n";
     let m: [(&str, &[f32]); 2] = [("base", &ZD_BASE), ("x0", &x)];
-    check(&m, sce, &f64s(&x), Tol::FIXTURE);
+    check(bname, backend, &m, sce, &f64s(&x), Tol::FIXTURE);
     // select_topk 0.5: the variance over one model is 0 everywhere -> k = 0 -> the base
     check(
+        bname,
+        backend,
         &m,
         &format!("{sce}parameters: {{select_topk: 0.5}}\n"),
         &f64s(&ZD_BASE),
@@ -1246,6 +1450,8 @@ fn one_model() {
                 .map(|i| ZD_BASE[i] as f64 + 0.5 * (x[i] - ZD_BASE[i]) as f64)
                 .collect()
         };
-        check(&m, &r, &want, Tol::FIXTURE);
+        check(bname, backend, &m, &r, &want, Tol::FIXTURE);
     }
 }
+
+backend_test!(one_model);

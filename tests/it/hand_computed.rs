@@ -5,35 +5,38 @@
 //! Every model here is one F32 tensor `w` (no layers, so its gradient position is t = 0),
 //! written into a temporary folder next to the recipe.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use smelt::backend::{Input, Job, Query, RankCut, Source};
 use smelt::dtype::DType;
 use smelt::recipe::Value1;
 
-/// Writes the models, then for every backend merges `recipe` and checks tensor `w`.
+/// Writes the models, then merges `recipe` on `backend` and checks tensor `w`.
 #[track_caller]
-fn check(models: &[(&str, &[f32])], recipe: &str, expected: &[f32], tol: Tol) {
+fn check(
+    bname: &str,
+    backend: &dyn Backend,
+    models: &[(&str, &[f32])],
+    recipe: &str,
+    expected: &[f32],
+    tol: Tol,
+) {
     let tmp = tempfile::tempdir().unwrap();
     for (name, values) in models {
         write_vec_model(&tmp.path().join(name), values);
     }
-    for (bname, backend) in backends() {
-        let got = merge_text(tmp.path(), recipe, backend.as_ref());
-        assert_eq!(got.len(), 1);
-        let w = &got["w"];
-        assert_eq!(w.shape, vec![expected.len()], "{bname}");
-        assert_eq!(w.dtype, DType::F32, "{bname}");
-        let first = recipe.lines().next().unwrap_or("");
-        assert_close(
-            &format!("{bname}: {first}: w"),
-            &w.data,
-            expected,
-            DType::F32,
-            tol,
-        );
-    }
+    let got = merge_text(tmp.path(), recipe, backend);
+    assert_eq!(got.len(), 1);
+    let w = &got["w"];
+    assert_eq!(w.shape, vec![expected.len()], "{bname}");
+    assert_eq!(w.dtype, DType::F32, "{bname}");
+    let first = recipe.lines().next().unwrap_or("");
+    assert_close(
+        &format!("{bname}: {first}: w"),
+        &w.data,
+        expected,
+        DType::F32,
+        tol,
+    );
 }
 
 // ---- linear (§2) -------------------------------------------------------------------------
@@ -52,21 +55,30 @@ fn linear_recipe(normalize: Option<bool>) -> String {
     r
 }
 
-#[test]
-fn linear_normalized() {
+fn linear_normalized(bname: &str, backend: &dyn Backend) {
     // Σ w·x = 1·a + 0.5·b + 0.5·c:
     //   [1 + 1.5 + 0.25, 2 + 0 + 1, -3 + 0.5 + 0.5, 4 - 2 + 4] = [2.75, 3, -2, 6]
     // normalize (the default): / (1 + 0.5 + 0.5) = / 2
     let want = [1.375, 1.5, -1.0, 3.0];
     let m: [(&str, &[f32]); 3] = [("a", &LIN_A), ("b", &LIN_B), ("c", &LIN_C)];
-    check(&m, &linear_recipe(Some(true)), &want, Tol::EXACT);
-    check(&m, &linear_recipe(None), &want, Tol::EXACT);
+    check(
+        bname,
+        backend,
+        &m,
+        &linear_recipe(Some(true)),
+        &want,
+        Tol::EXACT,
+    );
+    check(bname, backend, &m, &linear_recipe(None), &want, Tol::EXACT);
 }
 
-#[test]
-fn linear_not_normalized() {
+backend_test!(linear_normalized);
+
+fn linear_not_normalized(bname: &str, backend: &dyn Backend) {
     let m: [(&str, &[f32]); 3] = [("a", &LIN_A), ("b", &LIN_B), ("c", &LIN_C)];
     check(
+        bname,
+        backend,
         &m,
         &linear_recipe(Some(false)),
         &[2.75, 3.0, -2.0, 6.0],
@@ -74,10 +86,13 @@ fn linear_not_normalized() {
     );
 }
 
-#[test]
-fn linear_inexact_weights() {
+backend_test!(linear_not_normalized);
+
+fn linear_inexact_weights(bname: &str, backend: &dyn Backend) {
     // 0.3·[1, 10] + 0.7·[2, 20] = [1.7, 17], divided by 0.3 + 0.7 = 1
     check(
+        bname,
+        backend,
         &[("a", &[1.0, 10.0]), ("b", &[2.0, 20.0])],
         "merge_method: linear\nmodels:\n  - {model: a, parameters: {weight: 0.3}}\n  - {model: b, parameters: {weight: 0.7}}\n",
         &[1.7, 17.0],
@@ -85,14 +100,15 @@ fn linear_inexact_weights() {
     );
 }
 
+backend_test!(linear_inexact_weights);
+
 // ---- task arithmetic (§3) ----------------------------------------------------------------
 
 const TA_BASE: [f32; 4] = [1.0, 1.0, 1.0, 1.0];
 const TA_X1: [f32; 4] = [2.0, 0.0, 1.0, 3.0]; // d1 = [1, -1, 0, 2]
 const TA_X2: [f32; 4] = [1.0, 3.0, -1.0, 1.0]; // d2 = [0, 2, -2, 0]
 
-#[test]
-fn task_arithmetic_with_lambda() {
+fn task_arithmetic_with_lambda(bname: &str, backend: &dyn Backend) {
     // 0.5·d1 + 0.25·d2 = [0.5, -0.5, 0, 1] + [0, 0.5, -0.5, 0] = [0.5, 0, -0.5, 1]
     // × lambda 2 = [1, 0, -1, 2]; + base = [2, 1, 0, 3]
     // A density on a model changes nothing for task_arithmetic.
@@ -101,22 +117,27 @@ fn task_arithmetic_with_lambda() {
         let r = format!(
             "merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - {{model: x1, parameters: {{weight: 0.5{density}}}}}\n  - {{model: x2, parameters: {{weight: 0.25}}}}\nparameters: {{lambda: 2.0}}\n"
         );
-        check(&m, &r, &[2.0, 1.0, 0.0, 3.0], Tol::EXACT);
+        check(bname, backend, &m, &r, &[2.0, 1.0, 0.0, 3.0], Tol::EXACT);
     }
 }
 
-#[test]
-fn task_arithmetic_normalized() {
+backend_test!(task_arithmetic_with_lambda);
+
+fn task_arithmetic_normalized(bname: &str, backend: &dyn Backend) {
     // [0.5, 0, -0.5, 1] / (0.5 + 0.25) = [2/3, 0, -2/3, 4/3]; × 2 = [4/3, 0, -4/3, 8/3];
     // + 1 = [7/3, 1, -1/3, 11/3]
     let m: [(&str, &[f32]); 3] = [("base", &TA_BASE), ("x1", &TA_X1), ("x2", &TA_X2)];
     check(
+        bname,
+        backend,
         &m,
         "merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - {model: x1, parameters: {weight: 0.5}}\n  - {model: x2, parameters: {weight: 0.25}}\nparameters: {lambda: 2.0, normalize: true}\n",
         &[7.0 / 3.0, 1.0, -1.0 / 3.0, 11.0 / 3.0],
         Tol::FIXTURE,
     );
 }
+
+backend_test!(task_arithmetic_normalized);
 
 // ---- TIES (§4.1) -------------------------------------------------------------------------
 
@@ -135,8 +156,7 @@ fn hundred() -> Vec<f32> {
         .collect()
 }
 
-#[test]
-fn ties_trim_count_is_python_int_of_density_times_n() {
+fn ties_trim_count_is_python_int_of_density_times_n(bname: &str, backend: &dyn Backend) {
     // One model, weight 0.5, normalize (default): its own sign always wins the election and
     // the division by its weight undoes the weighting, so out = delta where kept, else 0.
     // k = max(1, int(density * 100)) in f64:
@@ -164,9 +184,18 @@ fn ties_trim_count_is_python_int_of_density_times_n() {
         let r = format!(
             "merge_method: ties\nbase_model: base\nmodels:\n  - {{model: a, parameters: {{weight: 0.5, density: {density}}}}}\n"
         );
-        check(&[("base", &zeros), ("a", &d)], &r, &want, Tol::EXACT);
+        check(
+            bname,
+            backend,
+            &[("base", &zeros), ("a", &d)],
+            &r,
+            &want,
+            Tol::EXACT,
+        );
     }
 }
+
+backend_test!(ties_trim_count_is_python_int_of_density_times_n);
 
 // Sign election, 3 models with weights [3, 1, 1], no trimming (density 1), base 0.5.
 // Per element, deltas [d0, d1, d2] -> weighted [3·d0, d1, d2]:
@@ -199,10 +228,11 @@ fn election_recipe(params: &str) -> String {
     )
 }
 
-#[test]
-fn ties_sign_election_on_weighted_sum() {
+fn ties_sign_election_on_weighted_sum(bname: &str, backend: &dyn Backend) {
     // base 0.5 + [1, 1, -4, 1, 0, 2]
     check(
+        bname,
+        backend,
         &election_models(),
         &election_recipe(""),
         &[1.5, 1.5, -3.5, 1.5, 0.5, 2.5],
@@ -210,10 +240,13 @@ fn ties_sign_election_on_weighted_sum() {
     );
 }
 
-#[test]
-fn ties_without_normalize_with_lambda() {
+backend_test!(ties_sign_election_on_weighted_sum);
+
+fn ties_without_normalize_with_lambda(bname: &str, backend: &dyn Backend) {
     // agreeing sums [3, 3, -4, 2, 0, 4] × 0.5 = [1.5, 1.5, -2, 1, 0, 2]; + 0.5
     check(
+        bname,
+        backend,
         &election_models(),
         &election_recipe("parameters: {normalize: false, lambda: 0.5}\n"),
         &[2.0, 2.0, -1.5, 1.5, 0.5, 2.5],
@@ -221,8 +254,9 @@ fn ties_without_normalize_with_lambda() {
     );
 }
 
-#[test]
-fn ties_trim_then_elect() {
+backend_test!(ties_without_normalize_with_lambda);
+
+fn ties_trim_then_elect(bname: &str, backend: &dyn Backend) {
     // density 0.5 of 4 elements: k = 2 per model; base 0; weights [1, 0.5].
     //   a d = [4, -1, 3, -2]   -> kept [4, 0, 3, 0]
     //   b d = [-5, -0.5, 2, 1] -> kept [-5, 0, 2, 0] -> weighted [-2.5, 0, 1, 0]
@@ -233,6 +267,8 @@ fn ties_trim_then_elect() {
     //   e3 0
     let zeros = [0.0f32; 4];
     check(
+        bname,
+        backend,
         &[
             ("base", &zeros),
             ("a", &[4.0, -1.0, 3.0, -2.0]),
@@ -244,10 +280,11 @@ fn ties_trim_then_elect() {
     );
 }
 
+backend_test!(ties_trim_then_elect);
+
 // ---- the selection tie rule (§0.4) -------------------------------------------------------
 
-#[test]
-fn ties_equal_magnitudes_lower_index_wins() {
+fn ties_equal_magnitudes_lower_index_wins(bname: &str, backend: &dyn Backend) {
     // |d| = [2, 3, 2, 1, 2, 3, 2, 0.5]: two 3s (indices 1, 5), four 2s (0, 2, 4, 6).
     //   k = int(0.375·8) = 3: {1, 5} and the first 2 -> {0}
     //   k = int(0.5·8)   = 4: {1, 5} and {0, 2}
@@ -262,14 +299,22 @@ fn ties_equal_magnitudes_lower_index_wins() {
         let r = format!(
             "merge_method: ties\nbase_model: base\nmodels:\n  - {{model: a, parameters: {{weight: 1.0, density: {density}}}}}\n"
         );
-        check(&[("base", &zeros), ("a", &d)], &r, &want, Tol::EXACT);
+        check(
+            bname,
+            backend,
+            &[("base", &zeros), ("a", &d)],
+            &r,
+            &want,
+            Tol::EXACT,
+        );
     }
 }
 
+backend_test!(ties_equal_magnitudes_lower_index_wins);
+
 /// The selection primitive itself, on every backend: ties broken by index across the CPU's
 /// chunk boundary, +0 and -0 tied, kept counts exact.
-#[test]
-fn select_tie_rule_on_backends() {
+fn select_tie_rule_on_backends(bname: &str, backend: &dyn Backend) {
     fn kept(cut: RankCut, mags: &[f32]) -> Vec<usize> {
         (0..mags.len())
             .filter(|&i| cut.below(mags[i].abs().to_bits(), i as u32))
@@ -301,69 +346,69 @@ fn select_tie_rule_on_backends() {
             dtype: DType::F32,
         }
     }
-    for (bname, backend) in backends() {
-        let job = Job::new(
-            "sel.x",
-            Some(f32in(&bb)),
-            vec![f32in(&xb), f32in(&sb)],
-            DType::F32,
-            DType::F32,
-        );
-        let cuts = backend
-            .select(
-                &job,
-                &[
-                    Query {
-                        source: Source::Model(0),
-                        k: 16390,
-                    },
-                    Query {
-                        source: Source::Delta(1),
-                        k: 16390,
-                    },
-                    Query {
-                        source: Source::Model(0),
-                        k: 0,
-                    },
-                    Query {
-                        source: Source::Model(0),
-                        k: n as u64,
-                    },
-                    Query {
-                        source: Source::Model(0),
-                        k: 2,
-                    },
-                ],
-            )
-            .unwrap();
-        backend.end_job(&job);
-        assert_eq!(kept(cuts[0], &x), want, "{bname}: Model(0), k 16390");
-        assert_eq!(kept(cuts[1], &x), want, "{bname}: Delta(1), k 16390");
-        assert!(kept(cuts[2], &x).is_empty(), "{bname}: k 0");
-        assert_eq!(kept(cuts[3], &x).len(), n, "{bname}: k n");
-        assert_eq!(kept(cuts[4], &x), vec![5, 20000], "{bname}: k 2");
+    let job = Job::new(
+        "sel.x",
+        Some(f32in(&bb)),
+        vec![f32in(&xb), f32in(&sb)],
+        DType::F32,
+        DType::F32,
+    );
+    let cuts = backend
+        .select(
+            &job,
+            &[
+                Query {
+                    source: Source::Model(0),
+                    k: 16390,
+                },
+                Query {
+                    source: Source::Delta(1),
+                    k: 16390,
+                },
+                Query {
+                    source: Source::Model(0),
+                    k: 0,
+                },
+                Query {
+                    source: Source::Model(0),
+                    k: n as u64,
+                },
+                Query {
+                    source: Source::Model(0),
+                    k: 2,
+                },
+            ],
+        )
+        .unwrap();
+    backend.end_job(&job);
+    assert_eq!(kept(cuts[0], &x), want, "{bname}: Model(0), k 16390");
+    assert_eq!(kept(cuts[1], &x), want, "{bname}: Delta(1), k 16390");
+    assert!(kept(cuts[2], &x).is_empty(), "{bname}: k 0");
+    assert_eq!(kept(cuts[3], &x).len(), n, "{bname}: k n");
+    assert_eq!(kept(cuts[4], &x), vec![5, 20000], "{bname}: k 2");
 
-        let job = Job::new("sel.y", None, vec![f32in(&yb)], DType::F32, DType::F32);
-        let cuts = backend
-            .select(
-                &job,
-                &[
-                    Query {
-                        source: Source::Model(0),
-                        k: 3,
-                    },
-                    Query {
-                        source: Source::Model(0),
-                        k: 1,
-                    },
-                ],
-            )
-            .unwrap();
-        backend.end_job(&job);
-        assert_eq!(kept(cuts[0], &y), vec![0, 1, 3], "{bname}: ±0 ties");
-        assert_eq!(kept(cuts[1], &y), vec![3], "{bname}: k 1");
-    }
+    let job = Job::new("sel.y", None, vec![f32in(&yb)], DType::F32, DType::F32);
+    let cuts = backend
+        .select(
+            &job,
+            &[
+                Query {
+                    source: Source::Model(0),
+                    k: 3,
+                },
+                Query {
+                    source: Source::Model(0),
+                    k: 1,
+                },
+            ],
+        )
+        .unwrap();
+    backend.end_job(&job);
+    assert_eq!(kept(cuts[0], &y), vec![0, 1, 3], "{bname}: ±0 ties");
+    assert_eq!(kept(cuts[1], &y), vec![3], "{bname}: k 1");
 }
+
+backend_test!(select_tie_rule_on_backends);
 
 // ---- Model Breadcrumbs (§6) --------------------------------------------------------------
 
@@ -393,8 +438,7 @@ fn band(d: &[f32], lo: f32, hi: f32, w: f32) -> Vec<f32> {
         .collect()
 }
 
-#[test]
-fn breadcrumbs_gamma_band() {
+fn breadcrumbs_gamma_band(bname: &str, backend: &dyn Backend) {
     let d = twenty();
     let zeros = [0.0f32; 20];
     // (density, gamma, smallest kept magnitude, largest kept magnitude)
@@ -416,6 +460,8 @@ fn breadcrumbs_gamma_band() {
             "merge_method: breadcrumbs\nbase_model: base\nmodels:\n  - {{model: a, parameters: {{weight: 0.5, density: {density}, gamma: {gamma}}}}}\n"
         );
         check(
+            bname,
+            backend,
             &[("base", &zeros), ("a", &d)],
             &r,
             &band(&d, lo, hi, 0.5),
@@ -424,20 +470,25 @@ fn breadcrumbs_gamma_band() {
     }
 }
 
-#[test]
-fn breadcrumbs_band_with_tied_magnitudes() {
+backend_test!(breadcrumbs_gamma_band);
+
+fn breadcrumbs_band_with_tied_magnitudes(bname: &str, backend: &dyn Backend) {
     // All |d| = 1. density 0.5, gamma 0.2 on 10: target 5, n_top 2, n_bot 3. In the order
     // (|d| descending, index ascending) the ranks are the indices; ascending ranks [3, 8) are
     // descending ranks [2, 7): indices 2..=6 survive.
     let d = [1.0f32, -1.0, 1.0, -1.0, 1.0, -1.0, 1.0, -1.0, 1.0, -1.0];
     let zeros = [0.0f32; 10];
     check(
+        bname,
+        backend,
         &[("base", &zeros), ("a", &d)],
         "merge_method: breadcrumbs\nbase_model: base\nmodels:\n  - {model: a, parameters: {weight: 1.0, density: 0.5, gamma: 0.2}}\n",
         &[0.0, 0.0, 1.0, -1.0, 1.0, -1.0, 1.0, 0.0, 0.0, 0.0],
         Tol::EXACT,
     );
 }
+
+backend_test!(breadcrumbs_band_with_tied_magnitudes);
 
 // Two models over base 1, density 0.6 and gamma 0.1 on 10 elements: target 6, n_top 1,
 // n_bot 3 -> magnitudes ranked 4th..9th smallest survive; weights [1, 0.5].
@@ -455,10 +506,11 @@ fn bc_recipe(method: &str, params: &str) -> String {
     )
 }
 
-#[test]
-fn breadcrumbs_two_models() {
+fn breadcrumbs_two_models(bname: &str, backend: &dyn Backend) {
     // no election: base + Σ
     check(
+        bname,
+        backend,
         &[("base", &BC_BASE), ("a", &BC_A), ("b", &BC_B)],
         &bc_recipe("breadcrumbs", ""),
         &[1.0, 5.5, -3.0, 0.5, 9.0, -2.5, 6.0, -7.0, 10.0, 1.0],
@@ -466,12 +518,15 @@ fn breadcrumbs_two_models() {
     );
 }
 
-#[test]
-fn breadcrumbs_ties_two_models() {
+backend_test!(breadcrumbs_two_models);
+
+fn breadcrumbs_ties_two_models(bname: &str, backend: &dyn Backend) {
     // election on Σ, agreeing sums (normalize false by default):
     //   e0 0 | e1 + {b} 4.5 | e2 - {b} -4 | e3 - {a} -4 | e4 + {a, b} 8 | e5 - {a} -6
     //   e6 + {a} 7 | e7 -8 | e8 9 | e9 0
     check(
+        bname,
+        backend,
         &[("base", &BC_BASE), ("a", &BC_A), ("b", &BC_B)],
         &bc_recipe("breadcrumbs_ties", ""),
         &[1.0, 5.5, -3.0, -3.0, 9.0, -5.0, 8.0, -7.0, 10.0, 1.0],
@@ -480,6 +535,8 @@ fn breadcrumbs_ties_two_models() {
     // normalize true divides by the agreeing weights:
     //   e1 4.5/0.5 = 9 | e2 -4/0.5 = -8 | e3 -4 | e4 8/1.5 | e5 -6 | e6 7 | e7 -8 | e8 9
     check(
+        bname,
+        backend,
         &[("base", &BC_BASE), ("a", &BC_A), ("b", &BC_B)],
         &bc_recipe("breadcrumbs_ties", "parameters: {normalize: true}\n"),
         &[
@@ -498,6 +555,8 @@ fn breadcrumbs_ties_two_models() {
     );
 }
 
+backend_test!(breadcrumbs_ties_two_models);
+
 // ---- DARE (§5) ---------------------------------------------------------------------------
 
 const DA_BASE: [f32; 4] = [1.0, 2.0, 3.0, 4.0];
@@ -510,11 +569,12 @@ fn dare_recipe(method: &str, density: &str) -> String {
     )
 }
 
-#[test]
-fn dare_density_one_keeps_everything() {
+fn dare_density_one_keeps_everything(bname: &str, backend: &dyn Backend) {
     let m: [(&str, &[f32]); 3] = [("base", &DA_BASE), ("x1", &DA_X1), ("x2", &DA_X2)];
     // dare_linear: 0.5·d1 + 0.25·d2 = [0.5, -1, 0, 2] + [-0.25, 0, 0.5, 0] = [0.25, -1, 0.5, 2]
     check(
+        bname,
+        backend,
         &m,
         &dare_recipe("dare_linear", "1.0"),
         &[1.25, 1.0, 3.5, 6.0],
@@ -523,6 +583,8 @@ fn dare_density_one_keeps_everything() {
     // dare_ties: Σ = [0.25, -1, 0.5, 2] -> [+, -, +, +]; agreeing: e0 {x1} 0.5, e1 {x1} -1,
     // e2 {x2} 0.5, e3 {x1} 2; normalize false -> base + [0.5, -1, 0.5, 2]
     check(
+        bname,
+        backend,
         &m,
         &dare_recipe("dare_ties", "1.0"),
         &[1.5, 1.0, 3.5, 6.0],
@@ -530,20 +592,31 @@ fn dare_density_one_keeps_everything() {
     );
 }
 
-#[test]
-fn dare_density_zero_keeps_nothing() {
+backend_test!(dare_density_one_keeps_everything);
+
+fn dare_density_zero_keeps_nothing(bname: &str, backend: &dyn Backend) {
     let m: [(&str, &[f32]); 3] = [("base", &DA_BASE), ("x1", &DA_X1), ("x2", &DA_X2)];
     for method in ["dare_linear", "dare_ties"] {
-        check(&m, &dare_recipe(method, "0.0"), &DA_BASE, Tol::EXACT);
+        check(
+            bname,
+            backend,
+            &m,
+            &dare_recipe(method, "0.0"),
+            &DA_BASE,
+            Tol::EXACT,
+        );
     }
 }
 
+backend_test!(dare_density_zero_keeps_nothing);
+
 // ---- passthrough (§19) -------------------------------------------------------------------
 
-#[test]
-fn passthrough_scale() {
+fn passthrough_scale(bname: &str, backend: &dyn Backend) {
     let x = [1.0f32, -2.0, 3.5, 0.25];
     check(
+        bname,
+        backend,
         &[("a", &x)],
         "merge_method: passthrough\nmodels:\n  - {model: a, parameters: {scale: 2.0}}\n",
         &[2.0, -4.0, 7.0, 0.5],
@@ -551,6 +624,8 @@ fn passthrough_scale() {
     );
     // scale given through a filter that matches `w`
     check(
+        bname,
+        backend,
         &[("a", &x)],
         "merge_method: passthrough\nmodels:\n  - model: a\n    parameters:\n      scale: [{filter: w, value: 0.5}]\n",
         &[0.5, -1.0, 1.75, 0.125],
@@ -558,6 +633,8 @@ fn passthrough_scale() {
     );
     // a filter that matches nothing leaves scale unset: a plain copy
     check(
+        bname,
+        backend,
         &[("a", &x)],
         "merge_method: passthrough\nmodels:\n  - model: a\n    parameters:\n      scale: [{filter: mlp, value: 0.5}]\n",
         &x,
@@ -565,23 +642,24 @@ fn passthrough_scale() {
     );
 }
 
-#[test]
-fn passthrough_copy_is_bit_exact() {
+backend_test!(passthrough_scale);
+
+fn passthrough_copy_is_bit_exact(bname: &str, backend: &dyn Backend) {
     // -0, a subnormal, the largest f32 and an infinity survive a copy bit for bit.
     let x = [-0.0f32, 1.0e-45, f32::MAX, f32::NEG_INFINITY, 0.1];
     let tmp = tempfile::tempdir().unwrap();
     write_vec_model(&tmp.path().join("a"), &x);
-    for (bname, backend) in backends() {
-        let got = merge_text(
-            tmp.path(),
-            "merge_method: passthrough\nmodels:\n  - model: a\n",
-            backend.as_ref(),
-        );
-        let bits: Vec<u32> = got["w"].data.iter().map(|v| v.to_bits()).collect();
-        let want: Vec<u32> = x.iter().map(|v| v.to_bits()).collect();
-        assert_eq!(bits, want, "{bname}");
-    }
+    let got = merge_text(
+        tmp.path(),
+        "merge_method: passthrough\nmodels:\n  - model: a\n",
+        backend,
+    );
+    let bits: Vec<u32> = got["w"].data.iter().map(|v| v.to_bits()).collect();
+    let want: Vec<u32> = x.iter().map(|v| v.to_bits()).collect();
+    assert_eq!(bits, want, "{bname}");
 }
+
+backend_test!(passthrough_copy_is_bit_exact);
 
 // ---- gradients and filters through the plan (§1.2) ---------------------------------------
 
@@ -688,8 +766,7 @@ parameters:
     }
 }
 
-#[test]
-fn density_gradient_changes_kept_counts() {
+fn density_gradient_changes_kept_counts(bname: &str, backend: &dyn Backend) {
     // One model over a zero base, ties with density [0.2, 0.8]: per tensor of 100 elements
     // k = int(density·100): layer 0 -> 20, layer 1 -> 50, layer 2 -> 80; the 4-element
     // embeddings, norm and lm_head use t = 0: int(0.2·4) = 0 -> max(1, 0) = 1.
@@ -711,24 +788,24 @@ models:
   - model: a
     parameters: {weight: 1.0, density: [0.2, 0.8]}
 ";
-    for (bname, backend) in backends() {
-        let got = merge_text(tmp.path(), recipe, backend.as_ref());
-        assert_eq!(got.len(), 9);
-        for (name, t) in &got {
-            let want = match smelt::plan::layer_of(name).map(|l| l.2) {
-                Some(0) => 20,
-                Some(1) => 50,
-                Some(2) => 80,
-                _ => 1,
-            };
-            let kept: Vec<f32> = t.data.iter().filter(|v| **v != 0.0).copied().collect();
-            assert_eq!(kept.len(), want, "{bname}: {name} kept count");
-            // the kept ones are the largest magnitudes: n - k + 1 ..= n
-            let n = t.data.len();
-            assert!(
-                kept.iter().all(|v| v.abs() as usize > n - want),
-                "{bname}: {name} kept the wrong elements"
-            );
-        }
+    let got = merge_text(tmp.path(), recipe, backend);
+    assert_eq!(got.len(), 9);
+    for (name, t) in &got {
+        let want = match smelt::plan::layer_of(name).map(|l| l.2) {
+            Some(0) => 20,
+            Some(1) => 50,
+            Some(2) => 80,
+            _ => 1,
+        };
+        let kept: Vec<f32> = t.data.iter().filter(|v| **v != 0.0).copied().collect();
+        assert_eq!(kept.len(), want, "{bname}: {name} kept count");
+        // the kept ones are the largest magnitudes: n - k + 1 ..= n
+        let n = t.data.len();
+        assert!(
+            kept.iter().all(|v| v.abs() as usize > n - want),
+            "{bname}: {name} kept the wrong elements"
+        );
     }
 }
+
+backend_test!(density_gradient_changes_kept_counts);

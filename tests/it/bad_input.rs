@@ -3,11 +3,9 @@
 //! OUT nor a hidden `.OUT.smelt-tmp-*` folder behind. The bad files are made in a temporary
 //! folder from copies of tests/fixtures/mergekit/models.
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 
 const GOOD: &str = "merge_method: ties
 base_model: models/base

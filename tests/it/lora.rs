@@ -2,11 +2,9 @@
 //! applying (`merge_and_unload`), merging (`add_weighted_adapter`) and extracting, on every
 //! backend.
 
-mod common;
-
 use std::path::PathBuf;
 
-use common::*;
+use crate::common::*;
 use smelt::dtype::DType;
 
 fn peft() -> PathBuf {
@@ -32,8 +30,7 @@ fn p(name: &str) -> String {
 /// `model: BASE+ADAPTER` through passthrough equals PEFT's merge_and_unload, on every
 /// backend, for every apply fixture (plain, other scale, other rank and targets, rsLoRA,
 /// embeddings with base_layer copies, rank/alpha patterns, modules_to_save).
-#[test]
-fn recipe_base_plus_adapter_matches_merge_and_unload() {
+fn recipe_base_plus_adapter_matches_merge_and_unload(bname: &str, backend: &dyn Backend) {
     let tmp = tempfile::tempdir().unwrap();
     let base = load_st(&peft().join("base/model.safetensors"));
     for case in ["a", "b", "c", "rs", "embed", "pattern", "mts"] {
@@ -46,28 +43,31 @@ fn recipe_base_plus_adapter_matches_merge_and_unload() {
         let plan = plan_text(tmp.path(), &recipe, None);
         assert_eq!(plan.tasks.len(), expected.len(), "{case}: tensor count");
         let mut changed = 0;
-        for (bname, backend) in backends() {
-            let got = merge_plan(&plan, backend.as_ref());
-            for (name, e) in &expected {
-                let g = &got[name];
-                assert_eq!(g.shape, e.shape, "{case} {name}");
-                assert_eq!(g.dtype, DType::F32);
-                // PEFT: f32 matmul, ×s, + W; smelt's CPU product is f64 rounded once.
-                assert_close(
-                    &format!("lora_{case} on {bname}: {name}"),
-                    &g.data,
-                    &e.data,
-                    DType::F32,
-                    Tol::FIXTURE,
-                );
-                if bname == "cpu" && g.data != base[name].data {
-                    changed += 1;
-                }
+        let got = merge_plan(&plan, backend);
+        for (name, e) in &expected {
+            let g = &got[name];
+            assert_eq!(g.shape, e.shape, "{case} {name}");
+            assert_eq!(g.dtype, DType::F32);
+            // PEFT: f32 matmul, ×s, + W; smelt's CPU product is f64 rounded once.
+            assert_close(
+                &format!("lora_{case} on {bname}: {name}"),
+                &g.data,
+                &e.data,
+                DType::F32,
+                Tol::FIXTURE,
+            );
+            if bname == "cpu" && g.data != base[name].data {
+                changed += 1;
             }
         }
-        assert!(changed > 0, "{case}: the adapter changed nothing");
+        // counted on the CPU only, as before the per-backend split
+        if bname == "cpu" {
+            assert!(changed > 0, "{case}: the adapter changed nothing");
+        }
     }
 }
+
+backend_test!(recipe_base_plus_adapter_matches_merge_and_unload);
 
 /// The expected-error fixture: an adapter made for hidden size 24 on a hidden-16 base.
 #[test]
@@ -225,8 +225,7 @@ fn run_fixture(
 /// delta.safetensors; for the factor methods and cat, A' and B' equal PEFT's tensors too.
 /// DARE fixtures run with PEFT's stored masks injected. All backends. (svd_clamp depends on
 /// the SVD's signs: `svd_clamp_matches_peft` has its own comparison.)
-#[test]
-fn merge_matches_add_weighted_adapter() {
+fn merge_matches_add_weighted_adapter(bname: &str, backend: &dyn Backend) {
     let m = manifest();
     for (case, _) in m["merges"].as_object().unwrap() {
         if fixture_call(case).6.is_some() {
@@ -238,90 +237,90 @@ fn merge_matches_add_weighted_adapter() {
         )
         .unwrap();
         let (_, comb, ..) = fixture_call(case);
-        for (bname, backend) in backends() {
-            let (merged, _) = run_fixture(case, backend.as_ref(), true);
-            let what = format!("{case} on {bname}");
-            assert_eq!(merged.config["r"], cfg["r"], "{what}: r");
-            assert_eq!(
-                merged.config["lora_alpha"], cfg["lora_alpha"],
-                "{what}: lora_alpha"
+        let (merged, _) = run_fixture(case, backend, true);
+        let what = format!("{case} on {bname}");
+        assert_eq!(merged.config["r"], cfg["r"], "{what}: r");
+        assert_eq!(
+            merged.config["lora_alpha"], cfg["lora_alpha"],
+            "{what}: lora_alpha"
+        );
+        assert_eq!(
+            merged.config["use_rslora"], cfg["use_rslora"],
+            "{what}: use_rslora"
+        );
+        let mut want_t: Vec<&str> = cfg["target_modules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        let mut got_t: Vec<&str> = merged.config["target_modules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        want_t.sort();
+        got_t.sort();
+        assert_eq!(got_t, want_t, "{what}: target_modules");
+        assert_eq!(
+            merged.modules.len(),
+            expected_delta.len(),
+            "{what}: modules"
+        );
+        let svd = comb.is_svd() && !merged.modules.is_empty() && case != "merge_a_single_svd";
+        let mut worst = 0f64;
+        for module in &merged.modules {
+            let d = merged.delta(module, backend).unwrap();
+            let e = &expected_delta[&format!("{}.weight", module.name)];
+            assert_eq!(vec![d.rows, d.cols], e.shape, "{what}: {}", module.name);
+            let tol = if svd {
+                Tol::abs_rel(2e-6, 1e-5)
+            } else {
+                Tol::FIXTURE
+            };
+            let c = compare(&d.data, &e.data, DType::F32, tol);
+            worst = worst.max(c.max_abs_diff);
+            assert_close(
+                &format!("{what}: ΔW of {}", module.name),
+                &d.data,
+                &e.data,
+                DType::F32,
+                tol,
             );
-            assert_eq!(
-                merged.config["use_rslora"], cfg["use_rslora"],
-                "{what}: use_rslora"
-            );
-            let mut want_t: Vec<&str> = cfg["target_modules"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_str().unwrap())
-                .collect();
-            let mut got_t: Vec<&str> = merged.config["target_modules"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_str().unwrap())
-                .collect();
-            want_t.sort();
-            got_t.sort();
-            assert_eq!(got_t, want_t, "{what}: target_modules");
-            assert_eq!(
-                merged.modules.len(),
-                expected_delta.len(),
-                "{what}: modules"
-            );
-            let svd = comb.is_svd() && !merged.modules.is_empty() && case != "merge_a_single_svd";
-            let mut worst = 0f64;
-            for module in &merged.modules {
-                let d = merged.delta(module, backend.as_ref()).unwrap();
-                let e = &expected_delta[&format!("{}.weight", module.name)];
-                assert_eq!(vec![d.rows, d.cols], e.shape, "{what}: {}", module.name);
-                let tol = if svd {
-                    Tol::abs_rel(2e-6, 1e-5)
-                } else {
-                    Tol::FIXTURE
-                };
-                let c = compare(&d.data, &e.data, DType::F32, tol);
-                worst = worst.max(c.max_abs_diff);
+        }
+        if !svd {
+            let got = merged.tensors();
+            // PEFT's copies of the base's modules_to_save modules (merge_mts_a_cat):
+            // equal to the base, and not written by smelt (the module loads as the base's)
+            let base = load_st(&peft().join("base/model.safetensors"));
+            let mut expected_ad = load_st(&peft().join(case).join("adapter_model.safetensors"));
+            expected_ad.retain(|k, t| {
+                let saved = !k.contains(".lora_") && !k.contains(".base_layer.");
+                if saved {
+                    let name = k.trim_start_matches("base_model.model.");
+                    assert_eq!(t.data, base[name].data, "{what}: PEFT's {k} is the base's");
+                }
+                !saved
+            });
+            assert_eq!(got.len(), expected_ad.len(), "{what}: tensor count");
+            for (k, shape, data) in got {
+                let e = &expected_ad[&k];
+                assert_eq!(shape, e.shape, "{what}: {k}");
                 assert_close(
-                    &format!("{what}: ΔW of {}", module.name),
-                    &d.data,
+                    &format!("{what}: {k}"),
+                    data,
                     &e.data,
                     DType::F32,
-                    tol,
+                    Tol::FIXTURE,
                 );
             }
-            if !svd {
-                let got = merged.tensors();
-                // PEFT's copies of the base's modules_to_save modules (merge_mts_a_cat):
-                // equal to the base, and not written by smelt (the module loads as the base's)
-                let base = load_st(&peft().join("base/model.safetensors"));
-                let mut expected_ad = load_st(&peft().join(case).join("adapter_model.safetensors"));
-                expected_ad.retain(|k, t| {
-                    let saved = !k.contains(".lora_") && !k.contains(".base_layer.");
-                    if saved {
-                        let name = k.trim_start_matches("base_model.model.");
-                        assert_eq!(t.data, base[name].data, "{what}: PEFT's {k} is the base's");
-                    }
-                    !saved
-                });
-                assert_eq!(got.len(), expected_ad.len(), "{what}: tensor count");
-                for (k, shape, data) in got {
-                    let e = &expected_ad[&k];
-                    assert_eq!(shape, e.shape, "{what}: {k}");
-                    assert_close(
-                        &format!("{what}: {k}"),
-                        data,
-                        &e.data,
-                        DType::F32,
-                        Tol::FIXTURE,
-                    );
-                }
-            }
-            assert!(worst < 2e-6, "{what}: {worst:e}");
         }
+        assert!(worst < 2e-6, "{what}: {worst:e}");
     }
 }
+
+backend_test!(merge_matches_add_weighted_adapter);
 
 /// DARE with smelt's own random draws (PEFT's torch RNG cannot be matched): every element
 /// of A' and B' is one of the 2^M sums of kept `w·x/density` terms, each adapter's recovered
@@ -618,64 +617,62 @@ fn open_model(name: &str) -> smelt::io::model::ModelFolder {
 /// the Frobenius error of base + B·A against the tuned weights, measured here from the
 /// factors, falls strictly with the rank and vanishes at rank 8; the reported retained
 /// energy agrees with the measured error (err² = (1 − energy)·‖ΔW‖²). Every backend.
-#[test]
-fn extraction_error_falls_with_rank() {
+fn extraction_error_falls_with_rank(bname: &str, backend: &dyn Backend) {
     let base = open_model("base");
     let tuned = open_model("apply_lora_c");
     let bw = load_st(&peft().join("base/model.safetensors"));
     let tw = load_st(&peft().join("apply_lora_c/model.safetensors"));
-    for (bname, backend) in backends() {
-        let mut last = f64::INFINITY;
-        for rank in [1, 2, 4, 6, 8] {
-            let ex = smelt::lora::extract::extract(&base, &tuned, rank, backend.as_ref()).unwrap();
-            assert_eq!(ex.adapter.modules.len(), 6, "2 layers × q, v, up");
-            assert!(ex.not_representable.is_empty());
-            let mut err2 = 0f64;
-            let mut norm2 = 0f64;
-            for (m, rep) in ex.adapter.modules.iter().zip(&ex.modules) {
-                assert_eq!((m.a.rows, m.b.cols), (rank, rank));
-                let name = format!("{}.weight", m.name);
-                assert_eq!(rep.tensor, name);
-                let mut module_err2 = 0f64;
-                for i in 0..m.b.rows {
-                    for j in 0..m.a.cols {
-                        let ba: f64 = (0..rank)
-                            .map(|k| m.b.at(i, k) as f64 * m.a.at(k, j) as f64)
-                            .sum();
-                        let e = j + i * m.a.cols;
-                        let d = tw[&name].data[e] as f64 - bw[&name].data[e] as f64;
-                        module_err2 += (d - ba).powi(2);
-                        norm2 += d * d;
-                    }
+    let mut last = f64::INFINITY;
+    for rank in [1, 2, 4, 6, 8] {
+        let ex = smelt::lora::extract::extract(&base, &tuned, rank, backend).unwrap();
+        assert_eq!(ex.adapter.modules.len(), 6, "2 layers × q, v, up");
+        assert!(ex.not_representable.is_empty());
+        let mut err2 = 0f64;
+        let mut norm2 = 0f64;
+        for (m, rep) in ex.adapter.modules.iter().zip(&ex.modules) {
+            assert_eq!((m.a.rows, m.b.cols), (rank, rank));
+            let name = format!("{}.weight", m.name);
+            assert_eq!(rep.tensor, name);
+            let mut module_err2 = 0f64;
+            for i in 0..m.b.rows {
+                for j in 0..m.a.cols {
+                    let ba: f64 = (0..rank)
+                        .map(|k| m.b.at(i, k) as f64 * m.a.at(k, j) as f64)
+                        .sum();
+                    let e = j + i * m.a.cols;
+                    let d = tw[&name].data[e] as f64 - bw[&name].data[e] as f64;
+                    module_err2 += (d - ba).powi(2);
+                    norm2 += d * d;
                 }
-                let predicted = (1.0 - rep.energy) * rep.norm * rep.norm;
-                assert!(
-                    (module_err2 - predicted).abs() <= 1e-4 * rep.norm * rep.norm,
-                    "{bname} r{rank} {name}: measured err² {module_err2:e}, from energy {predicted:e}"
-                );
-                err2 += module_err2;
             }
-            let rel = (err2 / norm2).sqrt();
+            let predicted = (1.0 - rep.energy) * rep.norm * rep.norm;
             assert!(
-                rel < last,
-                "{bname}: rank {rank} error {rel} is not below {last}"
+                (module_err2 - predicted).abs() <= 1e-4 * rep.norm * rep.norm,
+                "{bname} r{rank} {name}: measured err² {module_err2:e}, from energy {predicted:e}"
             );
-            last = rel;
-            if rank == 8 {
-                assert!(
-                    rel < 1e-5,
-                    "{bname}: rank 8 must reproduce a rank-8 ΔW ({rel})"
-                );
-            }
+            err2 += module_err2;
+        }
+        let rel = (err2 / norm2).sqrt();
+        assert!(
+            rel < last,
+            "{bname}: rank {rank} error {rel} is not below {last}"
+        );
+        last = rel;
+        if rank == 8 {
+            assert!(
+                rel < 1e-5,
+                "{bname}: rank 8 must reproduce a rank-8 ΔW ({rel})"
+            );
         }
     }
 }
 
+backend_test!(extraction_error_falls_with_rank);
+
 /// `smelt lora extract` writes an adapter that smelt (and PEFT's layout) reads back: at the
 /// adapter's own rank, applying the extraction to the base reproduces PEFT's merged model,
 /// embeddings (lora_embedding_A/B, transposed) included.
-#[test]
-fn cli_extract_round_trips_through_apply() {
+fn cli_extract_round_trips_through_apply(bname: &str, backend: &dyn Backend) {
     let tmp = tempfile::tempdir().unwrap();
     for case in ["embed", "c"] {
         let out = tmp.path().join(format!("ex_{case}"));
@@ -705,17 +702,15 @@ fn cli_extract_round_trips_through_apply() {
         );
         let plan = plan_text(tmp.path(), &recipe, None);
         let expected = load_st(&peft().join(format!("apply_lora_{case}/model.safetensors")));
-        for (bname, backend) in backends() {
-            let got = merge_plan(&plan, backend.as_ref());
-            for (name, e) in &expected {
-                assert_close(
-                    &format!("{case} {bname} {name}"),
-                    &got[name].data,
-                    &e.data,
-                    DType::F32,
-                    Tol::abs_rel(2e-6, 1e-5),
-                );
-            }
+        let got = merge_plan(&plan, backend);
+        for (name, e) in &expected {
+            assert_close(
+                &format!("{case} {bname} {name}"),
+                &got[name].data,
+                &e.data,
+                DType::F32,
+                Tol::abs_rel(2e-6, 1e-5),
+            );
         }
     }
     let o = lora_cli(
@@ -727,10 +722,11 @@ fn cli_extract_round_trips_through_apply() {
     assert!(!tmp.path().join("none").exists());
 }
 
+backend_test!(cli_extract_round_trips_through_apply);
+
 /// `BASE+ADAPTER` works with any method: a linear merge of two adapted models equals the
 /// same merge of PEFT's two merged models, on every backend.
-#[test]
-fn adapted_models_merge_with_any_method() {
+fn adapted_models_merge_with_any_method(bname: &str, backend: &dyn Backend) {
     let tmp = tempfile::tempdir().unwrap();
     let recipe = format!(
         "merge_method: linear\nmodels:\n  - model: {b}+{a}\n    parameters: {{weight: 0.6}}\n  - model: {b}+{c}\n    parameters: {{weight: 0.4}}\n",
@@ -741,25 +737,25 @@ fn adapted_models_merge_with_any_method() {
     let plan = plan_text(tmp.path(), &recipe, None);
     let ea = load_st(&peft().join("apply_lora_a/model.safetensors"));
     let ec = load_st(&peft().join("apply_lora_c/model.safetensors"));
-    for (bname, backend) in backends() {
-        let got = merge_plan(&plan, backend.as_ref());
-        for (name, x) in &ea {
-            let want: Vec<f32> = x
-                .data
-                .iter()
-                .zip(&ec[name].data)
-                .map(|(x, y)| 0.6 * x + 0.4 * y)
-                .collect();
-            assert_close(
-                &format!("{bname} {name}"),
-                &got[name].data,
-                &want,
-                DType::F32,
-                Tol::abs_rel(2e-7, 2e-6),
-            );
-        }
+    let got = merge_plan(&plan, backend);
+    for (name, x) in &ea {
+        let want: Vec<f32> = x
+            .data
+            .iter()
+            .zip(&ec[name].data)
+            .map(|(x, y)| 0.6 * x + 0.4 * y)
+            .collect();
+        assert_close(
+            &format!("{bname} {name}"),
+            &got[name].data,
+            &want,
+            DType::F32,
+            Tol::abs_rel(2e-7, 2e-6),
+        );
     }
 }
+
+backend_test!(adapted_models_merge_with_any_method);
 
 // ---- LoRA-LEGO ----------------------------------------------------------------------------
 
@@ -768,78 +764,81 @@ fn adapted_models_merge_with_any_method() {
 /// at half weight each, k = its rank, pairs every unit with its twin and gives back the
 /// adapter's own ΔW (what PEFT's merge_and_unload adds). A clustered merge (k < units) is
 /// deterministic for a seed and agrees across backends.
-#[test]
-fn lego_exact_cases_and_parity() {
+fn lego_exact_cases_and_parity(bname: &str, backend: &dyn Backend) {
     let a = open_adapter("lora_a");
     let b = open_adapter("lora_b");
     let c = open_adapter("lora_c");
     let cat = load_st(&peft().join("merge_ac_cat/delta.safetensors"));
     let base = load_st(&peft().join("base/model.safetensors"));
     let applied = load_st(&peft().join("apply_lora_a/model.safetensors"));
-    let mut reference: Option<Vec<Vec<f32>>> = None;
-    for (bname, backend) in backends() {
-        let bk = backend.as_ref();
-        let m = smelt::lora::lego::lego(&[&a, &c], &[0.7, 0.3], Some(12), 3, bk).unwrap();
-        for module in &m.modules {
-            let d = m.delta(module, bk).unwrap();
-            let e = &cat[&format!("{}.weight", module.name)];
-            assert_close(
-                &format!("{bname} lego k=12 {}", module.name),
-                &d.data,
-                &e.data,
-                DType::F32,
-                Tol::abs_rel(2e-7, 1e-5),
-            );
-        }
-        let m = smelt::lora::lego::lego(&[&a, &a], &[0.5, 0.5], Some(4), 3, bk).unwrap();
-        assert_eq!(m.modules.len(), 4);
-        for module in &m.modules {
-            let d = m.delta(module, bk).unwrap();
-            let name = format!("{}.weight", module.name);
-            let want: Vec<f32> = applied[&name]
-                .data
-                .iter()
-                .zip(&base[&name].data)
-                .map(|(x, y)| x - y)
-                .collect();
-            assert_close(
-                &format!("{bname} lego twins {name}"),
-                &d.data,
-                &want,
-                DType::F32,
-                Tol::abs_rel(2e-7, 1e-5),
-            );
-        }
-        let run = || smelt::lora::lego::lego(&[&a, &b], &[0.7, 0.3], Some(4), 11, bk).unwrap();
-        let (m1, m2) = (run(), run());
-        let d1: Vec<Vec<f32>> = m1
+    let bk = backend;
+    let m = smelt::lora::lego::lego(&[&a, &c], &[0.7, 0.3], Some(12), 3, bk).unwrap();
+    for module in &m.modules {
+        let d = m.delta(module, bk).unwrap();
+        let e = &cat[&format!("{}.weight", module.name)];
+        assert_close(
+            &format!("{bname} lego k=12 {}", module.name),
+            &d.data,
+            &e.data,
+            DType::F32,
+            Tol::abs_rel(2e-7, 1e-5),
+        );
+    }
+    let m = smelt::lora::lego::lego(&[&a, &a], &[0.5, 0.5], Some(4), 3, bk).unwrap();
+    assert_eq!(m.modules.len(), 4);
+    for module in &m.modules {
+        let d = m.delta(module, bk).unwrap();
+        let name = format!("{}.weight", module.name);
+        let want: Vec<f32> = applied[&name]
+            .data
+            .iter()
+            .zip(&base[&name].data)
+            .map(|(x, y)| x - y)
+            .collect();
+        assert_close(
+            &format!("{bname} lego twins {name}"),
+            &d.data,
+            &want,
+            DType::F32,
+            Tol::abs_rel(2e-7, 1e-5),
+        );
+    }
+    let run = || smelt::lora::lego::lego(&[&a, &b], &[0.7, 0.3], Some(4), 11, bk).unwrap();
+    let (m1, m2) = (run(), run());
+    let d1: Vec<Vec<f32>> = m1
+        .modules
+        .iter()
+        .map(|x| m1.delta(x, bk).unwrap().data)
+        .collect();
+    let d2: Vec<Vec<f32>> = m2
+        .modules
+        .iter()
+        .map(|x| m2.delta(x, bk).unwrap().data)
+        .collect();
+    assert_eq!(d1, d2, "{bname}: same seed, same result");
+    assert_eq!(m1.config["r"], 4);
+    // the other backends against the CPU's result
+    if bname != "cpu" {
+        let cpu = smelt::backend::cpu::Cpu::new();
+        let mr = smelt::lora::lego::lego(&[&a, &b], &[0.7, 0.3], Some(4), 11, &cpu).unwrap();
+        let r: Vec<Vec<f32>> = mr
             .modules
             .iter()
-            .map(|x| m1.delta(x, bk).unwrap().data)
+            .map(|x| mr.delta(x, &cpu).unwrap().data)
             .collect();
-        let d2: Vec<Vec<f32>> = m2
-            .modules
-            .iter()
-            .map(|x| m2.delta(x, bk).unwrap().data)
-            .collect();
-        assert_eq!(d1, d2, "{bname}: same seed, same result");
-        assert_eq!(m1.config["r"], 4);
-        match &reference {
-            None => reference = Some(d1),
-            Some(r) => {
-                for (x, y) in r.iter().zip(&d1) {
-                    assert_close(
-                        &format!("{bname} vs cpu lego"),
-                        y,
-                        x,
-                        DType::F32,
-                        Tol::abs_rel(1e-6, 1e-5),
-                    );
-                }
-            }
+        for (x, y) in r.iter().zip(&d1) {
+            assert_close(
+                &format!("{bname} vs cpu lego"),
+                y,
+                x,
+                DType::F32,
+                Tol::abs_rel(1e-6, 1e-5),
+            );
         }
     }
 }
+
+backend_test!(lego_exact_cases_and_parity);
 
 /// `smelt lora merge --method lego` through the binary: at k = all units the written adapter
 /// applies PEFT's exact cat sum.
@@ -1386,8 +1385,7 @@ fn product(b: &smelt::linalg::Mat, a: &smelt::linalg::Mat) -> Vec<f32> {
 ///    where no sign differs. The clamped ΔW must differ from the unclamped one.
 /// 3. The CLI takes --svd-clamp, records it in the card, and refuses it where it has no
 ///    meaning.
-#[test]
-fn svd_clamp_matches_peft() {
+fn svd_clamp_matches_peft(bname: &str, backend: &dyn Backend) {
     let case = "merge_ab_svd_clamp";
     let dir = peft().join(case);
     let q = fixture_call(case).6.expect("the case has svd_clamp");
@@ -1455,62 +1453,64 @@ fn svd_clamp_matches_peft() {
         )
         .unwrap()
     };
-    for (bname, backend) in backends() {
-        let clamped = run(Some(q), backend.as_ref());
-        let plain = run(None, backend.as_ref());
-        assert_eq!(clamped.modules.len(), modules.len());
-        let mut same_signs = 0;
-        for (cm, pm) in clamped.modules.iter().zip(&plain.modules) {
-            let what = format!("{bname} {}", cm.name);
-            let (mut ea, mut eb) = pre_ab(&cm.name);
-            let r = ea.rows;
-            let mut flips = 0;
-            for j in 0..r {
-                let cos: f64 = (0..ea.cols)
-                    .map(|c| pm.a.at(j, c) as f64 * ea.at(j, c) as f64)
-                    .sum();
-                assert!(cos.abs() > 0.999, "{what}: rank {j} cos {cos}");
-                if cos < 0.0 {
-                    flips += 1;
-                    ea.data[j * ea.cols..(j + 1) * ea.cols]
-                        .iter_mut()
-                        .for_each(|x| *x = -*x);
-                    for i in 0..eb.rows {
-                        eb.data[i * r + j] = -eb.data[i * r + j];
-                    }
+    let clamped = run(Some(q), backend);
+    let plain = run(None, backend);
+    assert_eq!(clamped.modules.len(), modules.len());
+    let mut same_signs = 0;
+    for (cm, pm) in clamped.modules.iter().zip(&plain.modules) {
+        let what = format!("{bname} {}", cm.name);
+        let (mut ea, mut eb) = pre_ab(&cm.name);
+        let r = ea.rows;
+        let mut flips = 0;
+        for j in 0..r {
+            let cos: f64 = (0..ea.cols)
+                .map(|c| pm.a.at(j, c) as f64 * ea.at(j, c) as f64)
+                .sum();
+            assert!(cos.abs() > 0.999, "{what}: rank {j} cos {cos}");
+            if cos < 0.0 {
+                flips += 1;
+                ea.data[j * ea.cols..(j + 1) * ea.cols]
+                    .iter_mut()
+                    .for_each(|x| *x = -*x);
+                for i in 0..eb.rows {
+                    eb.data[i * r + j] = -eb.data[i * r + j];
                 }
             }
-            merge::clamp_factors(&mut ea, &mut eb, r, q);
-            let want = product(&eb, &ea);
-            let got = clamped.delta(cm, backend.as_ref()).unwrap();
-            let tol = Tol::abs_rel(2e-6, 1e-5);
-            assert_close(&what, &got.data, &want, DType::F32, tol);
-            let unclamped = plain.delta(pm, backend.as_ref()).unwrap();
-            assert!(
-                got.data
-                    .iter()
-                    .zip(&unclamped.data)
-                    .any(|(x, y)| (x - y).abs() > 1e-3),
-                "{what}: clamping changed nothing"
-            );
-            if flips == 0 {
-                same_signs += 1;
-                let e = &peft_delta[&format!("{}.weight", cm.name)];
-                assert_close(
-                    &format!("{what} vs PEFT"),
-                    &got.data,
-                    &e.data,
-                    DType::F32,
-                    tol,
-                );
-            }
         }
-        eprintln!(
-            "svd_clamp on {bname}: {same_signs} of {} modules have PEFT's signs",
-            modules.len()
+        merge::clamp_factors(&mut ea, &mut eb, r, q);
+        let want = product(&eb, &ea);
+        let got = clamped.delta(cm, backend).unwrap();
+        let tol = Tol::abs_rel(2e-6, 1e-5);
+        assert_close(&what, &got.data, &want, DType::F32, tol);
+        let unclamped = plain.delta(pm, backend).unwrap();
+        assert!(
+            got.data
+                .iter()
+                .zip(&unclamped.data)
+                .any(|(x, y)| (x - y).abs() > 1e-3),
+            "{what}: clamping changed nothing"
         );
+        if flips == 0 {
+            same_signs += 1;
+            let e = &peft_delta[&format!("{}.weight", cm.name)];
+            assert_close(
+                &format!("{what} vs PEFT"),
+                &got.data,
+                &e.data,
+                DType::F32,
+                tol,
+            );
+        }
     }
+    eprintln!(
+        "svd_clamp on {bname}: {same_signs} of {} modules have PEFT's signs",
+        modules.len()
+    );
 
+    // The rest does not depend on the backend under test: it runs once, in the cpu instance.
+    if bname != "cpu" {
+        return;
+    }
     // The CLI: written adapter = the in-process CPU merge; the card records the quantile.
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("clamped");
@@ -1573,6 +1573,8 @@ fn svd_clamp_matches_peft() {
     assert!(e.contains("svd_clamp") && e.contains("linear"), "{e}");
 }
 
+backend_test!(svd_clamp_matches_peft);
+
 // ---- modules_to_save through lora merge ---------------------------------------------------
 
 /// PEFT 0.21.2 merges an adapter with modules_to_save (lora_mts: a trained lm_head) with
@@ -1581,8 +1583,7 @@ fn svd_clamp_matches_peft() {
 /// is not carried, writes no lm_head and `modules_to_save: null`, and applied to the base it
 /// gives the model PEFT's merged adapter gives: base + PEFT's ΔW, lm_head the base's (not
 /// lora_mts's). The other order works the same; every backend.
-#[test]
-fn merge_with_modules_to_save_follows_peft() {
+fn merge_with_modules_to_save_follows_peft(bname: &str, backend: &dyn Backend) {
     let tmp = tempfile::tempdir().unwrap();
     let base = load_st(&peft().join("base/model.safetensors"));
     let fixture = peft().join("merge_mts_a_cat");
@@ -1652,20 +1653,20 @@ fn merge_with_modules_to_save_follows_peft() {
             out.display()
         );
         let plan = plan_text(tmp.path(), &recipe, None);
-        for (bname, backend) in backends() {
-            let applied = merge_plan(&plan, backend.as_ref());
-            for (k, want) in &expected {
-                assert_close(
-                    &format!("{first}+{second} on {bname}: {k}"),
-                    &applied[k].data,
-                    want,
-                    DType::F32,
-                    Tol::abs_rel(2e-7, 2e-6),
-                );
-            }
+        let applied = merge_plan(&plan, backend);
+        for (k, want) in &expected {
+            assert_close(
+                &format!("{first}+{second} on {bname}: {k}"),
+                &applied[k].data,
+                want,
+                DType::F32,
+                Tol::abs_rel(2e-7, 2e-6),
+            );
         }
     }
 }
+
+backend_test!(merge_with_modules_to_save_follows_peft);
 
 // ---- extraction with the GPU's randomised SVD ---------------------------------------------
 

@@ -3,11 +3,9 @@
 //! same weights and state as one recipe with all of them; the state's norms are the task
 //! vectors' norms; each step opens only the base, the previous merge and the new model.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use smelt::methods::opcm::STATE_NAME;
 use smelt::workflows::continual::continual_plan;
 
@@ -48,101 +46,100 @@ fn norm_of_task_vector(name: &str) -> f64 {
         .sqrt()
 }
 
-#[test]
-fn folding_one_at_a_time_equals_one_recipe_and_the_reference() {
+fn folding_one_at_a_time_equals_one_recipe_and_the_reference(bname: &str, backend: &dyn Backend) {
     let expected =
         load_st(&root().join("tests/fixtures/reference/cases/opcm/expected.safetensors"));
-    for (bname, backend) in backends() {
-        let tmp = tempfile::tempdir().unwrap();
-        let d = tmp.path();
-        // all three in one recipe
-        let all = plan_text(d, &opcm_recipe(&["ft1", "ft2", "ft3"]), None);
-        execute_to(&all, backend.as_ref(), &d.join("m123"), u64::MAX);
-        // ft1 + ft2 in a recipe, then ft3 folded in
-        let two = plan_text(d, &opcm_recipe(&["ft1", "ft2"]), None);
-        execute_to(&two, backend.as_ref(), &d.join("m12"), u64::MAX);
-        let step = continual_plan(&d.join("m12"), &models().join("ft3"), None, None).unwrap();
-        assert_eq!(
-            step.models.len(),
-            3,
-            "{bname}: base, the merge and the new model only"
-        );
-        execute_to(&step, backend.as_ref(), &d.join("c123"), u64::MAX);
-        // from ft1 alone: two continual steps
-        let s1 = continual_plan(
-            &models().join("ft1"),
-            &models().join("ft2"),
-            Some(&models().join("base")),
-            None,
-        )
-        .unwrap();
-        execute_to(&s1, backend.as_ref(), &d.join("s12"), u64::MAX);
-        let s2 = continual_plan(&d.join("s12"), &models().join("ft3"), None, None).unwrap();
-        assert_eq!(s2.models.len(), 3);
-        execute_to(&s2, backend.as_ref(), &d.join("s123"), u64::MAX);
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    // all three in one recipe
+    let all = plan_text(d, &opcm_recipe(&["ft1", "ft2", "ft3"]), None);
+    execute_to(&all, backend, &d.join("m123"), u64::MAX);
+    // ft1 + ft2 in a recipe, then ft3 folded in
+    let two = plan_text(d, &opcm_recipe(&["ft1", "ft2"]), None);
+    execute_to(&two, backend, &d.join("m12"), u64::MAX);
+    let step = continual_plan(&d.join("m12"), &models().join("ft3"), None, None).unwrap();
+    assert_eq!(
+        step.models.len(),
+        3,
+        "{bname}: base, the merge and the new model only"
+    );
+    execute_to(&step, backend, &d.join("c123"), u64::MAX);
+    // from ft1 alone: two continual steps
+    let s1 = continual_plan(
+        &models().join("ft1"),
+        &models().join("ft2"),
+        Some(&models().join("base")),
+        None,
+    )
+    .unwrap();
+    execute_to(&s1, backend, &d.join("s12"), u64::MAX);
+    let s2 = continual_plan(&d.join("s12"), &models().join("ft3"), None, None).unwrap();
+    assert_eq!(s2.models.len(), 3);
+    execute_to(&s2, backend, &d.join("s123"), u64::MAX);
 
-        let one = load_dir(&d.join("m123"));
-        for out in ["c123", "s123"] {
-            let got = load_dir(&d.join(out));
-            assert_eq!(got.len(), 30);
-            for (n, e) in &expected {
-                assert_close(
-                    &format!("{bname} {out}: {n}"),
-                    &got[n].data,
-                    &e.data,
-                    e.dtype,
-                    REF_TOL,
-                );
-                // the intermediate merge is stored in f32, as the recipe keeps it: the
-                // steps differ from the one recipe only by the SVDs of the stored merge
-                assert_close(
-                    &format!("{bname} {out} vs one recipe: {n}"),
-                    &got[n].data,
-                    &one[n].data,
-                    e.dtype,
-                    Tol::abs_rel(1e-6, 1e-5),
-                );
-            }
-            let (a, b) = (state(&d.join("m123")), state(&d.join(out)));
-            let lam = |s: &serde_json::Value| s["lambda"].as_f64().unwrap();
-            assert!(
-                (lam(&a) - lam(&b)).abs() < 1e-6 * lam(&a),
-                "{bname} {out}: λ {a} vs {b}"
+    let one = load_dir(&d.join("m123"));
+    for out in ["c123", "s123"] {
+        let got = load_dir(&d.join(out));
+        assert_eq!(got.len(), 30);
+        for (n, e) in &expected {
+            assert_close(
+                &format!("{bname} {out}: {n}"),
+                &got[n].data,
+                &e.data,
+                e.dtype,
+                REF_TOL,
             );
-            let norms = |s: &serde_json::Value| -> Vec<f64> {
-                s["norms"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_f64().unwrap())
-                    .collect()
-            };
-            let want: Vec<f64> = ["ft1", "ft2", "ft3"]
-                .iter()
-                .map(|m| norm_of_task_vector(m))
-                .collect();
-            for (g, w) in norms(&b).iter().zip(&want) {
-                assert!(
-                    (g - w).abs() < 1e-6 * w,
-                    "{bname} {out}: norms {:?} vs {want:?}",
-                    norms(&b)
-                );
-            }
-            assert_eq!(norms(&b).len(), 3);
-            let listed: Vec<&str> = b["models"]
+            // the intermediate merge is stored in f32, as the recipe keeps it: the
+            // steps differ from the one recipe only by the SVDs of the stored merge
+            assert_close(
+                &format!("{bname} {out} vs one recipe: {n}"),
+                &got[n].data,
+                &one[n].data,
+                e.dtype,
+                Tol::abs_rel(1e-6, 1e-5),
+            );
+        }
+        let (a, b) = (state(&d.join("m123")), state(&d.join(out)));
+        let lam = |s: &serde_json::Value| s["lambda"].as_f64().unwrap();
+        assert!(
+            (lam(&a) - lam(&b)).abs() < 1e-6 * lam(&a),
+            "{bname} {out}: λ {a} vs {b}"
+        );
+        let norms = |s: &serde_json::Value| -> Vec<f64> {
+            s["norms"]
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|m| m["path"].as_str().unwrap())
-                .collect();
-            assert_eq!(listed.len(), 3, "{bname} {out}: {listed:?}");
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        };
+        let want: Vec<f64> = ["ft1", "ft2", "ft3"]
+            .iter()
+            .map(|m| norm_of_task_vector(m))
+            .collect();
+        for (g, w) in norms(&b).iter().zip(&want) {
             assert!(
-                listed[2].ends_with("ft3") && listed[1].ends_with("ft2"),
-                "{listed:?}"
+                (g - w).abs() < 1e-6 * w,
+                "{bname} {out}: norms {:?} vs {want:?}",
+                norms(&b)
             );
         }
+        assert_eq!(norms(&b).len(), 3);
+        let listed: Vec<&str> = b["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["path"].as_str().unwrap())
+            .collect();
+        assert_eq!(listed.len(), 3, "{bname} {out}: {listed:?}");
+        assert!(
+            listed[2].ends_with("ft3") && listed[1].ends_with("ft2"),
+            "{listed:?}"
+        );
     }
 }
+
+backend_test!(folding_one_at_a_time_equals_one_recipe_and_the_reference);
 
 #[test]
 fn a_single_model_state_starts_at_lambda_one() {

@@ -5,12 +5,10 @@
 //! (four 16 Ki chunks) with many equal magnitudes across chunk boundaries, so selections
 //! depend on the tie rule and reductions on the combination order.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 
 const RECIPES: [(&str, &str); 3] = [
     (
@@ -100,35 +98,34 @@ fn setup() -> tempfile::TempDir {
     tmp
 }
 
-#[test]
-fn repeated_runs_are_byte_identical() {
+fn repeated_runs_are_byte_identical(bname: &str, backend: &dyn Backend) {
     let tmp = setup();
-    for (bname, backend) in backends() {
-        for (name, _) in RECIPES {
-            let recipe = tmp.path().join(format!("{name}.yml"));
-            // each run writes a folder named `out` (the name goes into the model card)
-            let runs: Vec<BTreeMap<String, Vec<u8>>> = (0..2)
-                .map(|_| {
-                    let d = tempfile::tempdir().unwrap();
-                    let out = d.path().join("out");
-                    let plan = plan_file(&recipe, Some(11));
-                    execute_to(&plan, backend.as_ref(), &out, 5_000_000_000);
-                    dir_bytes(&out)
-                })
-                .collect();
-            assert!(runs[0].contains_key("model.safetensors"));
-            assert!(
-                runs[0] == runs[1],
-                "{bname}: {name}: two runs differ in {:?}",
-                runs[0]
-                    .iter()
-                    .filter(|(k, v)| runs[1].get(*k) != Some(v))
-                    .map(|(k, _)| k)
-                    .collect::<Vec<_>>()
-            );
-        }
+    for (name, _) in RECIPES {
+        let recipe = tmp.path().join(format!("{name}.yml"));
+        // each run writes a folder named `out` (the name goes into the model card)
+        let runs: Vec<BTreeMap<String, Vec<u8>>> = (0..2)
+            .map(|_| {
+                let d = tempfile::tempdir().unwrap();
+                let out = d.path().join("out");
+                let plan = plan_file(&recipe, Some(11));
+                execute_to(&plan, backend, &out, 5_000_000_000);
+                dir_bytes(&out)
+            })
+            .collect();
+        assert!(runs[0].contains_key("model.safetensors"));
+        assert!(
+            runs[0] == runs[1],
+            "{bname}: {name}: two runs differ in {:?}",
+            runs[0]
+                .iter()
+                .filter(|(k, v)| runs[1].get(*k) != Some(v))
+                .map(|(k, _)| k)
+                .collect::<Vec<_>>()
+        );
     }
 }
+
+backend_test!(repeated_runs_are_byte_identical);
 
 #[test]
 fn thread_count_does_not_change_the_output() {
@@ -176,53 +173,49 @@ fn thread_count_does_not_change_the_output() {
     }
 }
 
-#[test]
-fn seed_changes_dare_and_only_dare() {
+fn seed_changes_dare_and_only_dare(bname: &str, backend: &dyn Backend) {
     let tmp = setup();
-    for (bname, backend) in backends() {
-        let run = |recipe: &str, seed: Option<u64>| {
-            merge_plan_bytes(&plan_file(&tmp.path().join(recipe), seed), backend.as_ref())
-        };
-        let one = run("dare_ties.yml", Some(1));
-        let one_again = run("dare_ties.yml", Some(1));
-        let two = run("dare_ties.yml", Some(2));
-        assert!(one == one_again, "{bname}: same seed, different output");
-        for (name, bytes) in &one {
-            assert_ne!(
-                *bytes, two[name],
-                "{bname}: {name} is the same for seeds 1 and 2"
-            );
-        }
-        // deterministic methods ignore the seed
-        for recipe in ["ties.yml", "breadcrumbs.yml"] {
-            assert!(
-                run(recipe, Some(1)) == run(recipe, Some(2)),
-                "{bname}: {recipe} depends on the seed"
-            );
-        }
+    let run = |recipe: &str, seed: Option<u64>| {
+        merge_plan_bytes(&plan_file(&tmp.path().join(recipe), seed), backend)
+    };
+    let one = run("dare_ties.yml", Some(1));
+    let one_again = run("dare_ties.yml", Some(1));
+    let two = run("dare_ties.yml", Some(2));
+    assert!(one == one_again, "{bname}: same seed, different output");
+    for (name, bytes) in &one {
+        assert_ne!(
+            *bytes, two[name],
+            "{bname}: {name} is the same for seeds 1 and 2"
+        );
+    }
+    // deterministic methods ignore the seed
+    for recipe in ["ties.yml", "breadcrumbs.yml"] {
+        assert!(
+            run(recipe, Some(1)) == run(recipe, Some(2)),
+            "{bname}: {recipe} depends on the seed"
+        );
     }
     // the recipe's `seed:` key is the same as --seed; the default seed is 0
     let with_key = tmp.path().join("dare_keyed.yml");
     std::fs::write(&with_key, format!("{}seed: 2\n", RECIPES[1].1)).unwrap();
-    for (bname, backend) in backends() {
-        let run = |recipe: &Path, seed: Option<u64>| {
-            merge_plan_bytes(&plan_file(recipe, seed), backend.as_ref())
-        };
-        let plain = tmp.path().join("dare_ties.yml");
-        assert!(
-            run(&with_key, None) == run(&plain, Some(2)),
-            "{bname}: `seed: 2` differs from --seed 2"
-        );
-        assert!(
-            run(&with_key, Some(3)) == run(&plain, Some(3)),
-            "{bname}: --seed does not override the recipe's seed"
-        );
-        assert!(
-            run(&plain, None) == run(&plain, Some(0)),
-            "{bname}: the default seed is not 0"
-        );
-    }
+    let run =
+        |recipe: &Path, seed: Option<u64>| merge_plan_bytes(&plan_file(recipe, seed), backend);
+    let plain = tmp.path().join("dare_ties.yml");
+    assert!(
+        run(&with_key, None) == run(&plain, Some(2)),
+        "{bname}: `seed: 2` differs from --seed 2"
+    );
+    assert!(
+        run(&with_key, Some(3)) == run(&plain, Some(3)),
+        "{bname}: --seed does not override the recipe's seed"
+    );
+    assert!(
+        run(&plain, None) == run(&plain, Some(0)),
+        "{bname}: the default seed is not 0"
+    );
 }
+
+backend_test!(seed_changes_dare_and_only_dare);
 
 #[test]
 fn seed_flag_changes_the_binarys_dare_output() {

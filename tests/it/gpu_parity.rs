@@ -6,9 +6,9 @@
 //! Needs a GPU adapter (lavapipe in CI). Without one the tests say so and pass, unless
 //! SMELT_REQUIRE_GPU is set (as `.ci/run` does), in which case they fail.
 
-mod common;
+use crate::common;
 
-use common::{assert_close, Tol};
+use crate::common::{assert_close, Tol};
 use smelt::backend::cpu::Cpu;
 use smelt::backend::gpu::{Gpu, GpuOptions};
 use smelt::backend::{

@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use smelt::backend::Backend;
+pub use smelt::backend::Backend;
 use smelt::dtype::{self, DType};
 use smelt::exec::{self, ExecOptions, Report};
 use smelt::io::safetensors::SafetensorsFile;
@@ -18,32 +18,96 @@ use smelt::recipe::Recipe;
 
 // ---- backends ----------------------------------------------------------------------------
 
-/// Every backend the math tests run on, with a name for messages: the CPU, and when an
-/// adapter exists (lavapipe in CI) the GPU twice: whole tensors resident, and 1024-element
-/// tiles streamed through two slots, so every tensor of the fixtures spans several tiles.
-/// Every test that loops over this list runs unchanged on each.
+/// The backends every math test runs on: the CPU, and when an adapter exists (lavapipe in CI)
+/// the GPU twice: whole tensors resident, and 1024-element tiles streamed through two slots,
+/// so every tensor of the fixtures spans several tiles. [`backend_test!`] makes one `#[test]`
+/// of each, so a failure on one does not hide the others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum On {
+    Cpu,
+    Gpu,
+    GpuStreamed,
+}
+
+impl On {
+    pub const ALL: [On; 3] = [On::Cpu, On::Gpu, On::GpuStreamed];
+
+    /// The name messages use for this backend.
+    pub fn name(self) -> &'static str {
+        match self {
+            On::Cpu => "cpu",
+            On::Gpu => "gpu",
+            On::GpuStreamed => "gpu-streamed",
+        }
+    }
+
+    /// The backend, or None for a GPU one when no adapter works (see [`gpu_context`]: it
+    /// prints a note, or panics when SMELT_REQUIRE_GPU is set).
+    pub fn backend(self) -> Option<Box<dyn Backend>> {
+        match self {
+            On::Cpu => Some(Box::new(smelt::backend::cpu::Cpu::new())),
+            On::Gpu | On::GpuStreamed => Some(self.on_gpu(gpu_context()?)),
+        }
+    }
+
+    fn on_gpu(self, ctx: std::sync::Arc<smelt::backend::gpu::GpuContext>) -> Box<dyn Backend> {
+        use smelt::backend::gpu::{Gpu, GpuOptions};
+        let options = match self {
+            On::GpuStreamed => GpuOptions {
+                tile_elems: Some(1024),
+                vram_budget: Some(1),
+                ..Default::default()
+            },
+            _ => GpuOptions::default(),
+        };
+        Box::new(Gpu::with_context(ctx, &options))
+    }
+}
+
+/// Every backend of [`On::ALL`] that is available, with its name, for the tests that compare
+/// backends with each other (a test of one backend at a time uses [`backend_test!`]).
 pub fn backends() -> Vec<(String, Box<dyn Backend>)> {
-    use smelt::backend::gpu::{Gpu, GpuOptions};
     let mut v: Vec<(String, Box<dyn Backend>)> = vec![(
-        "cpu".to_string(),
-        Box::new(smelt::backend::cpu::Cpu::new()) as Box<dyn Backend>,
+        On::Cpu.name().to_string(),
+        On::Cpu.backend().expect("the CPU is always there"),
     )];
     if let Some(ctx) = gpu_context() {
-        v.push((
-            "gpu".to_string(),
-            Box::new(Gpu::with_context(ctx.clone(), &GpuOptions::default())),
-        ));
-        let streamed = GpuOptions {
-            tile_elems: Some(1024),
-            vram_budget: Some(1),
-            ..Default::default()
-        };
-        v.push((
-            "gpu-streamed".to_string(),
-            Box::new(Gpu::with_context(ctx, &streamed)),
-        ));
+        for on in [On::Gpu, On::GpuStreamed] {
+            v.push((on.name().to_string(), on.on_gpu(ctx.clone())));
+        }
     }
     v
+}
+
+/// Runs one backend's instance of a test body; a GPU backend without an adapter skips it
+/// (or fails it under SMELT_REQUIRE_GPU), as [`gpu_context`] decides.
+pub fn run_on(on: On, test: fn(&str, &dyn Backend)) {
+    if let Some(backend) = on.backend() {
+        test(on.name(), backend.as_ref());
+    }
+}
+
+/// `backend_test!(name, ...)` turns each `fn name(bname: &str, backend: &dyn Backend)` of
+/// the calling module into three tests, `name::cpu`, `name::gpu` and `name::gpu_streamed`,
+/// one per [`On`] backend, so each backend passes or fails on its own (in the manner of
+/// candle's `test_device!`).
+macro_rules! backend_test {
+    ($($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn cpu() {
+                $crate::common::run_on($crate::common::On::Cpu, super::$name)
+            }
+            #[test]
+            fn gpu() {
+                $crate::common::run_on($crate::common::On::Gpu, super::$name)
+            }
+            #[test]
+            fn gpu_streamed() {
+                $crate::common::run_on($crate::common::On::GpuStreamed, super::$name)
+            }
+        }
+    )+};
 }
 
 // ---- tolerance ---------------------------------------------------------------------------

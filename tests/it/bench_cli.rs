@@ -2,7 +2,7 @@
 //! and every listed method gets a row per backend with a positive time, and the JSON report
 //! carries the machine description users share.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 

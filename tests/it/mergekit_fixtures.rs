@@ -6,11 +6,9 @@
 //! against the fixture's; DELLA's keep masks must also be the same on every backend.
 //! ties_bf16: documented gap, measured and bounded from below.
 
-mod common;
-
 use std::collections::BTreeMap;
 
-use common::*;
+use crate::common::*;
 use smelt::dtype::DType;
 
 const TENSORS: usize = 21;
@@ -38,110 +36,120 @@ fn assert_same_model(case: &str, got: &BTreeMap<String, T>, exp: &BTreeMap<Strin
     }
 }
 
-fn exact_case(case: &str) {
+fn exact_case(bname: &str, backend: &dyn Backend, case: &str) {
     let exp = expected(case);
-    for (bname, backend) in backends() {
-        let tmp = tempfile::tempdir().unwrap();
-        let out = tmp.path().join("out");
-        let plan = plan_file(&case_dir(case).join("config.yml"), None);
-        assert_eq!(plan.tasks.len(), TENSORS, "{case}: planned tensors");
-        let report = execute_to(&plan, backend.as_ref(), &out, 5_000_000_000);
-        assert_eq!(report.tensors, TENSORS);
-        assert_eq!(report.shards, 1);
-        let got = load_dir(&out);
-        assert_same_model(&format!("{case} on {bname}"), &got, &exp, Tol::FIXTURE);
-    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let plan = plan_file(&case_dir(case).join("config.yml"), None);
+    assert_eq!(plan.tasks.len(), TENSORS, "{case}: planned tensors");
+    let report = execute_to(&plan, backend, &out, 5_000_000_000);
+    assert_eq!(report.tensors, TENSORS);
+    assert_eq!(report.shards, 1);
+    let got = load_dir(&out);
+    assert_same_model(&format!("{case} on {bname}"), &got, &exp, Tol::FIXTURE);
 }
 
-#[test]
-fn linear() {
-    exact_case("linear");
+fn linear(bname: &str, backend: &dyn Backend) {
+    exact_case(bname, backend, "linear");
 }
 
-#[test]
-fn task_arithmetic() {
-    exact_case("task_arithmetic");
+backend_test!(linear);
+
+fn task_arithmetic(bname: &str, backend: &dyn Backend) {
+    exact_case(bname, backend, "task_arithmetic");
 }
 
-#[test]
-fn ties() {
-    exact_case("ties");
+backend_test!(task_arithmetic);
+
+fn ties(bname: &str, backend: &dyn Backend) {
+    exact_case(bname, backend, "ties");
 }
 
-#[test]
-fn ties_d03_weights() {
-    exact_case("ties_d03_weights");
+backend_test!(ties);
+
+fn ties_d03_weights(bname: &str, backend: &dyn Backend) {
+    exact_case(bname, backend, "ties_d03_weights");
 }
 
-#[test]
-fn breadcrumbs() {
-    exact_case("breadcrumbs");
+backend_test!(ties_d03_weights);
+
+fn breadcrumbs(bname: &str, backend: &dyn Backend) {
+    exact_case(bname, backend, "breadcrumbs");
 }
 
-#[test]
-fn breadcrumbs_ties() {
-    exact_case("breadcrumbs_ties");
+backend_test!(breadcrumbs);
+
+fn breadcrumbs_ties(bname: &str, backend: &dyn Backend) {
+    exact_case(bname, backend, "breadcrumbs_ties");
 }
 
-#[test]
-fn passthrough() {
-    exact_case("passthrough");
+backend_test!(breadcrumbs_ties);
+
+fn passthrough(bname: &str, backend: &dyn Backend) {
+    exact_case(bname, backend, "passthrough");
 }
 
-#[test]
-fn sce() {
-    exact_case("sce");
+backend_test!(passthrough);
+
+fn sce(bname: &str, backend: &dyn Backend) {
+    exact_case(bname, backend, "sce");
 }
 
-#[test]
-fn model_stock() {
-    exact_case("model_stock");
+backend_test!(sce);
+
+fn model_stock(bname: &str, backend: &dyn Backend) {
+    exact_case(bname, backend, "model_stock");
 }
 
-#[test]
-fn slerp() {
-    exact_case("slerp");
+backend_test!(model_stock);
+
+fn slerp(bname: &str, backend: &dyn Backend) {
+    exact_case(bname, backend, "slerp");
 }
 
-#[test]
-fn nuslerp() {
-    exact_case("nuslerp");
+backend_test!(slerp);
+
+fn nuslerp(bname: &str, backend: &dyn Backend) {
+    exact_case(bname, backend, "nuslerp");
 }
 
-#[test]
-fn karcher() {
-    exact_case("karcher");
+backend_test!(nuslerp);
+
+fn karcher(bname: &str, backend: &dyn Backend) {
+    exact_case(bname, backend, "karcher");
 }
 
-#[test]
-fn multislerp() {
-    exact_case("multislerp");
+backend_test!(karcher);
+
+fn multislerp(bname: &str, backend: &dyn Backend) {
+    exact_case(bname, backend, "multislerp");
 }
+
+backend_test!(multislerp);
 
 /// The passthrough case is a pure copy: check it bit for bit as well, against the models it
 /// names (layer 0 and the embeddings from ft1, layer 1, norm and lm_head from ft2).
-#[test]
-fn passthrough_is_a_bit_copy_of_its_sources() {
+fn passthrough_is_a_bit_copy_of_its_sources(bname: &str, backend: &dyn Backend) {
     let ft1 = load_st(&fixture_model("ft1").join("model.safetensors"));
     let ft2 = load_st(&fixture_model("ft2").join("model.safetensors"));
-    for (bname, backend) in backends() {
-        let plan = plan_file(&case_dir("passthrough").join("config.yml"), None);
-        let got = merge_plan(&plan, backend.as_ref());
-        for (name, g) in &got {
-            let src = if name.contains("layers.0.") || name.contains("embed_tokens") {
-                &ft1
-            } else {
-                &ft2
-            };
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(
-                bits(&g.data),
-                bits(&src[name].data),
-                "{bname}: {name} is not a bit copy"
-            );
-        }
+    let plan = plan_file(&case_dir("passthrough").join("config.yml"), None);
+    let got = merge_plan(&plan, backend);
+    for (name, g) in &got {
+        let src = if name.contains("layers.0.") || name.contains("embed_tokens") {
+            &ft1
+        } else {
+            &ft2
+        };
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&g.data),
+            bits(&src[name].data),
+            "{bname}: {name} is not a bit copy"
+        );
     }
 }
+
+backend_test!(passthrough_is_a_bit_copy_of_its_sources);
 
 /// Fraction of elements that differ from the base, and the mean |x - base|.
 fn change_stats(x: &[f32], base: &[f32]) -> (f64, f64) {
@@ -278,8 +286,7 @@ fn della_statistics_and_masks() {
 /// delta is preserved, and each tensor keeps a fraction p of its elements within
 /// 4·sqrt(p(1-p)/n). Base and delta magnitudes are chosen so that a kept element can never
 /// round back to the base.
-#[test]
-fn dare_rescale_invariant() {
+fn dare_rescale_invariant(bname: &str, backend: &dyn Backend) {
     let p = 0.3f64;
     let tmp = tempfile::tempdir().unwrap();
     let mut rng = Lcg(7);
@@ -311,104 +318,103 @@ fn dare_rescale_invariant() {
     let recipe = format!(
         "merge_method: dare_linear\nbase_model: base\nmodels:\n  - model: ft\n    parameters: {{weight: 1.0, density: {p}}}\nparameters: {{lambda: 1.0, rescale: true}}\ndtype: float32\n"
     );
-    for (bname, backend) in backends() {
-        for seed in [0u64, 1, 99] {
-            let plan = plan_text(tmp.path(), &recipe, Some(seed));
-            let got = merge_plan(&plan, backend.as_ref());
-            for ((name, bt), (_, xt)) in base.iter().zip(&ft) {
-                let out = &got[*name].data;
-                let n = out.len();
-                // the delta in the compute dtype, as the engine forms it
-                let d: Vec<f32> = xt.data.iter().zip(&bt.data).map(|(x, b)| x - b).collect();
-                let kept: Vec<bool> = out.iter().zip(&bt.data).map(|(o, b)| o != b).collect();
-                let k = kept.iter().filter(|k| **k).count();
-                let full: f64 = d.iter().map(|v| v.abs() as f64).sum();
-                let kept_l1: f64 = d
-                    .iter()
-                    .zip(&kept)
-                    .filter(|(_, k)| **k)
-                    .map(|(v, _)| v.abs() as f64)
-                    .sum();
-                let what = format!("{bname}, seed {seed}, tensor {name}");
-                assert!(k > 0, "{what}: nothing kept");
-                let ratio = full / kept_l1;
-                // out - base, for kept elements only, against delta * ratio
-                let (mut g, mut e) = (Vec::new(), Vec::new());
-                for i in 0..n {
-                    if kept[i] {
-                        g.push((out[i] as f64 - bt.data[i] as f64) as f32);
-                        e.push((d[i] as f64 * ratio) as f32);
-                    }
+    for seed in [0u64, 1, 99] {
+        let plan = plan_text(tmp.path(), &recipe, Some(seed));
+        let got = merge_plan(&plan, backend);
+        for ((name, bt), (_, xt)) in base.iter().zip(&ft) {
+            let out = &got[*name].data;
+            let n = out.len();
+            // the delta in the compute dtype, as the engine forms it
+            let d: Vec<f32> = xt.data.iter().zip(&bt.data).map(|(x, b)| x - b).collect();
+            let kept: Vec<bool> = out.iter().zip(&bt.data).map(|(o, b)| o != b).collect();
+            let k = kept.iter().filter(|k| **k).count();
+            let full: f64 = d.iter().map(|v| v.abs() as f64).sum();
+            let kept_l1: f64 = d
+                .iter()
+                .zip(&kept)
+                .filter(|(_, k)| **k)
+                .map(|(v, _)| v.abs() as f64)
+                .sum();
+            let what = format!("{bname}, seed {seed}, tensor {name}");
+            assert!(k > 0, "{what}: nothing kept");
+            let ratio = full / kept_l1;
+            // out - base, for kept elements only, against delta * ratio
+            let (mut g, mut e) = (Vec::new(), Vec::new());
+            for i in 0..n {
+                if kept[i] {
+                    g.push((out[i] as f64 - bt.data[i] as f64) as f32);
+                    e.push((d[i] as f64 * ratio) as f32);
                 }
-                assert_close(
-                    &format!("{what}: kept elements"),
-                    &g,
-                    &e,
-                    DType::F32,
-                    Tol::abs_rel(0.0, 4.0 * f32::EPSILON as f64),
-                );
-                let out_l1: f64 = out
-                    .iter()
-                    .zip(&bt.data)
-                    .map(|(o, b)| (*o as f64 - *b as f64).abs())
-                    .sum();
-                assert!(
-                    (out_l1 - full).abs() <= 1e-5 * full,
-                    "{what}: L1 {out_l1} vs delta L1 {full}"
-                );
-                let frac = k as f64 / n as f64;
-                let bound = 4.0 * (p * (1.0 - p) / n as f64).sqrt();
-                assert!(
-                    (frac - p).abs() <= bound,
-                    "{what}: kept fraction {frac:.4}, expected {p} ± {bound:.4}"
-                );
             }
+            assert_close(
+                &format!("{what}: kept elements"),
+                &g,
+                &e,
+                DType::F32,
+                Tol::abs_rel(0.0, 4.0 * f32::EPSILON as f64),
+            );
+            let out_l1: f64 = out
+                .iter()
+                .zip(&bt.data)
+                .map(|(o, b)| (*o as f64 - *b as f64).abs())
+                .sum();
+            assert!(
+                (out_l1 - full).abs() <= 1e-5 * full,
+                "{what}: L1 {out_l1} vs delta L1 {full}"
+            );
+            let frac = k as f64 / n as f64;
+            let bound = 4.0 * (p * (1.0 - p) / n as f64).sqrt();
+            assert!(
+                (frac - p).abs() <= bound,
+                "{what}: kept fraction {frac:.4}, expected {p} ± {bound:.4}"
+            );
         }
     }
 }
 
+backend_test!(dare_rescale_invariant);
+
 /// mergekit computed `ties_bf16` in bf16 throughout; smelt rounds the inputs to bf16, computes
 /// in f32 and rounds once. The README measured 96% of elements within 1 bf16 ulp for that
 /// approach; we require at least 90% and print what we got.
-#[test]
-fn ties_bf16_documented_gap() {
+fn ties_bf16_documented_gap(bname: &str, backend: &dyn Backend) {
     let case = "ties_bf16";
     assert!(case_dir(case).join("BF16_COMPUTE").exists());
     let exp = expected(case);
-    for (bname, backend) in backends() {
-        let plan = plan_file(&case_dir(case).join("config.yml"), None);
-        let got = merge_plan(&plan, backend.as_ref());
-        assert_eq!(
-            got.keys().collect::<Vec<_>>(),
-            exp.keys().collect::<Vec<_>>()
-        );
-        let (mut n, mut same, mut one, mut over8) = (0usize, 0usize, 0usize, 0usize);
-        for (name, e) in &exp {
-            let g = &got[name];
-            assert_eq!(e.dtype, DType::BF16, "{name}: fixture dtype");
-            assert_eq!(g.dtype, DType::BF16, "{name}: output dtype");
-            assert_eq!(g.shape, e.shape, "{name}");
-            n += e.data.len();
-            same += e.data.len() - compare(&g.data, &e.data, DType::BF16, Tol::EXACT).failed;
-            one += e.data.len() - compare(&g.data, &e.data, DType::BF16, Tol::ulps(1)).failed;
-            over8 += compare(&g.data, &e.data, DType::BF16, Tol::ulps(8)).failed;
-        }
-        let (fs, f1, f8) = (
-            same as f64 / n as f64,
-            one as f64 / n as f64,
-            over8 as f64 / n as f64,
-        );
-        println!(
-            "ties_bf16 on {bname}: {n} elements, identical {:.2}%, within 1 bf16 ulp {:.2}%, more than 8 ulps {:.2}%",
-            100.0 * fs,
-            100.0 * f1,
-            100.0 * f8
-        );
-        assert!(
-            f1 >= 0.90,
-            "{bname}: only {:.2}% within 1 bf16 ulp (README: ~96%)",
-            100.0 * f1
-        );
-        assert!(fs >= 0.85, "{bname}: only {:.2}% identical", 100.0 * fs);
+    let plan = plan_file(&case_dir(case).join("config.yml"), None);
+    let got = merge_plan(&plan, backend);
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        exp.keys().collect::<Vec<_>>()
+    );
+    let (mut n, mut same, mut one, mut over8) = (0usize, 0usize, 0usize, 0usize);
+    for (name, e) in &exp {
+        let g = &got[name];
+        assert_eq!(e.dtype, DType::BF16, "{name}: fixture dtype");
+        assert_eq!(g.dtype, DType::BF16, "{name}: output dtype");
+        assert_eq!(g.shape, e.shape, "{name}");
+        n += e.data.len();
+        same += e.data.len() - compare(&g.data, &e.data, DType::BF16, Tol::EXACT).failed;
+        one += e.data.len() - compare(&g.data, &e.data, DType::BF16, Tol::ulps(1)).failed;
+        over8 += compare(&g.data, &e.data, DType::BF16, Tol::ulps(8)).failed;
     }
+    let (fs, f1, f8) = (
+        same as f64 / n as f64,
+        one as f64 / n as f64,
+        over8 as f64 / n as f64,
+    );
+    println!(
+        "ties_bf16 on {bname}: {n} elements, identical {:.2}%, within 1 bf16 ulp {:.2}%, more than 8 ulps {:.2}%",
+        100.0 * fs,
+        100.0 * f1,
+        100.0 * f8
+    );
+    assert!(
+        f1 >= 0.90,
+        "{bname}: only {:.2}% within 1 bf16 ulp (README: ~96%)",
+        100.0 * f1
+    );
+    assert!(fs >= 0.85, "{bname}: only {:.2}% identical", 100.0 * fs);
 }
+
+backend_test!(ties_bf16_documented_gap);

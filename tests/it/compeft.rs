@@ -3,12 +3,10 @@
 //! hand-computed cases, the properties that define it, and its errors. Every math test runs
 //! on every backend.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use smelt::backend::Backend;
 use smelt::compeft::{compress, Compressed, Report, Settings};
 use smelt::io::model::ModelFolder;
@@ -162,36 +160,35 @@ fn vec_pair(dir: &Path, tau: &[f32]) -> (PathBuf, PathBuf) {
     (b, m)
 }
 
-#[test]
-fn hand_computed_threshold_ties_and_scale() {
+fn hand_computed_threshold_ties_and_scale(bname: &str, backend: &dyn Backend) {
     // d = 8, density 0.25: int(8·0.25) = 2, the threshold is the 8 − 2 = 6th smallest |τ|
     // of [0, 0.25, 0.5, 1, 2, 2, 3, 4] = 2, so both 2s are kept: 4 entries, one over 2 + 1.
     let tau = [0.5f32, -3.0, 2.0, 0.0, -1.0, 4.0, 0.25, -2.0];
     // unbiased std, by hand: mean 0.09375, Σx² 34.3125, var (34.3125 − 8·0.09375²)/7
     let sigma = ((34.3125f64 - 8.0 * 0.09375 * 0.09375) / 7.0).sqrt();
-    for (bname, backend) in backends() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (b, m) = vec_pair(tmp.path(), &tau);
-        let out = tmp.path().join("c");
-        let r = run_compress(&m, &b, 0.25, 1.5, backend.as_ref(), &out);
-        assert_eq!(r.stats.kept, 4, "{bname}");
-        assert_eq!(r.nnz, 4, "{bname}");
-        assert_eq!(r.stats.threshold, 2.0, "{bname}");
-        assert!(
-            (r.stats.sigma - sigma).abs() < 1e-12,
-            "{bname}: σ {}",
-            r.stats.sigma
-        );
-        let s = (sigma as f32) * 1.5;
-        assert_eq!(r.stats.scale, s, "{bname}");
-        let c = Compressed::open(&out).unwrap();
-        assert_eq!(
-            c.decompress("w").unwrap(),
-            vec![0.0, -s, s, 0.0, 0.0, s, 0.0, -s],
-            "{bname}"
-        );
-    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (b, m) = vec_pair(tmp.path(), &tau);
+    let out = tmp.path().join("c");
+    let r = run_compress(&m, &b, 0.25, 1.5, backend, &out);
+    assert_eq!(r.stats.kept, 4, "{bname}");
+    assert_eq!(r.nnz, 4, "{bname}");
+    assert_eq!(r.stats.threshold, 2.0, "{bname}");
+    assert!(
+        (r.stats.sigma - sigma).abs() < 1e-12,
+        "{bname}: σ {}",
+        r.stats.sigma
+    );
+    let s = (sigma as f32) * 1.5;
+    assert_eq!(r.stats.scale, s, "{bname}");
+    let c = Compressed::open(&out).unwrap();
+    assert_eq!(
+        c.decompress("w").unwrap(),
+        vec![0.0, -s, s, 0.0, 0.0, s, 0.0, -s],
+        "{bname}"
+    );
 }
+
+backend_test!(hand_computed_threshold_ties_and_scale);
 
 #[test]
 fn kept_exact_zeros_stay_zero() {
@@ -211,8 +208,7 @@ fn kept_exact_zeros_stay_zero() {
     );
 }
 
-#[test]
-fn random_model_has_exactly_k_nonzeros_with_the_stated_scale() {
+fn random_model_has_exactly_k_nonzeros_with_the_stated_scale(bname: &str, backend: &dyn Backend) {
     // A multi-tensor model with distinct random deltas (no ties): the decompressed task
     // vector has int(d·density) + 1 non-zeros, each ±scale with τ's sign, and they are the
     // largest |τ| of the whole model.
@@ -263,39 +259,38 @@ fn random_model_has_exactly_k_nonzeros_with_the_stated_scale() {
         all[k - 1].0 > all[k].0,
         "test data has a tie at the threshold"
     );
-    for (bname, backend) in backends() {
-        let out = tmp.path().join(format!("c-{bname}"));
-        let r = run_compress(
-            &tmp.path().join("ft"),
-            &tmp.path().join("base"),
-            density,
-            0.8,
-            backend.as_ref(),
-            &out,
-        );
-        assert_eq!(r.nnz as usize, k, "{bname}");
-        let c = Compressed::open(&out).unwrap();
-        let mut nonzeros = 0;
-        for (n, d) in &tau {
-            let got = c.decompress(n).unwrap();
-            for (i, (g, t)) in got.iter().zip(d).enumerate() {
-                if *g != 0.0 {
-                    nonzeros += 1;
-                    assert_eq!(g.abs(), r.stats.scale, "{bname}: {n}[{i}]");
-                    assert_eq!(g.signum(), t.signum(), "{bname}: {n}[{i}] sign");
-                    assert!(
-                        t.abs() >= all[k - 1].0,
-                        "{bname}: {n}[{i}] is not a top entry"
-                    );
-                }
+    let out = tmp.path().join(format!("c-{bname}"));
+    let r = run_compress(
+        &tmp.path().join("ft"),
+        &tmp.path().join("base"),
+        density,
+        0.8,
+        backend,
+        &out,
+    );
+    assert_eq!(r.nnz as usize, k, "{bname}");
+    let c = Compressed::open(&out).unwrap();
+    let mut nonzeros = 0;
+    for (n, d) in &tau {
+        let got = c.decompress(n).unwrap();
+        for (i, (g, t)) in got.iter().zip(d).enumerate() {
+            if *g != 0.0 {
+                nonzeros += 1;
+                assert_eq!(g.abs(), r.stats.scale, "{bname}: {n}[{i}]");
+                assert_eq!(g.signum(), t.signum(), "{bname}: {n}[{i}] sign");
+                assert!(
+                    t.abs() >= all[k - 1].0,
+                    "{bname}: {n}[{i}] is not a top entry"
+                );
             }
         }
-        assert_eq!(nonzeros, k, "{bname}");
     }
+    assert_eq!(nonzeros, k, "{bname}");
 }
 
-#[test]
-fn compressed_vector_merges_like_a_model() {
+backend_test!(random_model_has_exactly_k_nonzeros_with_the_stated_scale);
+
+fn compressed_vector_merges_like_a_model(bname: &str, backend: &dyn Backend) {
     // task_arithmetic of a compressed ft1 with ft2 equals task_arithmetic of the decompressed
     // model (written out as a plain folder) with ft2.
     let models = reference().join("models");
@@ -334,23 +329,19 @@ fn compressed_vector_merges_like_a_model() {
         &recipe(&tmp.path().join("plain").display().to_string()),
         &cpu,
     );
-    for (bname, backend) in backends() {
-        let got = merge_text(
-            tmp.path(),
-            &recipe(&out.display().to_string()),
-            backend.as_ref(),
+    let got = merge_text(tmp.path(), &recipe(&out.display().to_string()), backend);
+    for (n, w) in &want {
+        assert_close(
+            &format!("{bname}: {n}"),
+            &got[n].data,
+            &w.data,
+            w.dtype,
+            Tol::ulps(2),
         );
-        for (n, w) in &want {
-            assert_close(
-                &format!("{bname}: {n}"),
-                &got[n].data,
-                &w.data,
-                w.dtype,
-                Tol::ulps(2),
-            );
-        }
     }
 }
+
+backend_test!(compressed_vector_merges_like_a_model);
 
 // ---- errors ------------------------------------------------------------------------------
 

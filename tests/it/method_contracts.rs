@@ -2,11 +2,9 @@
 //! that break them fail with a message naming the method and what is wrong, and leave no
 //! output behind; `smelt methods` lists every method with its parameters and defaults.
 
-mod common;
-
 use std::path::PathBuf;
 
-use common::*;
+use crate::common::*;
 
 struct Setup {
     tmp: tempfile::TempDir,

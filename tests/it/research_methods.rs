@@ -2,12 +2,10 @@
 //! their authors' code (tests/fixtures/reference, see its README), small hand-computed
 //! cases, and their defining properties. Every math test runs on every backend.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 
 /// The fixture README's bound: |got − expected| ≤ 1e-6 + 1e-5·|expected|.
 const REF_TOL: Tol = Tol::abs_rel(1e-6, 1e-5);
@@ -45,26 +43,24 @@ fn ref_recipe(method: &str, base: Option<&str>, models: &[&str], extra: &str) ->
     r + extra
 }
 
-/// Merges `recipe` on every backend and compares all 30 tensors with the fixture case.
-fn ref_case(case: &str, recipe: &str, tol: Tol) {
+/// Merges `recipe` on `backend` and compares all 30 tensors with the fixture case.
+fn ref_case(bname: &str, backend: &dyn Backend, case: &str, recipe: &str, tol: Tol) {
     let exp = ref_expected(case);
-    for (bname, backend) in backends() {
-        let tmp = tempfile::tempdir().unwrap();
-        let got = merge_text(tmp.path(), recipe, backend.as_ref());
-        let gn: Vec<&String> = got.keys().collect();
-        let en: Vec<&String> = exp.keys().collect();
-        assert_eq!(gn, en, "{case} on {bname}: tensor names");
-        for (name, e) in &exp {
-            let g = &got[name];
-            assert_eq!(g.shape, e.shape, "{case} on {bname}: {name} shape");
-            assert_close(
-                &format!("{case} on {bname}: {name}"),
-                &g.data,
-                &e.data,
-                e.dtype,
-                tol,
-            );
-        }
+    let tmp = tempfile::tempdir().unwrap();
+    let got = merge_text(tmp.path(), recipe, backend);
+    let gn: Vec<&String> = got.keys().collect();
+    let en: Vec<&String> = exp.keys().collect();
+    assert_eq!(gn, en, "{case} on {bname}: tensor names");
+    for (name, e) in &exp {
+        let g = &got[name];
+        assert_eq!(g.shape, e.shape, "{case} on {bname}: {name} shape");
+        assert_close(
+            &format!("{case} on {bname}: {name}"),
+            &g.data,
+            &e.data,
+            e.dtype,
+            tol,
+        );
     }
 }
 
@@ -92,8 +88,7 @@ fn layered(dir: &Path, layers: usize, v: impl Fn(&str, usize) -> f32) {
 
 // ---- LiNeS -------------------------------------------------------------------------------
 
-#[test]
-fn lines_fixture_task_arithmetic() {
+fn lines_fixture_task_arithmetic(bname: &str, backend: &dyn Backend) {
     // α unset: 1/T = 1/3, the reference's computed α for task arithmetic
     let r = ref_recipe(
         "task_arithmetic",
@@ -101,11 +96,12 @@ fn lines_fixture_task_arithmetic() {
         &["ft1", "ft2", "ft3"],
         "parameters:\n  weight: 1.0\n  lines_beta: 0.5\n",
     );
-    ref_case("lines", &r, REF_TOL);
+    ref_case(bname, backend, "lines", &r, REF_TOL);
 }
 
-#[test]
-fn lines_hand_computed_scales() {
+backend_test!(lines_fixture_task_arithmetic);
+
+fn lines_hand_computed_scales(bname: &str, backend: &dyn Backend) {
     // 5 layers: depth l/4; deltas 1 and 3 everywhere, weights 1: Σ = 4, scaled by
     // alpha + beta·l/4 = 0.2 + 0.4·l/4 → layer l gets 4·(0.2 + 0.1·l); embed/norm get 0.8.
     let tmp = tempfile::tempdir().unwrap();
@@ -116,27 +112,29 @@ fn lines_hand_computed_scales() {
     let recipe =
         "merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - model: a\n  - model: b\n\
                   parameters:\n  weight: 1.0\n  lines_alpha: 0.2\n  lines_beta: 0.4\n";
-    for (bname, backend) in backends() {
-        let got = merge_text(d, recipe, backend.as_ref());
-        for (name, t) in &got {
-            let scale = match name.split('.').nth(2).and_then(|s| s.parse::<f32>().ok()) {
-                Some(l) => 0.2 + 0.1 * l,
-                None => 0.2,
-            };
-            let exp: Vec<f32> = (0..t.data.len()).map(|i| i as f32 + 4.0 * scale).collect();
-            assert_close(
-                &format!("{bname}: {name}"),
-                &t.data,
-                &exp,
-                t.dtype,
-                Tol::ulps(2),
-            );
-        }
+    let got = merge_text(d, recipe, backend);
+    for (name, t) in &got {
+        let scale = match name.split('.').nth(2).and_then(|s| s.parse::<f32>().ok()) {
+            Some(l) => 0.2 + 0.1 * l,
+            None => 0.2,
+        };
+        let exp: Vec<f32> = (0..t.data.len()).map(|i| i as f32 + 4.0 * scale).collect();
+        assert_close(
+            &format!("{bname}: {name}"),
+            &t.data,
+            &exp,
+            t.dtype,
+            Tol::ulps(2),
+        );
     }
 }
 
-#[test]
-fn lines_alpha_of_sparsifying_methods_comes_from_whole_model_norms() {
+backend_test!(lines_hand_computed_scales);
+
+fn lines_alpha_of_sparsifying_methods_comes_from_whole_model_norms(
+    bname: &str,
+    backend: &dyn Backend,
+) {
     // The paper's α = (‖Σ τ_t‖₁ / ‖τ_MTL‖₁) / T: with β = 0 every tensor is scaled by α, so
     // the merged task vector's whole-model L1 norm becomes ‖Σ τ_t‖₁ / T (the unpruned sum).
     let load = |n: &str| load_dir(&reference().join("models").join(n));
@@ -167,26 +165,26 @@ fn lines_alpha_of_sparsifying_methods_comes_from_whole_model_norms() {
             &["ft1", "ft2", "ft3"],
             &format!("parameters:\n  weight: 1.0\n  lines_beta: 0.0\n{extra}"),
         );
-        for (bname, backend) in backends() {
-            let tmp = tempfile::tempdir().unwrap();
-            let got = merge_text(tmp.path(), &r, backend.as_ref());
-            let l1: f64 = got
-                .iter()
-                .map(|(n, t)| {
-                    t.data
-                        .iter()
-                        .zip(&base[n].data)
-                        .map(|(x, b)| (x - b).abs() as f64)
-                        .sum::<f64>()
-                })
-                .sum();
-            assert!(
-                (l1 - want).abs() < 1e-5 * want,
-                "{method} on {bname}: ‖τ‖₁ {l1} vs ‖Σ τ_t‖₁ / T {want}"
-            );
-        }
+        let tmp = tempfile::tempdir().unwrap();
+        let got = merge_text(tmp.path(), &r, backend);
+        let l1: f64 = got
+            .iter()
+            .map(|(n, t)| {
+                t.data
+                    .iter()
+                    .zip(&base[n].data)
+                    .map(|(x, b)| (x - b).abs() as f64)
+                    .sum::<f64>()
+            })
+            .sum();
+        assert!(
+            (l1 - want).abs() < 1e-5 * want,
+            "{method} on {bname}: ‖τ‖₁ {l1} vs ‖Σ τ_t‖₁ / T {want}"
+        );
     }
 }
+
+backend_test!(lines_alpha_of_sparsifying_methods_comes_from_whole_model_norms);
 
 #[test]
 fn lines_alpha_without_beta_is_refused() {
@@ -209,14 +207,14 @@ fn lines_alpha_without_beta_is_refused() {
 
 // ---- TSV-M -------------------------------------------------------------------------------
 
-#[test]
-fn tsv_fixture() {
+fn tsv_fixture(bname: &str, backend: &dyn Backend) {
     let r = ref_recipe("tsv", Some("base"), &["ft1", "ft2", "ft3"], "");
-    ref_case("tsvm", &r, REF_TOL);
+    ref_case(bname, backend, "tsvm", &r, REF_TOL);
 }
 
-#[test]
-fn tsv_fixture_per_task_alpha() {
+backend_test!(tsv_fixture);
+
+fn tsv_fixture_per_task_alpha(bname: &str, backend: &dyn Backend) {
     let mut r = format!(
         "merge_method: tsv\ndtype: float32\nbase_model: {}\nmodels:\n",
         ref_model("base")
@@ -227,8 +225,10 @@ fn tsv_fixture_per_task_alpha() {
             ref_model(m)
         );
     }
-    ref_case("tsvm_alpha_list", &r, REF_TOL);
+    ref_case(bname, backend, "tsvm_alpha_list", &r, REF_TOL);
 }
+
+backend_test!(tsv_fixture_per_task_alpha);
 
 /// Writes `base` and one model per task vector (each `rows × cols`, tensor `w`).
 fn matrix_models(dir: &Path, base: &[f32], taus: &[Vec<f32>], shape: &[usize]) {
@@ -251,8 +251,7 @@ fn tsv_recipe(n: usize, extra: &str) -> String {
     r + extra
 }
 
-#[test]
-fn tsv_orthogonal_low_rank_tasks_add_up_exactly() {
+fn tsv_orthogonal_low_rank_tasks_add_up_exactly(bname: &str, backend: &dyn Backend) {
     // 6×4, T = 2 → k = int(4·0.5) = 2. τ0 = 3·e0·f0ᵀ + 1·e1·f1ᵀ, τ1 = 2·e2·f2ᵀ + 0.5·e3·f3ᵀ: rank k with
     // mutually orthogonal singular vectors, so the polar factors change nothing and TSV-M is
     // exactly τ0 + τ1 (the interference it removes is zero), times alpha = 0.5.
@@ -266,27 +265,26 @@ fn tsv_orthogonal_low_rank_tasks_add_up_exactly() {
     let base: Vec<f32> = (0..rows * cols).map(|i| i as f32 * 0.5).collect();
     let tmp = tempfile::tempdir().unwrap();
     matrix_models(tmp.path(), &base, &[t0.clone(), t1.clone()], &[rows, cols]);
-    for (bname, backend) in backends() {
-        let got = merge_text(
-            tmp.path(),
-            &tsv_recipe(2, "parameters:\n  alpha: 0.5\n"),
-            backend.as_ref(),
-        );
-        let exp: Vec<f32> = (0..rows * cols)
-            .map(|i| base[i] + 0.5 * (t0[i] + t1[i]))
-            .collect();
-        assert_close(
-            &bname,
-            &got["w"].data,
-            &exp,
-            got["w"].dtype,
-            Tol::abs_rel(1e-6, 1e-6),
-        );
-    }
+    let got = merge_text(
+        tmp.path(),
+        &tsv_recipe(2, "parameters:\n  alpha: 0.5\n"),
+        backend,
+    );
+    let exp: Vec<f32> = (0..rows * cols)
+        .map(|i| base[i] + 0.5 * (t0[i] + t1[i]))
+        .collect();
+    assert_close(
+        &bname,
+        &got["w"].data,
+        &exp,
+        got["w"].dtype,
+        Tol::abs_rel(1e-6, 1e-6),
+    );
 }
 
-#[test]
-fn tsv_keeps_top_singular_directions_of_each_task() {
+backend_test!(tsv_orthogonal_low_rank_tasks_add_up_exactly);
+
+fn tsv_keeps_top_singular_directions_of_each_task(bname: &str, backend: &dyn Backend) {
     // One task, 5×3, k = 3: the whole task vector comes back. Two tasks of 5×3 (k = 1) with
     // overlapping subspaces: the result has rank ≤ 2, and its singular values are exactly
     // the two tasks' top singular values (polar factors are orthonormal).
@@ -308,46 +306,45 @@ fn tsv_keeps_top_singular_directions_of_each_task() {
         };
         smelt::linalg::svd(&m, None).unwrap().s[0]
     };
-    for (bname, backend) in backends() {
-        let got = merge_text(one.path(), &tsv_recipe(1, ""), backend.as_ref());
-        let exp: Vec<f32> = base.iter().zip(&taus[0]).map(|(b, d)| b + d).collect();
-        assert_close(
-            &format!("{bname}: one task"),
-            &got["w"].data,
-            &exp,
-            got["w"].dtype,
-            Tol::abs_rel(1e-6, 1e-5),
-        );
+    let got = merge_text(one.path(), &tsv_recipe(1, ""), backend);
+    let exp: Vec<f32> = base.iter().zip(&taus[0]).map(|(b, d)| b + d).collect();
+    assert_close(
+        &format!("{bname}: one task"),
+        &got["w"].data,
+        &exp,
+        got["w"].dtype,
+        Tol::abs_rel(1e-6, 1e-5),
+    );
 
-        let got = merge_text(tmp.path(), &tsv_recipe(2, ""), backend.as_ref());
-        let tau: Vec<f32> = got["w"]
-            .data
-            .iter()
-            .zip(&base)
-            .map(|(x, b)| x - b)
-            .collect();
-        let s = smelt::linalg::svd(
-            &smelt::linalg::Mat {
-                rows,
-                cols,
-                data: tau,
-            },
-            None,
-        )
-        .unwrap()
-        .s;
-        let mut want = [top(&taus[0]), top(&taus[1])];
-        want.sort_by(|a, b| b.total_cmp(a));
-        assert!(
-            (s[0] - want[0]).abs() < 1e-5 && (s[1] - want[1]).abs() < 1e-5,
-            "{bname}: {s:?} vs {want:?}"
-        );
-        assert!(s[2].abs() < 1e-5, "{bname}: rank > 2: {s:?}");
-    }
+    let got = merge_text(tmp.path(), &tsv_recipe(2, ""), backend);
+    let tau: Vec<f32> = got["w"]
+        .data
+        .iter()
+        .zip(&base)
+        .map(|(x, b)| x - b)
+        .collect();
+    let s = smelt::linalg::svd(
+        &smelt::linalg::Mat {
+            rows,
+            cols,
+            data: tau,
+        },
+        None,
+    )
+    .unwrap()
+    .s;
+    let mut want = [top(&taus[0]), top(&taus[1])];
+    want.sort_by(|a, b| b.total_cmp(a));
+    assert!(
+        (s[0] - want[0]).abs() < 1e-5 && (s[1] - want[1]).abs() < 1e-5,
+        "{bname}: {s:?} vs {want:?}"
+    );
+    assert!(s[2].abs() < 1e-5, "{bname}: rank > 2: {s:?}");
 }
 
-#[test]
-fn tsv_more_tasks_than_rank_leaves_the_matrix_alone() {
+backend_test!(tsv_keeps_top_singular_directions_of_each_task);
+
+fn tsv_more_tasks_than_rank_leaves_the_matrix_alone(bname: &str, backend: &dyn Backend) {
     // 2×2 with 3 tasks: k = int(2/3) = 0, no update (fusion_bench's behaviour); the 1-D
     // tensor is the mean of the task vectors.
     let tmp = tempfile::tempdir().unwrap();
@@ -361,35 +358,38 @@ fn tsv_more_tasks_than_rank_leaves_the_matrix_alone() {
     mk("m0", 1.0);
     mk("m1", 2.0);
     mk("m2", 6.0);
-    for (bname, backend) in backends() {
-        let got = merge_text(d, &tsv_recipe(3, ""), backend.as_ref());
-        assert_close(
-            &format!("{bname} w"),
-            &got["w"].data,
-            &[1.0, 2.0, 3.0, 4.0],
-            got["w"].dtype,
-            Tol::EXACT,
-        );
-        assert_close(
-            &format!("{bname} n"),
-            &got["n"].data,
-            &[3.0, 6.0],
-            got["n"].dtype,
-            Tol::ulps(1),
-        );
-    }
+    let got = merge_text(d, &tsv_recipe(3, ""), backend);
+    assert_close(
+        &format!("{bname} w"),
+        &got["w"].data,
+        &[1.0, 2.0, 3.0, 4.0],
+        got["w"].dtype,
+        Tol::EXACT,
+    );
+    assert_close(
+        &format!("{bname} n"),
+        &got["n"].data,
+        &[3.0, 6.0],
+        got["n"].dtype,
+        Tol::ulps(1),
+    );
 }
+
+backend_test!(tsv_more_tasks_than_rank_leaves_the_matrix_alone);
 
 // ---- Fisher ------------------------------------------------------------------------------
 
-#[test]
-fn fisher_fixture() {
+fn fisher_fixture(bname: &str, backend: &dyn Backend) {
     ref_case(
+        bname,
+        backend,
         "fisher",
         &ref_recipe("fisher", None, &["ft1", "ft2", "ft3"], ""),
         REF_TOL,
     );
 }
+
+backend_test!(fisher_fixture);
 
 /// Two one-tensor models with their Fisher files.
 fn fisher_models(dir: &Path, x: [&[f32]; 2], f: [&[f32]; 2]) {
@@ -403,8 +403,7 @@ fn fisher_models(dir: &Path, x: [&[f32]; 2], f: [&[f32]; 2]) {
     }
 }
 
-#[test]
-fn fisher_hand_computed() {
+fn fisher_hand_computed(bname: &str, backend: &dyn Backend) {
     // F0 = (1, 3, 0), F1 = (3, 1, 0), θ0 = (0, 0, 2), θ1 = (4, 8, 6), floor 1e-6 → the third
     // element has equal weights (the floor) and averages.
     // Unnormalised, c = (1/2, 1/2): (1·0 + 3·4)/4 = 3, (3·0 + 1·8)/4 = 2, 4.
@@ -419,62 +418,61 @@ fn fisher_hand_computed() {
     );
     let base = "merge_method: fisher\nmodels:\n  - model: m0\n  - model: m1\n";
     let weighted = "merge_method: fisher\nmodels:\n  - model: m0\n    parameters:\n      weight: 3\n  - model: m1\n    parameters:\n      weight: 1\nparameters:\n  normalize_fisher_weight: false\n";
-    for (bname, backend) in backends() {
-        for (recipe, exp) in [
-            (base.to_string(), [3.0, 2.0, 4.0]),
-            (
-                format!("{base}parameters:\n  normalize_fisher_weight: false\n"),
-                [3.0, 2.0, 4.0],
-            ),
-            (weighted.to_string(), [2.0, 0.8, 3.0]),
-        ] {
-            let got = merge_text(d, &recipe, backend.as_ref());
-            assert_close(
-                &format!("{bname}: {recipe}"),
-                &got["w"].data,
-                &exp,
-                got["w"].dtype,
-                Tol::abs_rel(1e-6, 1e-6),
-            );
-        }
+    for (recipe, exp) in [
+        (base.to_string(), [3.0, 2.0, 4.0]),
+        (
+            format!("{base}parameters:\n  normalize_fisher_weight: false\n"),
+            [3.0, 2.0, 4.0],
+        ),
+        (weighted.to_string(), [2.0, 0.8, 3.0]),
+    ] {
+        let got = merge_text(d, &recipe, backend);
+        assert_close(
+            &format!("{bname}: {recipe}"),
+            &got["w"].data,
+            &exp,
+            got["w"].dtype,
+            Tol::abs_rel(1e-6, 1e-6),
+        );
     }
 }
 
-#[test]
-fn fisher_normalisation_uses_whole_model_norms() {
+backend_test!(fisher_hand_computed);
+
+fn fisher_normalisation_uses_whole_model_norms(bname: &str, backend: &dyn Backend) {
     // Model 1's Fisher is 10× model 0's everywhere: normalised, both get the same effective
     // weight (c_i ∝ 1/g_i cancels the factor), so the result is the plain mean; unnormalised
     // it leans 10:1 toward model 1.
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     fisher_models(d, [&[0.0, 1.0], &[11.0, 12.0]], [&[0.5, 2.0], &[5.0, 20.0]]);
-    for (bname, backend) in backends() {
-        let got = merge_text(
-            d,
-            "merge_method: fisher\nmodels:\n  - model: m0\n  - model: m1\n",
-            backend.as_ref(),
-        );
-        assert_close(
-            &format!("{bname} normalised"),
-            &got["w"].data,
-            &[5.5, 6.5],
-            got["w"].dtype,
-            Tol::abs_rel(1e-5, 1e-5),
-        );
-        let got = merge_text(
-            d,
-            "merge_method: fisher\nmodels:\n  - model: m0\n  - model: m1\nparameters:\n  normalize_fisher_weight: false\n",
-            backend.as_ref(),
-        );
-        assert_close(
-            &format!("{bname} raw"),
-            &got["w"].data,
-            &[10.0, 11.0],
-            got["w"].dtype,
-            Tol::abs_rel(1e-5, 1e-5),
-        );
-    }
+    let got = merge_text(
+        d,
+        "merge_method: fisher\nmodels:\n  - model: m0\n  - model: m1\n",
+        backend,
+    );
+    assert_close(
+        &format!("{bname} normalised"),
+        &got["w"].data,
+        &[5.5, 6.5],
+        got["w"].dtype,
+        Tol::abs_rel(1e-5, 1e-5),
+    );
+    let got = merge_text(
+        d,
+        "merge_method: fisher\nmodels:\n  - model: m0\n  - model: m1\nparameters:\n  normalize_fisher_weight: false\n",
+        backend,
+    );
+    assert_close(
+        &format!("{bname} raw"),
+        &got["w"].data,
+        &[10.0, 11.0],
+        got["w"].dtype,
+        Tol::abs_rel(1e-5, 1e-5),
+    );
 }
+
+backend_test!(fisher_normalisation_uses_whole_model_norms);
 
 #[test]
 fn fisher_primitive_cpu_gpu_parity() {
@@ -555,22 +553,24 @@ fn fisher_missing_or_misshapen_file_is_named() {
 
 // ---- WIDEN -------------------------------------------------------------------------------
 
-#[test]
-fn widen_fixture_defaults() {
+fn widen_fixture_defaults(bname: &str, backend: &dyn Backend) {
     let r = ref_recipe("widen", Some("base"), &["pt1", "ft1", "ft2"], "");
-    ref_case("widen", &r, REF_TOL);
+    ref_case(bname, backend, "widen", &r, REF_TOL);
 }
 
-#[test]
-fn widen_fixture_t15_s05() {
+backend_test!(widen_fixture_defaults);
+
+fn widen_fixture_t15_s05(bname: &str, backend: &dyn Backend) {
     let r = ref_recipe(
         "widen",
         Some("base"),
         &["pt1", "ft1", "ft2"],
         "parameters:\n  above_average_value_ratio: 1.5\n  score_calibration_value: 0.5\n",
     );
-    ref_case("widen_t1.5_s0.5", &r, REF_TOL);
+    ref_case(bname, backend, "widen_t1.5_s0.5", &r, REF_TOL);
 }
+
+backend_test!(widen_fixture_t15_s05);
 
 fn three_models(dir: &Path, name: &str, shape: &[usize], base: &[f32], a: &[f32], b: &[f32]) {
     for (m, v) in [("base", base), ("a", a), ("b", b)] {
@@ -581,8 +581,7 @@ fn three_models(dir: &Path, name: &str, shape: &[usize], base: &[f32], a: &[f32]
 const WIDEN_AB: &str =
     "merge_method: widen\nbase_model: base\nmodels:\n  - model: a\n  - model: b\n";
 
-#[test]
-fn widen_hand_computed_columns_and_tokens() {
+fn widen_hand_computed_columns_and_tokens(bname: &str, backend: &dyn Backend) {
     // W0 = I (columns are input units). a = [[3, 0], [0, 1.25]]: column 0 grows by 2 (dM 2,
     // dD 0), column 1 by 0.25 (dM 0.25, dD 0): ranks dM (0.5, 0), dD (0, 0.5) (tie: stable).
     // b = [[1, 0], [1, 1]]: column 0 turns by 45° (dM √2−1, dD 1−1/√2), column 1 unchanged:
@@ -612,29 +611,28 @@ fn widen_hand_computed_columns_and_tokens() {
         &tr(&a),
         &tr(&b),
     );
-    for (bname, backend) in backends() {
-        let got = merge_text(tmp.path(), WIDEN_AB, backend.as_ref());
-        assert_close(
-            &format!("{bname}: linear"),
-            &got["w"].data,
-            &exp,
-            got["w"].dtype,
-            Tol::abs_rel(1e-6, 1e-6),
-        );
-        let got = merge_text(emb.path(), WIDEN_AB, backend.as_ref());
-        let e = &got["model.embed_tokens.weight"];
-        assert_close(
-            &format!("{bname}: embedding"),
-            &e.data,
-            &tr(&exp),
-            e.dtype,
-            Tol::abs_rel(1e-6, 1e-6),
-        );
-    }
+    let got = merge_text(tmp.path(), WIDEN_AB, backend);
+    assert_close(
+        &format!("{bname}: linear"),
+        &got["w"].data,
+        &exp,
+        got["w"].dtype,
+        Tol::abs_rel(1e-6, 1e-6),
+    );
+    let got = merge_text(emb.path(), WIDEN_AB, backend);
+    let e = &got["model.embed_tokens.weight"];
+    assert_close(
+        &format!("{bname}: embedding"),
+        &e.data,
+        &tr(&exp),
+        e.dtype,
+        Tol::abs_rel(1e-6, 1e-6),
+    );
 }
 
-#[test]
-fn widen_hand_computed_1d() {
+backend_test!(widen_hand_computed_columns_and_tokens);
+
+fn widen_hand_computed_1d(bname: &str, backend: &dyn Backend) {
     // δa = (1, 1), δb = (0.5, 3); G = |δ|, means 1 and 1.75 (t = 1): only b's second element
     // is above its mean (→ s = 0.5). Element 0: softmax(1, 0.5); element 1: a gets
     // softmax(1, 3)_a = 1/(1 + e²), b gets s.
@@ -644,21 +642,20 @@ fn widen_hand_computed_1d() {
     let tmp = tempfile::tempdir().unwrap();
     three_models(tmp.path(), "n", &[2], &[1.0, 2.0], &[2.0, 3.0], &[1.5, 5.0]);
     let recipe = format!("{WIDEN_AB}parameters:\n  score_calibration_value: 0.5\n");
-    for (bname, backend) in backends() {
-        let got = merge_text(tmp.path(), &recipe, backend.as_ref());
-        let exp = [(1.0 + e0) as f32, (2.0 + e1) as f32];
-        assert_close(
-            &bname,
-            &got["n"].data,
-            &exp,
-            got["n"].dtype,
-            Tol::abs_rel(1e-6, 1e-6),
-        );
-    }
+    let got = merge_text(tmp.path(), &recipe, backend);
+    let exp = [(1.0 + e0) as f32, (2.0 + e1) as f32];
+    assert_close(
+        &bname,
+        &got["n"].data,
+        &exp,
+        got["n"].dtype,
+        Tol::abs_rel(1e-6, 1e-6),
+    );
 }
 
-#[test]
-fn widen_uncalibrated_weights_of_a_column_sum_to_one() {
+backend_test!(widen_hand_computed_1d);
+
+fn widen_uncalibrated_weights_of_a_column_sum_to_one(bname: &str, backend: &dyn Backend) {
     // With t so large that nothing is calibrated, each column's weights are two softmaxes
     // averaged: they sum to 1. With δb = 3·δa the merged column is base + r_c·δa with
     // r_c = w_a + 3·w_b ∈ (1, 3), the same r_c for every row of the column.
@@ -671,46 +668,48 @@ fn widen_uncalibrated_weights_of_a_column_sum_to_one() {
     let tmp = tempfile::tempdir().unwrap();
     three_models(tmp.path(), "w", &[rows, cols], &base, &a, &b);
     let recipe = format!("{WIDEN_AB}parameters:\n  above_average_value_ratio: 1000\n");
-    for (bname, backend) in backends() {
-        let got = merge_text(tmp.path(), &recipe, backend.as_ref());
-        for c in 0..cols {
-            let r: Vec<f64> = (0..rows)
-                .map(|i| {
-                    let e = i * cols + c;
-                    // from the f32 output: (merged − base)/δa
-                    ((got["w"].data[e] as f64) - base[e] as f64) / (a[e] as f64 - base[e] as f64)
-                })
-                .collect();
-            assert!(
-                r.iter().all(|x| *x > 1.0 - 1e-4 && *x < 3.0 + 1e-4),
-                "{bname} col {c}: {r:?}"
-            );
-            assert!(
-                r.iter().all(|x| (x - r[0]).abs() < 1e-3),
-                "{bname} col {c}: {r:?}"
-            );
-        }
+    let got = merge_text(tmp.path(), &recipe, backend);
+    for c in 0..cols {
+        let r: Vec<f64> = (0..rows)
+            .map(|i| {
+                let e = i * cols + c;
+                // from the f32 output: (merged − base)/δa
+                ((got["w"].data[e] as f64) - base[e] as f64) / (a[e] as f64 - base[e] as f64)
+            })
+            .collect();
+        assert!(
+            r.iter().all(|x| *x > 1.0 - 1e-4 && *x < 3.0 + 1e-4),
+            "{bname} col {c}: {r:?}"
+        );
+        assert!(
+            r.iter().all(|x| (x - r[0]).abs() < 1e-3),
+            "{bname} col {c}: {r:?}"
+        );
     }
 }
 
+backend_test!(widen_uncalibrated_weights_of_a_column_sum_to_one);
+
 // ---- PCB ---------------------------------------------------------------------------------
 
-#[test]
-fn pcb_fixture() {
+fn pcb_fixture(bname: &str, backend: &dyn Backend) {
     let r = ref_recipe("pcb", Some("base"), &["ft1", "ft2", "ft3"], "");
-    ref_case("pcb", &r, REF_TOL);
+    ref_case(bname, backend, "pcb", &r, REF_TOL);
 }
 
-#[test]
-fn pcb_fixture_ratio_005() {
+backend_test!(pcb_fixture);
+
+fn pcb_fixture_ratio_005(bname: &str, backend: &dyn Backend) {
     let r = ref_recipe(
         "pcb",
         Some("base"),
         &["ft1", "ft2", "ft3"],
         "parameters:\n  pcb_ratio: 0.05\n",
     );
-    ref_case("pcb_r0.05", &r, REF_TOL);
+    ref_case(bname, backend, "pcb_r0.05", &r, REF_TOL);
 }
+
+backend_test!(pcb_fixture_ratio_005);
 
 /// PCB_merge written out in f64 over the flattened model (rows = tasks), with sorts for the
 /// order statistics: the fixture README's semantics.
@@ -745,8 +744,7 @@ fn pcb_f64(taus: &[Vec<f64>], r: f64) -> Vec<f64> {
     (0..d).map(|e| num[e] / den[e].max(1e-12)).collect()
 }
 
-#[test]
-fn pcb_small_model_against_f64_formulas() {
+fn pcb_small_model_against_f64_formulas(bname: &str, backend: &dyn Backend) {
     // Two tensors (d = 3 + 4 = 7), three models: the order statistics are over both tensors.
     // d = 7: lo = smallest |τ|, hi = 2nd largest, q at ascending position int(7·0.5) = 3.
     let mut rng = Lcg(21);
@@ -780,13 +778,13 @@ fn pcb_small_model_against_f64_formulas() {
     let exp: Vec<f32> = (0..7)
         .map(|e| (base[e] as f64 + merged[e]) as f32)
         .collect();
-    for (bname, backend) in backends() {
-        let got = merge_text(d, &recipe, backend.as_ref());
-        let mut all = got["a"].data.clone();
-        all.extend_from_slice(&got["b"].data);
-        assert_close(&bname, &all, &exp, got["a"].dtype, Tol::abs_rel(1e-6, 1e-5));
-    }
+    let got = merge_text(d, &recipe, backend);
+    let mut all = got["a"].data.clone();
+    all.extend_from_slice(&got["b"].data);
+    assert_close(&bname, &all, &exp, got["a"].dtype, Tol::abs_rel(1e-6, 1e-5));
 }
+
+backend_test!(pcb_small_model_against_f64_formulas);
 
 #[test]
 fn pcb_ratio_must_be_a_fraction_and_whole_model() {
@@ -890,14 +888,14 @@ fn pcb_primitive_cpu_gpu_parity() {
 
 // ---- OPCM --------------------------------------------------------------------------------
 
-#[test]
-fn opcm_fixture() {
+fn opcm_fixture(bname: &str, backend: &dyn Backend) {
     let r = ref_recipe("opcm", Some("base"), &["ft1", "ft2", "ft3"], "");
-    ref_case("opcm", &r, REF_TOL);
+    ref_case(bname, backend, "opcm", &r, REF_TOL);
 }
 
-#[test]
-fn opcm_projection_and_norm() {
+backend_test!(opcm_fixture);
+
+fn opcm_projection_and_norm(bname: &str, backend: &dyn Backend) {
     // One 6×5 matrix, two models: the merge is c·(τ1 + U P Vᵀ) with P = Uᵀ τ2 V less its
     // diagonal and r × r top-left block (U, V of τ1): so uⱼᵀ (merged/c − τ1) vₗ = 0 there,
     // and the merged task vector's norm is the mean of ‖τ1‖ and ‖τ2‖.
@@ -933,43 +931,43 @@ fn opcm_projection_and_norm() {
             .sum()
     };
     let recipe = "merge_method: opcm\nbase_model: base\nmodels:\n  - model: m0\n  - model: m1\n";
-    for (bname, backend) in backends() {
-        let got = merge_text(tmp.path(), recipe, backend.as_ref());
-        let tau: Vec<f32> = got["w"]
-            .data
-            .iter()
-            .zip(&base)
-            .map(|(x, b)| x - b)
-            .collect();
-        assert!(
-            (norm(&tau) - mean).abs() < 1e-5 * mean,
-            "{bname}: {} vs {mean}",
-            norm(&tau)
-        );
-        let c = proj(&tau, 0, 0) / d.s[0] as f64;
-        let upd: Vec<f32> = tau
-            .iter()
-            .zip(&taus[0])
-            .map(|(t, t1)| (*t as f64 / c - *t1 as f64) as f32)
-            .collect();
-        for j in 0..5 {
-            for l in 0..5 {
-                if j == l || (j < r && l < r) {
-                    assert!(
-                        proj(&upd, j, l).abs() < 1e-5,
-                        "{bname}: ({j}, {l}) = {}",
-                        proj(&upd, j, l)
-                    );
-                }
+    let got = merge_text(tmp.path(), recipe, backend);
+    let tau: Vec<f32> = got["w"]
+        .data
+        .iter()
+        .zip(&base)
+        .map(|(x, b)| x - b)
+        .collect();
+    assert!(
+        (norm(&tau) - mean).abs() < 1e-5 * mean,
+        "{bname}: {} vs {mean}",
+        norm(&tau)
+    );
+    let c = proj(&tau, 0, 0) / d.s[0] as f64;
+    let upd: Vec<f32> = tau
+        .iter()
+        .zip(&taus[0])
+        .map(|(t, t1)| (*t as f64 / c - *t1 as f64) as f32)
+        .collect();
+    for j in 0..5 {
+        for l in 0..5 {
+            if j == l || (j < r && l < r) {
+                assert!(
+                    proj(&upd, j, l).abs() < 1e-5,
+                    "{bname}: ({j}, {l}) = {}",
+                    proj(&upd, j, l)
+                );
             }
         }
-        // and the rest of τ2 went in: off the zeroed set the update is τ2's projection
-        assert!(
-            (proj(&upd, 4, 0) - proj(&taus[1], 4, 0)).abs() < 1e-5,
-            "{bname}"
-        );
     }
+    // and the rest of τ2 went in: off the zeroed set the update is τ2's projection
+    assert!(
+        (proj(&upd, 4, 0) - proj(&taus[1], 4, 0)).abs() < 1e-5,
+        "{bname}"
+    );
 }
+
+backend_test!(opcm_projection_and_norm);
 
 // ---- the linear algebra's share of a merge -------------------------------------------------
 

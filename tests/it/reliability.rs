@@ -6,14 +6,12 @@
 //! the input files (read here by hand, independently of the crate's reader) or from an
 //! uninterrupted run, never from the code under test.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use proptest::prelude::*;
 use serde_json::Value;
 use smelt::backend::cpu::Cpu;
