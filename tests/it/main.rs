@@ -24,5 +24,6 @@ mod mergekit_fixtures;
 mod method_contracts;
 mod parsers_prop;
 mod python_reader;
+mod registry;
 mod reliability;
 mod research_methods;
