@@ -1,5 +1,5 @@
 //! Small merges whose expected values are worked out by hand in the comments: a few
-//! elements, two or three models, chosen so that every rule of ALGORITHMS.md §2-§6, §19 and
+//! elements, two or three models, chosen so that every rule of docs/ALGORITHMS.md §2-§6, §19 and
 //! §0.4 decides the result (a wrong rule gives a different number, noted where useful).
 //!
 //! Every model here is one F32 tensor `w` (no layers, so its gradient position is t = 0),
@@ -445,9 +445,9 @@ fn breadcrumbs_gamma_band(bname: &str, backend: &dyn Backend) {
     //   0.5, 0.1: target int(10.0) = 10, n_top int(2.0) = 2, n_bot 20 - 10 - 2 = 8
     //             -> ascending ranks 8..18 -> magnitudes 9..=18
     //   0.95, 0.1: target 19, n_top 2, n_bot -1 -> n_top 1, n_bot 0 -> magnitudes 1..=19
-    //   0.5, 0.0: target 10, n_top 0, n_bot 10 -> magnitudes 11..=20 (the rule:
-    //             keep int(density·n); mergekit 0.1.5's `indices[n_bot:-n_top]` would keep
-    //             nothing when n_top == 0, ALGORITHMS.md §6 "fixed" mode keeps these)
+    //   0.5, 0.0: target 10, n_top 0, n_bot 10 -> magnitudes 11..=20 (smelt's rule,
+    //             docs/ALGORITHMS.md §6: keep int(density·n); mergekit 0.1.5's
+    //             `indices[n_bot:-n_top]` would keep nothing when n_top == 0)
     //   1.0, 0.1: density >= 1 keeps everything, outliers included -> 1..=20
     for (density, gamma, lo, hi) in [
         ("0.5", "0.1", 9.0, 18.0),

@@ -1,5 +1,5 @@
 //! The rest of mergekit's methods on small inputs whose results are worked out by hand in
-//! the comments (ALGORITHMS.md §7-§10, mergekit 0.1.5's semantics): DELLA, SCE, Model Stock,
+//! the comments (docs/ALGORITHMS.md §7-§10, mergekit 0.1.5's semantics): DELLA, SCE, Model Stock,
 //! SLERP, NuSLERP, Multi-SLERP, Karcher, NearSwap; then their edge cases (parallel and
 //! antiparallel vectors, zero deltas and zero vectors, a variance selection that keeps
 //! nothing, one model, DELLA's density 0 and 1 and its epsilon range).

@@ -200,7 +200,7 @@ fn listing() -> Vec<(String, String, Vec<Listed>)> {
 #[test]
 fn methods_lists_the_new_methods_with_parameters_and_defaults() {
     const PER_MODEL: &str = "per model (not the base)";
-    // mergekit 0.1.5's parameters and defaults (ALGORITHMS.md §1.3): (name, kind, scope,
+    // mergekit 0.1.5's parameters and defaults (docs/ALGORITHMS.md §1.3): (name, kind, scope,
     // default); a default is "required", "true"/"false" or a number.
     type Param = (&'static str, &'static str, &'static str, &'static str);
     let gta = |normalize: &'static str| -> Vec<Param> {

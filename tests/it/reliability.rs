@@ -1,4 +1,4 @@
-//! Reliability (issue 8): hostile input files, interruption and resume, a full disk, a GPU that
+//! Reliability: hostile input files, interruption and resume, a full disk, a GPU that
 //! fails mid-merge, `smelt verify`, and output that does not depend on thread counts or tiles.
 //!
 //! Every bad input is made by the test in a temporary folder from copies of
