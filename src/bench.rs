@@ -153,15 +153,31 @@ fn time(repeats: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(median(t))
 }
 
-/// Parameters the benchmarked methods run with.
+/// Parameters the benchmarked methods run with: every required parameter filled from its
+/// kind and scope (a model's share 1/k, a global 0.5, booleans on), density 0.5 where a
+/// method has it, and the values a few methods are timed at in place of those.
 fn method_params(m: &methods::MethodInfo, k: usize) -> Params {
     let f = Value1::Float;
-    let set: Vec<(&str, Value1)> = match m.name {
+    let mut set: Vec<(&str, Value1)> = match m.name {
         "nearswap" => vec![("t", f(0.001))],
         "slerp" => vec![("t", f(0.3))],
         "sce" => vec![("select_topk", f(0.5))],
         _ => vec![("weight", f(1.0 / k as f64)), ("density", f(0.5))],
     };
+    for p in m
+        .params
+        .iter()
+        .filter(|p| p.default == methods::Default::Required)
+    {
+        if set.iter().all(|(n, _)| *n != p.name) {
+            let v = match (p.kind, p.scope) {
+                (methods::Kind::Bool, _) => Value1::Bool(true),
+                (_, methods::Scope::Shared) => f(0.5),
+                _ => f(1.0 / k as f64),
+            };
+            set.push((p.name, v));
+        }
+    }
     Params::for_method(m, k, &set)
 }
 
