@@ -5,25 +5,10 @@
 //! (the backend's `dots`), a little f64 arithmetic on the host — the Karcher iterations run
 //! entirely in these coefficients — and one pass that forms the combination (`combine`).
 
-use super::{BasePolicy, Ctx, Default, Kind, Method, MethodInfo, ParamSpec, Params, Scope};
+use super::params::p;
+use super::{BasePolicy, Ctx, Default, Kind, Method, MethodInfo, Params, Scope};
 use crate::backend::{Backend, Segments, Vector};
 use crate::error::Result;
-
-fn param(
-    name: &'static str,
-    kind: Kind,
-    scope: Scope,
-    default: Default,
-    help: &'static str,
-) -> ParamSpec {
-    ParamSpec {
-        name,
-        kind,
-        scope,
-        default,
-        help,
-    }
-}
 
 pub fn methods() -> Vec<MethodInfo> {
     vec![
@@ -32,7 +17,7 @@ pub fn methods() -> Vec<MethodInfo> {
             pretty: "SLERP",
             reference: "https://en.wikipedia.org/wiki/Slerp",
             summary: "Spherical interpolation from the base (t = 0) to the other model (t = 1), per tensor.",
-            params: vec![param(
+            params: vec![p(
                 "t",
                 Kind::Float,
                 Scope::Shared,
@@ -49,15 +34,15 @@ pub fn methods() -> Vec<MethodInfo> {
             reference: "https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md",
             summary: "SLERP of two models by their weights, of their task vectors when a base is given, per tensor, row or column.",
             params: vec![
-                param("weight", Kind::Float, Scope::NonBase, Default::Required, "weight of this model (t = w₂ / (w₁ + w₂))"),
-                param(
+                p("weight", Kind::Float, Scope::NonBase, Default::Required, "weight of this model (t = w₂ / (w₁ + w₂))"),
+                p(
                     "nuslerp_row_wise",
                     Kind::Bool,
                     Scope::Shared,
                     Default::Bool(false),
                     "without flattening: interpolate columns (dimension 0) instead of rows",
                 ),
-                param(
+                p(
                     "nuslerp_flatten",
                     Kind::Bool,
                     Scope::Shared,
@@ -75,15 +60,15 @@ pub fn methods() -> Vec<MethodInfo> {
             reference: "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
             summary: "Weighted interpolation of any number of models on the hypersphere (of task vectors with a base).",
             params: vec![
-                param("weight", Kind::Float, Scope::NonBase, Default::Required, "weight of this model"),
-                param(
+                p("weight", Kind::Float, Scope::NonBase, Default::Required, "weight of this model"),
+                p(
                     "normalize_weights",
                     Kind::Bool,
                     Scope::Shared,
                     Default::Bool(true),
                     "scale the weights to sum to one",
                 ),
-                param("eps", Kind::Float, Scope::Shared, Default::Float(1e-8), "guard against division by zero"),
+                p("eps", Kind::Float, Scope::Shared, Default::Float(1e-8), "guard against division by zero"),
             ],
             base: BasePolicy::Optional,
             models: (1, None),
@@ -95,8 +80,8 @@ pub fn methods() -> Vec<MethodInfo> {
             reference: "https://arxiv.org/abs/2603.04972",
             summary: "The Riemannian (Karcher) mean of the models' directions, scaled by their mean norm.",
             params: vec![
-                param("max_iter", Kind::Float, Scope::Shared, Default::Float(10.0), "iterations at most"),
-                param("tol", Kind::Float, Scope::Shared, Default::Float(1e-5), "convergence tolerance"),
+                p("max_iter", Kind::Float, Scope::Shared, Default::Float(10.0), "iterations at most"),
+                p("tol", Kind::Float, Scope::Shared, Default::Float(1e-5), "convergence tolerance"),
             ],
             base: BasePolicy::Ignored,
             models: (1, None),
