@@ -587,3 +587,44 @@ fn a_lock_left_by_a_killed_merge_does_not_block() {
     );
     assert!(!lock.exists(), "the stale lock file outlived the next run");
 }
+
+/// A command without --resume that is stopped (Ctrl-C) removes its partial folder, says it
+/// cannot resume, exits 130 and leaves nothing beside the output.
+#[cfg(unix)]
+#[test]
+fn a_stopped_command_without_resume_cleans_up() {
+    let (s, _) = sandbox();
+    let d = s.dir().to_path_buf();
+    let before = tree(&d);
+    let lock = d.join(".out.smelt-lock");
+    let p = |x: &str| d.join(x).display().to_string();
+    let mut child = smelt()
+        .current_dir(&d)
+        .args([
+            "lora",
+            "apply",
+            &p("peft/base"),
+            &p("peft/lora_a"),
+            "-o",
+            &p("out"),
+        ])
+        .args(["--out-shard-size", "1KB"])
+        .args(cpu_args())
+        .env("SMELT_THROTTLE_MS", "400")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_lock(&lock, &mut child);
+    let k = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(k.success());
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("cannot resume"), "{err}");
+    assert!(!err.contains("--resume"), "offers --resume: {err}");
+    assert!(tree(&d) == before, "the stopped run left something behind");
+}
