@@ -78,6 +78,10 @@ pub enum Error {
         total: usize,
     },
 
+    /// A command without `--resume` was stopped; what it had written is removed.
+    #[error("stopped; the partial output {path} was removed (this command cannot resume): run it again to start over")]
+    Cancelled { path: PathBuf },
+
     /// The GPU could not be used, or failed while working.
     #[error("GPU: {0}")]
     Gpu(String),

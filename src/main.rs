@@ -26,7 +26,9 @@ fn main() -> ExitCode {
             eprintln!("{msg}");
             // 130: stopped by a signal, as shells report it
             match e.downcast_ref::<smelt::Error>() {
-                Some(smelt::Error::Stopped { .. }) => ExitCode::from(130),
+                Some(smelt::Error::Stopped { .. } | smelt::Error::Cancelled { .. }) => {
+                    ExitCode::from(130)
+                }
                 _ => ExitCode::FAILURE,
             }
         }

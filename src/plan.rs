@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::inputs::ModelInput;
+use crate::io::guard::Protected;
 use crate::io::model::ModelFolder;
 use crate::methods::{self, BasePolicy, MethodInfo, Params, Scope, SideInput};
 use crate::recipe::{ModelRef, ParamMap, Recipe, SliceDef, TokenizerSource, Value1};
@@ -295,6 +296,28 @@ fn num_layers(m: &ModelFolder) -> Result<usize> {
 }
 
 impl Plan {
+    /// Every path the plan reads: model folders (or single files), side files, LoRA
+    /// adapters and compressed task vectors. A merge's output must keep clear of them all
+    /// ([`crate::io::guard`]).
+    pub fn input_paths(&self) -> Vec<Protected> {
+        let mut out = Vec::new();
+        for m in &self.models {
+            let what = if m.folder.path.is_file() {
+                "input file"
+            } else {
+                "input model"
+            };
+            out.push(Protected::input(what, &m.folder.path));
+            for a in &m.adapters {
+                out.push(Protected::input("adapter", &a.adapter.dir));
+            }
+            if let Some(c) = &m.compeft {
+                out.push(Protected::input("compressed task vector", &c.dir));
+            }
+        }
+        out
+    }
+
     pub fn build(recipe: Recipe, seed_override: Option<u64>) -> Result<Plan> {
         let method = recipe.method;
         let mut warnings = Vec::new();

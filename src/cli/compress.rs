@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
+use smelt::io::guard::{claim_output, Protected};
 use smelt::io::model::ModelFolder;
+use smelt::io::writer::Start;
 
 use super::args::{make_backend, DeviceArgs};
 
@@ -24,7 +26,8 @@ pub struct CompressArgs {
     /// The kept entries become ±alpha·σ (ComPEFT's replace_factor).
     #[arg(long, default_value_t = 1.0)]
     pub alpha: f64,
-    /// Replace OUT if it exists (the old folder is removed only after the new one is complete).
+    /// Replace OUT if it is an earlier smelt output or an empty folder (the old folder is
+    /// removed only after the new one is complete). Any other folder is refused.
     #[arg(long)]
     pub force: bool,
     #[command(flatten)]
@@ -41,6 +44,16 @@ pub fn run(args: CompressArgs) -> anyhow::Result<()> {
         force,
         device,
     } = args;
+    // held until the output is in place: no other smelt writes OUT meanwhile
+    let _lock = claim_output(
+        &out,
+        &[
+            Protected::input("the model", &model),
+            Protected::input("the base model", &base),
+        ],
+        Start::Fresh { force },
+        false,
+    )?;
     let m = ModelFolder::open(&model, &model.display().to_string())?;
     let b = ModelFolder::open(&base, &base.display().to_string())?;
     let backend = make_backend(&device)?;

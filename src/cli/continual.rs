@@ -24,7 +24,8 @@ pub struct ContinualArgs {
     /// Largest shard to write, e.g. 5GB, 500MB, 2GiB.
     #[arg(long, default_value = "5GB")]
     pub out_shard_size: ByteSize,
-    /// Replace OUT if it exists (the old folder is removed only after the new one is complete).
+    /// Replace OUT if it is an earlier smelt output or an empty folder (the old folder is
+    /// removed only after the new one is complete). Any other folder is refused.
     #[arg(long)]
     pub force: bool,
     #[command(flatten)]

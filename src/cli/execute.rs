@@ -6,13 +6,14 @@ use std::path::PathBuf;
 use smelt::backend::cpu::Cpu;
 use smelt::backend::Backend;
 use smelt::exec::{self, ExecOptions};
+use smelt::io::guard::claim_output;
 use smelt::io::writer::{HashAlgo, Start};
 use smelt::plan::Plan;
 
 use super::args::{make_backend, DeviceArgs};
 
-/// Ctrl-C or SIGTERM: stop after the tensor in hand, keeping what is finished for --resume.
-/// A second one ends the process at once.
+/// Ctrl-C or SIGTERM: stop after the tensor in hand, keeping what is finished for --resume
+/// (merge; the other commands remove it). A second one ends the process at once.
 pub fn install_stop_handler() {
     let _ = ctrlc::set_handler(|| {
         if smelt::exec::stop_requested() {
@@ -25,7 +26,9 @@ pub fn install_stop_handler() {
 }
 
 /// Runs a plan built by a command (not a recipe the user resumes) into a fresh OUT: the
-/// device's backend with the CPU as fallback under auto, Ctrl-C handled, BLAKE3 manifest.
+/// output checked against the plan's inputs and locked first, the device's backend with the
+/// CPU as fallback under auto, Ctrl-C handled, BLAKE3 manifest. These commands have no
+/// --resume, so a stopped run removes its partial folder.
 pub fn execute_fresh(
     plan: &Plan,
     device: &DeviceArgs,
@@ -33,11 +36,13 @@ pub fn execute_fresh(
     force: bool,
     shard: u64,
 ) -> anyhow::Result<exec::Report> {
+    // held until the output is in place: no other smelt writes OUT meanwhile
+    let _lock = claim_output(&out, &plan.input_paths(), Start::Fresh { force }, false)?;
     let backend = make_backend(device)?;
     let cpu = Cpu::new();
     let fallback: Option<&dyn Backend> = device.cpu_fallback().then_some(&cpu);
     install_stop_handler();
-    Ok(exec::execute(
+    let r = exec::execute(
         plan,
         backend.as_ref(),
         &ExecOptions {
@@ -50,7 +55,15 @@ pub fn execute_fresh(
             hash: HashAlgo::Blake3,
             fsync: false,
         },
-    )?)
+    );
+    match r {
+        Err(smelt::Error::Stopped { path, .. }) => {
+            // nothing can resume it: take away what the stopped run kept
+            let _ = std::fs::remove_dir_all(&path);
+            Err(smelt::Error::Cancelled { path }.into())
+        }
+        r => Ok(r?),
+    }
 }
 
 /// The share of a merge's time in dense linear algebra (TSV-M, OPCM, LoRA ΔW), when any.

@@ -1,12 +1,13 @@
 //! `smelt merge`: run a mergekit recipe.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::bail;
 
 use smelt::backend::cpu::Cpu;
 use smelt::backend::Backend;
 use smelt::exec::{self, ExecOptions};
+use smelt::io::guard::{check_clear_of, claim_output, Protected};
 use smelt::io::writer::Start;
 use smelt::plan::Plan;
 use smelt::recipe::Recipe;
@@ -34,7 +35,8 @@ pub struct MergeArgs {
     /// Largest shard to write, e.g. 5GB, 500MB, 2GiB.
     #[arg(long, default_value = "5GB")]
     pub out_shard_size: ByteSize,
-    /// Replace OUT if it exists (the old folder is removed only after the new one is complete).
+    /// Replace OUT if it is an earlier smelt output or an empty folder (the old folder is
+    /// removed only after the new one is complete). Any other folder is refused.
     #[arg(long)]
     pub force: bool,
     /// Continue an interrupted merge of the same recipe into OUT, reusing every shard that
@@ -84,10 +86,20 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
             .num_threads(t)
             .build_global()?;
     }
-    let recipe = Recipe::load(&recipe)?;
+    let recipe_path = recipe;
+    let recipe = Recipe::load(&recipe_path)?;
     let plan = Plan::build(recipe, seed)?;
     let threads = rayon::current_num_threads();
+    // The output keeps clear of every input, the recipe and the recipe's folder.
+    let mut protected = plan.input_paths();
+    protected.push(Protected::input("the recipe", &recipe_path));
+    let recipe_dir = recipe_path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    protected.push(Protected::folder("the recipe's folder", recipe_dir));
     if dry_run {
+        check_clear_of(&out, &protected)?;
         let layout = exec::layout(&plan, shard);
         print!("{}", plan.summary(threads, layout.shards.len(), verbose));
         return Ok(());
@@ -95,6 +107,13 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
     for w in &plan.warnings {
         log::warn!("{w}");
     }
+    let start = if resume {
+        Start::Resume
+    } else {
+        Start::Fresh { force }
+    };
+    // held until the merge is in place: no other smelt writes OUT meanwhile
+    let _lock = claim_output(&out, &protected, start, true)?;
     let backend = make_backend(&device)?;
     let cpu = Cpu::new();
     // Under --device auto a GPU failure mid-merge finishes the merge on the CPU.
@@ -111,11 +130,7 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
         backend.as_ref(),
         &ExecOptions {
             out_dir: out,
-            start: if resume {
-                Start::Resume
-            } else {
-                Start::Fresh { force }
-            },
+            start,
             max_shard_bytes: shard,
             progress: true,
             allow_nonfinite,

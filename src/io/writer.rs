@@ -240,7 +240,8 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     Ok(v as u64)
 }
 
-fn sibling(final_dir: &Path, suffix: &str) -> PathBuf {
+/// `.NAME.SUFFIX` beside `final_dir` (the partial folder, the lock file).
+pub(crate) fn sibling(final_dir: &Path, suffix: &str) -> PathBuf {
     let name = final_dir
         .file_name()
         .map(|n| n.to_string_lossy().to_string())

@@ -238,10 +238,28 @@ fn existing_output_needs_force() {
     assert!(!s.out().join("model.safetensors").exists());
     assert_no_leftovers(s.dir());
 
+    // a folder smelt did not write is not replaced, even with --force
+    let o = run_merge(&r, &s.out(), &["--force"]);
+    assert_eq!(o.status.code(), Some(1), "--force: {}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("keep-me.txt") && err.contains("only replaces its own outputs"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(s.out().join("keep-me.txt")).unwrap(), b"old");
+    assert_no_leftovers(s.dir());
+
+    // an earlier smelt output is
+    std::fs::remove_dir_all(s.out()).unwrap();
+    assert!(run_merge(&r, &s.out(), &[]).status.success());
+    std::fs::write(s.out().join("extra.txt"), b"x").unwrap();
+    let o = run_merge(&r, &s.out(), &[]);
+    assert!(!o.status.success(), "merged over an existing output");
+    assert!(stderr(&o).contains("--force"), "{}", stderr(&o));
     let o = run_merge(&r, &s.out(), &["--force"]);
     assert!(o.status.success(), "--force: {}", stderr(&o));
     assert!(
-        !s.out().join("keep-me.txt").exists(),
+        !s.out().join("extra.txt").exists(),
         "--force kept the old folder's files"
     );
     let merged = load_dir(&s.out());

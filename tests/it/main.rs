@@ -22,6 +22,7 @@ mod linalg_parity;
 mod lora;
 mod mergekit_fixtures;
 mod method_contracts;
+mod output_safety;
 mod parsers_prop;
 mod python_reader;
 mod registry;

@@ -17,7 +17,8 @@ pub struct ApplyArgs {
     /// Output folder (refused if it exists, unless --force).
     #[arg(short, long)]
     pub out: PathBuf,
-    /// Replace OUT if it exists (the old folder is removed only after the new one is complete).
+    /// Replace OUT if it is an earlier smelt output or an empty folder (the old folder is
+    /// removed only after the new one is complete). Any other folder is refused.
     #[arg(long)]
     pub force: bool,
     /// Largest shard to write, e.g. 5GB, 500MB, 2GiB.

@@ -2,7 +2,9 @@
 
 use std::path::PathBuf;
 
+use smelt::io::guard::{claim_output, Protected};
 use smelt::io::model::ModelFolder;
+use smelt::io::writer::Start;
 
 use crate::cli::args::{make_backend, DeviceArgs};
 
@@ -18,7 +20,8 @@ pub struct ExtractArgs {
     /// Output adapter folder (refused if it exists, unless --force).
     #[arg(short, long)]
     pub out: PathBuf,
-    /// Replace OUT if it exists (the old folder is removed only after the new one is complete).
+    /// Replace OUT if it is an earlier smelt output or an empty folder (the old folder is
+    /// removed only after the new one is complete). Any other folder is refused.
     #[arg(long)]
     pub force: bool,
     #[command(flatten)]
@@ -34,6 +37,16 @@ pub fn run(args: ExtractArgs) -> anyhow::Result<()> {
         force,
         device,
     } = args;
+    // held until the adapter is in place: no other smelt writes OUT meanwhile
+    let _lock = claim_output(
+        &out,
+        &[
+            Protected::input("the base model", &base),
+            Protected::input("the fine-tuned model", &tuned),
+        ],
+        Start::Fresh { force },
+        false,
+    )?;
     let b = ModelFolder::open(&base, &base.display().to_string())?;
     let t = ModelFolder::open(&tuned, &tuned.display().to_string())?;
     let backend = make_backend(&device)?;

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::bail;
 
+use smelt::io::guard::{claim_output, Protected};
+use smelt::io::writer::Start;
 use smelt::lora::merge::{self, Combination, MajoritySign, MergeOptions};
 use smelt::lora::Adapter;
 
@@ -61,7 +63,8 @@ pub struct MergeArgs {
     /// Output adapter folder (refused if it exists, unless --force).
     #[arg(short, long)]
     pub out: PathBuf,
-    /// Replace OUT if it exists (the old folder is removed only after the new one is complete).
+    /// Replace OUT if it is an earlier smelt output or an empty folder (the old folder is
+    /// removed only after the new one is complete). Any other folder is refused.
     #[arg(long)]
     pub force: bool,
     #[command(flatten)]
@@ -113,6 +116,12 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
             bail!("--svd-clamp {q} is not a quantile in (0, 1]");
         }
     }
+    // held until the adapter is in place: no other smelt writes OUT meanwhile
+    let protected: Vec<Protected> = adapters
+        .iter()
+        .map(|a| Protected::input("adapter", a))
+        .collect();
+    let _lock = claim_output(&out, &protected, Start::Fresh { force }, false)?;
     let backend = make_backend(&device)?;
     let merged = match combination {
         None => smelt::lora::lego::lego(&refs, &weights, rank, seed, backend.as_ref())?,
