@@ -3,6 +3,7 @@
 //! sharded writer and its manifest, and `smelt verify`.
 
 pub mod model;
+pub mod read;
 pub mod safetensors;
 pub mod verify;
 pub mod writer;

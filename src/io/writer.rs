@@ -324,7 +324,7 @@ impl Hasher {
 /// The hash of a file, hex.
 pub fn hash_file(path: &Path, algo: HashAlgo) -> Result<String> {
     use std::io::Read;
-    let mut f = File::open(path).at(path)?;
+    let (mut f, _) = crate::io::read::open_regular(path, "file")?;
     let mut h = algo.hasher();
     let mut buf = vec![0u8; 16 << 20];
     loop {
@@ -695,7 +695,8 @@ fn verified_shards(
     algo: HashAlgo,
 ) -> std::result::Result<Vec<Option<String>>, String> {
     let jp = dir.join(JOURNAL);
-    let text = std::fs::read_to_string(&jp).map_err(|e| format!("{}: {e}", jp.display()))?;
+    let text = crate::io::read::read_string_capped(&jp, crate::io::read::JSON_CAP, "journal")
+        .map_err(|e| e.to_string())?;
     let v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| format!("{}: not valid JSON: {e}", jp.display()))?;
     if v.get("fingerprint").and_then(|f| f.as_str()) != Some(fingerprint) {
