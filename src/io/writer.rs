@@ -617,7 +617,13 @@ impl StagedOutput {
 
     pub fn copy_file(&self, from: &Path, name: &str) -> Result<()> {
         let p = self.tmp_dir.join(name);
-        std::fs::copy(from, &p).map_err(|e| write_error(&p, e, 0))?;
+        // only a regular file is copied (a FIFO or device named like a tokenizer file would
+        // block or never end); streamed, so no size cap is needed
+        let (mut src, len) = crate::io::read::open_regular(from, "file to copy")?;
+        let perms = src.metadata().at(from)?.permissions();
+        let mut dst = File::create(&p).map_err(|e| write_error(&p, e, len))?;
+        std::io::copy(&mut src, &mut dst).map_err(|e| write_error(&p, e, len))?;
+        dst.set_permissions(perms).at(&p)?;
         Ok(())
     }
 
