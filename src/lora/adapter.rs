@@ -316,7 +316,8 @@ impl Adapter {
             }));
         }
         let cpath = dir.join(CONFIG_NAME);
-        if !cpath.is_file() {
+        // not `is_file()`: a FIFO or folder of that name is refused by the reader, named
+        if !cpath.exists() {
             return Err(bad(format!(
                 "has no {CONFIG_NAME}; is it a PEFT adapter folder?"
             )));
@@ -330,7 +331,7 @@ impl Adapter {
             dir,
         )?;
         let wpath = dir.join(WEIGHTS_NAME);
-        if !wpath.is_file() {
+        if !wpath.exists() {
             let hint = if dir.join("adapter_model.bin").is_file() {
                 " (it has adapter_model.bin, a PyTorch pickle; smelt reads safetensors only: re-save it with `save_pretrained(..., safe_serialization=True)`)"
             } else {

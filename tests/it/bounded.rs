@@ -391,17 +391,19 @@ fn compress_alpha_that_overflows_f32_is_refused() {
 fn a_closed_stdout_pipe_is_silent() {
     let s = Setup::new();
     let before = snapshot(s.dir());
+    // a pipe whose read end is closed before smelt starts, like `| head -c 0` (closing it
+    // after the start would race a quick smelt that finishes into the pipe's buffer)
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
     let mut child = smelt()
         .arg("inspect")
         .arg("--all")
         .arg(s.model("ft1"))
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+        .stdout(writer)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // close the read end at once, like `| head -c 0`
-    drop(child.stdout.take());
     let start = Instant::now();
     while child.try_wait().unwrap().is_none() {
         assert!(start.elapsed() < PROMPT, "inspect hung on a closed pipe");
@@ -416,5 +418,132 @@ fn a_closed_stdout_pipe_is_silent() {
     use std::os::unix::process::ExitStatusExt;
     // the Unix convention: ended by SIGPIPE (a shell shows 141)
     assert_eq!(o.status.signal(), Some(13), "{:?} {err}", o.status);
+    assert_eq!(snapshot(s.dir()), before);
+}
+
+/// A recipe far over the 1 MiB limit is refused from the opened file's size, before
+/// anything is read or allocated.
+#[test]
+fn oversized_recipe_is_refused_before_reading() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = tmp.path().join("recipe.yml");
+    // sparse: 64 MiB of nothing
+    std::fs::File::create(&recipe)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let before = snapshot(tmp.path());
+    let out = tmp.path().join("out");
+    let o = run_within(merge_cmd(&recipe, &out, &["--dry-run"]), PROMPT);
+    expect_error(
+        &o,
+        &[
+            &recipe.display().to_string(),
+            "67108864 bytes",
+            "at most 1048576",
+        ],
+    );
+    assert!(!out.exists());
+    assert_eq!(snapshot(tmp.path()), before);
+}
+
+/// An adapter whose adapter_config.json is a FIFO: refused at once, named.
+#[cfg(unix)]
+#[test]
+fn fifo_adapter_config_is_refused_promptly() {
+    let (tmp, a, b) = adapters();
+    let cfg = b.join("adapter_config.json");
+    std::fs::remove_file(&cfg).unwrap();
+    mkfifo(&cfg);
+    let before = snapshot(tmp.path());
+    let out = tmp.path().join("out");
+    let o = run_within(lora_merge(&[&a, &b], &out, &["--method", "cat"]), PROMPT);
+    expect_error(&o, &[&cfg.display().to_string(), "FIFO", "regular file"]);
+    assert!(!out.exists());
+    assert_eq!(snapshot(tmp.path()), before);
+}
+
+/// `lora extract --rank 100000000`: capped at what the largest weight can hold, with a
+/// warning, instead of allocating 10⁸-row factors.
+#[test]
+fn huge_extract_rank_is_capped_with_a_warning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    let tuned = tmp.path().join("tuned");
+    copy_dir(&peft("base"), &base);
+    copy_dir(&peft("apply_lora_c"), &tuned);
+    let before = snapshot(tmp.path());
+    let out = tmp.path().join("out");
+    let mut c = smelt();
+    c.args(["lora", "extract"])
+        .arg(&base)
+        .arg(&tuned)
+        .args(["--rank", "100000000", "-o"])
+        .arg(&out)
+        .args(cpu_args());
+    let o = run_within(c, PROMPT);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("--rank 100000000") && err.contains("using"),
+        "{err}"
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    let r = cfg["r"].as_u64().unwrap();
+    assert!((1..=64).contains(&r), "rank {r}");
+    let size = std::fs::metadata(out.join("adapter_model.safetensors"))
+        .unwrap()
+        .len();
+    assert!(size < 1 << 20, "{size} bytes");
+    let mut after = snapshot(tmp.path());
+    after.retain(|p, _| !p.starts_with(&out));
+    assert_eq!(after, before);
+}
+
+/// A ComPEFT vector whose recorded `total` does not match its shapes is refused, naming
+/// the file and both counts.
+#[test]
+fn compeft_counts_must_match() {
+    let s = Setup::new();
+    let cv = s.dir().join("cv");
+    let mut c = smelt();
+    c.arg("compress")
+        .arg(s.model("ft1"))
+        .arg("--base")
+        .arg(s.model("base"))
+        .arg("-o")
+        .arg(&cv)
+        .args(["--device", "cpu", "--density", "0.5"]);
+    let o = run_within(c, PROMPT);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let file = cv.join("compeft.safetensors");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let key = b"\"total\":\"";
+    let at = bytes
+        .windows(key.len())
+        .position(|w| w == key)
+        .expect("the header records total")
+        + key.len();
+    // same length: bump the first digit
+    bytes[at] = if bytes[at] == b'9' {
+        b'1'
+    } else {
+        bytes[at] + 1
+    };
+    std::fs::write(&file, &bytes).unwrap();
+    let recipe = s.recipe(&format!(
+        "merge_method: passthrough\nmodels:\n  - model: {}+{}\n",
+        s.model("base").display(),
+        cv.display()
+    ));
+    let before = snapshot(s.dir());
+    let o = run_within(merge_cmd(&recipe, &s.out(), &[]), PROMPT);
+    expect_error(
+        &o,
+        &[&file.display().to_string(), "`total`", "compress again"],
+    );
+    assert!(!s.out().exists());
     assert_eq!(snapshot(s.dir()), before);
 }
