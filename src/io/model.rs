@@ -355,43 +355,6 @@ fn trim_zeros(d: &[u8]) -> &[u8] {
     &d[n.min(d.len().saturating_sub(1))..]
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn natural_order() {
-        let mut v = vec![
-            "layers.10.a",
-            "layers.2.a",
-            "layers.1.b",
-            "embed",
-            "layers.1.a",
-        ];
-        v.sort_by(|a, b| natural_cmp(a, b));
-        assert_eq!(
-            v,
-            [
-                "embed",
-                "layers.1.a",
-                "layers.1.b",
-                "layers.2.a",
-                "layers.10.a"
-            ]
-        );
-    }
-
-    #[test]
-    fn containment() {
-        assert!(is_contained("model-00001-of-00002.safetensors"));
-        assert!(is_contained("sub/x.safetensors"));
-        assert!(!is_contained("../x.safetensors"));
-        assert!(!is_contained("/etc/passwd"));
-        assert!(!is_contained("a/../../x"));
-        assert!(!is_contained(""));
-    }
-}
-
 /// SHA-256 over `prefix`, then each file's header and 16 samples of 64 KiB spread over its
 /// data: tells inputs apart (fine-tunes share a header layout) without reading their
 /// gigabytes again. The first 16 hex digits.
@@ -434,5 +397,42 @@ impl ModelFolder {
     /// [`sampled_digest`] of this folder's files.
     pub fn digest(&self) -> String {
         sampled_digest(&[], self.files.iter())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn natural_order() {
+        let mut v = vec![
+            "layers.10.a",
+            "layers.2.a",
+            "layers.1.b",
+            "embed",
+            "layers.1.a",
+        ];
+        v.sort_by(|a, b| natural_cmp(a, b));
+        assert_eq!(
+            v,
+            [
+                "embed",
+                "layers.1.a",
+                "layers.1.b",
+                "layers.2.a",
+                "layers.10.a"
+            ]
+        );
+    }
+
+    #[test]
+    fn containment() {
+        assert!(is_contained("model-00001-of-00002.safetensors"));
+        assert!(is_contained("sub/x.safetensors"));
+        assert!(!is_contained("../x.safetensors"));
+        assert!(!is_contained("/etc/passwd"));
+        assert!(!is_contained("a/../../x"));
+        assert!(!is_contained(""));
     }
 }

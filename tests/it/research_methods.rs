@@ -274,7 +274,7 @@ fn tsv_orthogonal_low_rank_tasks_add_up_exactly(bname: &str, backend: &dyn Backe
         .map(|i| base[i] + 0.5 * (t0[i] + t1[i]))
         .collect();
     assert_close(
-        &bname,
+        bname,
         &got["w"].data,
         &exp,
         got["w"].dtype,
@@ -645,7 +645,7 @@ fn widen_hand_computed_1d(bname: &str, backend: &dyn Backend) {
     let got = merge_text(tmp.path(), &recipe, backend);
     let exp = [(1.0 + e0) as f32, (2.0 + e1) as f32];
     assert_close(
-        &bname,
+        bname,
         &got["n"].data,
         &exp,
         got["n"].dtype,
@@ -781,7 +781,7 @@ fn pcb_small_model_against_f64_formulas(bname: &str, backend: &dyn Backend) {
     let got = merge_text(d, &recipe, backend);
     let mut all = got["a"].data.clone();
     all.extend_from_slice(&got["b"].data);
-    assert_close(&bname, &all, &exp, got["a"].dtype, Tol::abs_rel(1e-6, 1e-5));
+    assert_close(bname, &all, &exp, got["a"].dtype, Tol::abs_rel(1e-6, 1e-5));
 }
 
 backend_test!(pcb_small_model_against_f64_formulas);
