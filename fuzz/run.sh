@@ -11,6 +11,10 @@
 #                  accepts must have in-range, correctly sized, non-overlapping tensors
 #   parse_index    smelt::io::model::parse_index; no accepted shard path may leave the folder
 #   recipe_parse   smelt::recipe::Recipe::parse on YAML text; must not panic, hang or blow up
+#   adapter_config smelt::lora::AdapterConfig::parse (PEFT adapter_config.json); must not panic
+#   compeft_header smelt::compeft::Compressed::open on whole-file bytes; what it accepts
+#                  decompresses to finite values of the recorded shapes
+#   opcm_state     smelt::methods::opcm::parse_state on JSON; must not panic
 #
 # cargo-fuzz needs nightly compiler flags (-Z sanitizer, coverage instrumentation). With only a
 # stable toolchain, RUSTC_BOOTSTRAP=1 unlocks them; this script sets it. cargo-fuzz itself is
@@ -27,7 +31,7 @@ set -uo pipefail
 budget=${1:-60}
 shift || true
 cd "$(dirname "$0")"
-all=(parse_header parse_index recipe_parse)
+all=(parse_header parse_index recipe_parse adapter_config compeft_header opcm_state)
 targets=("$@")
 [ ${#targets[@]} -eq 0 ] && targets=("${all[@]}")
 

@@ -70,6 +70,14 @@ impl Settings {
                 self.alpha
             )));
         }
+        // the scale α·σ is stored as an f32: α itself must be one
+        if !(self.alpha as f32).is_finite() {
+            return Err(Error::Other(format!(
+                "--alpha {} is too large: the kept values ±alpha·σ are stored as f32 (at most {:e}); pass a smaller --alpha",
+                self.alpha,
+                f32::MAX
+            )));
+        }
         Ok(())
     }
 }
@@ -238,6 +246,12 @@ pub fn statistics(
         scale: (sigma as f32) * (s.alpha as f32),
         threshold,
     };
+    if !stats.scale.is_finite() {
+        return Err(Error::Other(format!(
+            "--alpha {} times the task vector's σ {sigma:e} is {}, not a finite f32 scale; pass a smaller --alpha",
+            s.alpha, stats.scale
+        )));
+    }
     Ok((stats, names))
 }
 
@@ -470,11 +484,15 @@ impl Compressed {
                 ))
             })?;
         // every tensor pair present, sized for its shape, sign map consistent with keep bits
+        let mut elements = 0u64;
         for (name, shape) in &shapes {
             let n: usize = shape
                 .iter()
                 .try_fold(1usize, |a, &d| a.checked_mul(d))
                 .ok_or_else(|| bad(format!("the shape of {name} overflows")))?;
+            elements = elements
+                .checked_add(n as u64)
+                .ok_or_else(|| bad("the shapes' element counts overflow".into()))?;
             let k = file
                 .get(&format!("{name}.keep"))
                 .ok_or_else(|| bad(format!("{name}.keep is missing")))?;
@@ -500,6 +518,30 @@ impl Compressed {
                 return Err(bad(format!(
                     "{name}.sign has {} bytes but {name}.keep sets {nnz} bits",
                     s.end - s.begin
+                )));
+            }
+        }
+        // the recorded counts must match the maps (a file edited by hand, or cut, does not)
+        let count = |k: &str| -> Result<Option<u64>> {
+            meta.get(k)
+                .map(|v| {
+                    v.parse::<u64>()
+                        .map_err(|_| bad(format!("metadata `{k}` {v:?} is not a whole number")))
+                })
+                .transpose()
+        };
+        let (kept, total) = (count("kept")?, count("total")?);
+        if let Some(t) = total {
+            if t != elements {
+                return Err(bad(format!(
+                    "metadata `total` says {t} elements but `shapes` hold {elements}; the file is damaged or was edited: compress again"
+                )));
+            }
+        }
+        if let Some(k) = kept {
+            if k > elements {
+                return Err(bad(format!(
+                    "metadata `kept` says {k} elements, more than the {elements} of `shapes`; the file is damaged or was edited: compress again"
                 )));
             }
         }

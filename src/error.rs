@@ -86,6 +86,14 @@ pub enum Error {
     #[error("GPU: {0}")]
     Gpu(String),
 
+    /// An input that is not a regular file, or is larger than smelt reads for its kind.
+    #[error("{what} {path}: {msg}")]
+    Unreadable {
+        what: String,
+        path: PathBuf,
+        msg: String,
+    },
+
     #[error("{0}")]
     Other(String),
 }

@@ -11,6 +11,7 @@ use cli::{Cli, Cmd};
 
 fn main() -> ExitCode {
     quiet_wayland();
+    default_sigpipe();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("smelt=info"))
         .format_timestamp(None)
         .format_target(false)
@@ -46,6 +47,19 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Verify(args) => cli::verify::run(args),
         Cmd::Methods(args) => cli::methods::run(args),
         Cmd::Inspect(args) => cli::inspect::run(args),
+    }
+}
+
+/// A closed pipe ends smelt silently, the usual Unix convention (`smelt inspect … | head`
+/// exits as `cat` would: killed by SIGPIPE, status 141 in shells, no message). Rust ignores
+/// SIGPIPE by default, which turns the closed pipe into a "Broken pipe" error or a panic in
+/// `println!`. smelt writes only to its own files and to stdout/stderr, never to sockets,
+/// so the default action cannot end it anywhere else.
+fn default_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: done first thing, before any thread exists; SIG_DFL is a valid disposition.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

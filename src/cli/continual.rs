@@ -48,9 +48,8 @@ pub fn run(args: ContinualArgs) -> anyhow::Result<()> {
         log::warn!("{w}");
     }
     let report = execute_fresh(&plan, &device, out, force, out_shard_size.get())?;
-    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
-        report.out_dir.join(smelt::methods::opcm::STATE_NAME),
-    )?)?;
+    let state =
+        smelt::methods::opcm::read_state(&report.out_dir.join(smelt::methods::opcm::STATE_NAME))?;
     let n = state["models"].as_array().map_or(0, |m| m.len());
     println!(
         "folded {} into {}: {} models merged so far, next λ {:.6}, task-vector norms {}; {} tensors in {:.2} s on {}",

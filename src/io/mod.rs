@@ -4,6 +4,7 @@
 
 pub mod guard;
 pub mod model;
+pub mod read;
 pub mod safetensors;
 pub mod verify;
 pub mod writer;

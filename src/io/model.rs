@@ -1,6 +1,7 @@
 //! A Hugging Face model folder: `model.safetensors`, or shards listed by
 //! `model.safetensors.index.json`, plus `config.json` and tokenizer files.
 
+use crate::io::read::{read_string_capped, JSON_CAP};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Component, Path, PathBuf};
 
@@ -77,8 +78,17 @@ impl ModelFolder {
                 path.parent().unwrap_or(Path::new(".")).to_path_buf(),
                 vec![path.to_path_buf()],
             )
-        } else {
+        } else if path.is_dir() {
             (path.to_path_buf(), Vec::new())
+        } else {
+            // A FIFO, device or socket: refused by the opened file's type, never read.
+            return Err(match crate::io::read::open_regular(path, "model") {
+                Err(e) => e,
+                Ok(_) => bad(
+                    path,
+                    "changed from something else to a file while being opened",
+                ),
+            });
         };
 
         let mut model = ModelFolder {
@@ -91,7 +101,7 @@ impl ModelFolder {
         };
         let cfg_path = dir.join("config.json");
         if path.is_dir() && cfg_path.is_file() {
-            let text = std::fs::read_to_string(&cfg_path).at(&cfg_path)?;
+            let text = read_string_capped(&cfg_path, JSON_CAP, "config")?;
             let v: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| bad(&cfg_path, format!("config.json is not valid JSON: {e}")))?;
             if !v.is_object() {
@@ -160,7 +170,7 @@ impl ModelFolder {
 
     fn open_index(&mut self, dir: &Path) -> Result<()> {
         let ipath = dir.join(INDEX_NAME);
-        let text = std::fs::read_to_string(&ipath).at(&ipath)?;
+        let text = read_string_capped(&ipath, JSON_CAP, "index")?;
         let shards = parse_index(&text).map_err(|m| bad(&ipath, m))?;
         let canon_dir = dir.canonicalize().at(dir)?;
         for (shard, expected) in shards {

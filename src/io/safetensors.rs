@@ -7,7 +7,6 @@
 //! against the file's real size.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
@@ -234,8 +233,7 @@ impl SafetensorsFile {
             path: path.to_path_buf(),
             msg,
         };
-        let file = File::open(path).at(path)?;
-        let len = file.metadata().at(path)?.len();
+        let (file, len) = crate::io::read::open_regular(path, "safetensors file")?;
         if len == 0 {
             return Err(bad("the file is empty".into()));
         }

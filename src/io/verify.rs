@@ -1,6 +1,7 @@
 //! `smelt verify OUT`: re-hash every file of a merged folder against the manifest written
 //! last, and check the shards and the index against each other.
 
+use crate::io::read::{read_string_capped, JSON_CAP};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
@@ -21,7 +22,7 @@ pub struct VerifyReport {
 pub fn verify(dir: &Path) -> Result<VerifyReport> {
     let mut problems: Vec<String> = Vec::new();
     let mp = dir.join(MANIFEST);
-    let text = std::fs::read_to_string(&mp).map_err(|e| Error::Output {
+    let text = read_string_capped(&mp, JSON_CAP, "manifest").map_err(|e| Error::Output {
         path: dir.to_path_buf(),
         msg: format!("has no readable {MANIFEST} ({e}); was it written by smelt, and completely?"),
     })?;
@@ -110,7 +111,7 @@ pub fn verify(dir: &Path) -> Result<VerifyReport> {
     }
     if listed.contains_key(INDEX_NAME) {
         let ip = dir.join(INDEX_NAME);
-        match std::fs::read_to_string(&ip)
+        match read_string_capped(&ip, JSON_CAP, "index")
             .map_err(|e| e.to_string())
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).map_err(|e| e.to_string()))
         {

@@ -325,7 +325,7 @@ impl Hasher {
 /// The hash of a file, hex.
 pub fn hash_file(path: &Path, algo: HashAlgo) -> Result<String> {
     use std::io::Read;
-    let mut f = File::open(path).at(path)?;
+    let (mut f, _) = crate::io::read::open_regular(path, "file")?;
     let mut h = algo.hasher();
     let mut buf = vec![0u8; 16 << 20];
     loop {
@@ -618,7 +618,13 @@ impl StagedOutput {
 
     pub fn copy_file(&self, from: &Path, name: &str) -> Result<()> {
         let p = self.tmp_dir.join(name);
-        std::fs::copy(from, &p).map_err(|e| write_error(&p, e, 0))?;
+        // only a regular file is copied (a FIFO or device named like a tokenizer file would
+        // block or never end); streamed, so no size cap is needed
+        let (mut src, len) = crate::io::read::open_regular(from, "file to copy")?;
+        let perms = src.metadata().at(from)?.permissions();
+        let mut dst = File::create(&p).map_err(|e| write_error(&p, e, len))?;
+        std::io::copy(&mut src, &mut dst).map_err(|e| write_error(&p, e, len))?;
+        dst.set_permissions(perms).at(&p)?;
         Ok(())
     }
 
@@ -696,7 +702,8 @@ fn verified_shards(
     algo: HashAlgo,
 ) -> std::result::Result<Vec<Option<String>>, String> {
     let jp = dir.join(JOURNAL);
-    let text = std::fs::read_to_string(&jp).map_err(|e| format!("{}: {e}", jp.display()))?;
+    let text = crate::io::read::read_string_capped(&jp, crate::io::read::JSON_CAP, "journal")
+        .map_err(|e| e.to_string())?;
     let v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| format!("{}: not valid JSON: {e}", jp.display()))?;
     if v.get("fingerprint").and_then(|f| f.as_str()) != Some(fingerprint) {

@@ -14,7 +14,7 @@ use serde_json::{Map, Value};
 
 use crate::backend::Backend;
 use crate::dtype::{self, DType};
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::io::model::{natural_cmp, ModelFolder};
 use crate::io::safetensors::{SafetensorsFile, TensorInfo};
 use crate::linalg::Mat;
@@ -316,14 +316,22 @@ impl Adapter {
             }));
         }
         let cpath = dir.join(CONFIG_NAME);
-        if !cpath.is_file() {
+        // not `is_file()`: a FIFO or folder of that name is refused by the reader, named
+        if !cpath.exists() {
             return Err(bad(format!(
                 "has no {CONFIG_NAME}; is it a PEFT adapter folder?"
             )));
         }
-        let config = AdapterConfig::parse(&std::fs::read_to_string(&cpath).at(&cpath)?, dir)?;
+        let config = AdapterConfig::parse(
+            &crate::io::read::read_string_capped(
+                &cpath,
+                crate::io::read::JSON_CAP,
+                "adapter config",
+            )?,
+            dir,
+        )?;
         let wpath = dir.join(WEIGHTS_NAME);
-        if !wpath.is_file() {
+        if !wpath.exists() {
             let hint = if dir.join("adapter_model.bin").is_file() {
                 " (it has adapter_model.bin, a PyTorch pickle; smelt reads safetensors only: re-save it with `save_pretrained(..., safe_serialization=True)`)"
             } else {
@@ -528,6 +536,29 @@ impl Adapter {
         let mut data = vec![0f32; t.numel()];
         dtype::decode(t.dtype, self.file.data(t), &mut data);
         Mat { rows, cols, data }
+    }
+
+    /// Checks that every LoRA factor is finite; names the file, tensor and element of the
+    /// first NaN or infinity. Run before merging adapters: a NaN would otherwise come out
+    /// as a NaN adapter (linear, cat) or a misleading SVD failure.
+    pub fn check_finite(&self) -> Result<()> {
+        for m in &self.modules {
+            for key in [&m.a_key, &m.b_key] {
+                let x = self.matrix(key);
+                if let Some(i) = x.data.iter().position(|v| !v.is_finite()) {
+                    return Err(Error::BadFile {
+                        path: self.file.path.clone(),
+                        msg: format!(
+                            "LoRA factor {key} holds {} at element {i} (row {}, column {}); a merge would spread it: fix or re-export the adapter",
+                            x.data[i],
+                            i / x.cols.max(1),
+                            i % x.cols.max(1)
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn a(&self, m: &LoraModule) -> Mat {

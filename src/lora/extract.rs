@@ -56,6 +56,29 @@ pub fn extract(
     if rank == 0 {
         return Err(Error::Other("--rank must be at least 1".into()));
     }
+    // A truncated SVD of an m×n ΔW has at most min(m, n) ranks: a rank beyond that of the
+    // largest 2-D weight would only pad every factor with zeros (and a huge --rank would
+    // allocate factors of that many rows).
+    let mut warnings = Vec::new();
+    let cap = tuned
+        .names()
+        .iter()
+        .filter_map(|n| tuned.get(n))
+        .filter_map(|t| match t.shape() {
+            [r, c] if t.dtype().is_mergeable() => Some((*r).min(*c)),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(rank)
+        .max(1);
+    let rank = if rank > cap {
+        warnings.push(format!(
+            "--rank {rank} is more than any weight can hold (min(rows, columns) of the largest is {cap}); using {cap}"
+        ));
+        cap
+    } else {
+        rank
+    };
     let mut modules = Vec::new();
     let mut reports = Vec::new();
     let mut not_representable = Vec::new();
@@ -171,7 +194,7 @@ pub fn extract(
             full: Vec::new(),
             rank,
             scale: 1.0,
-            warnings: Vec::new(),
+            warnings,
         },
         modules: reports,
         not_representable,

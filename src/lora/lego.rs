@@ -160,6 +160,7 @@ pub fn lego(
         )));
     }
     for a in adapters {
+        a.check_finite()?;
         if !a.config.modules_to_save.is_empty() {
             return Err(Error::BadModel {
                 path: a.dir.clone(),
@@ -167,9 +168,38 @@ pub fn lego(
             });
         }
     }
-    let k = rank.unwrap_or_else(|| adapters.iter().map(|a| a.config.max_rank()).max().unwrap());
+    let mut warnings = Vec::new();
+    let mut k = rank.unwrap_or_else(|| adapters.iter().map(|a| a.config.max_rank()).max().unwrap());
     if k == 0 {
         return Err(Error::Other("the merged rank must be at least 1".into()));
+    }
+    if rank.is_some() {
+        // k clusters of a module's rank units: more clusters than the module with the most
+        // units has would only pad every module with zero ranks (and a huge --rank would
+        // allocate factors of that many rows).
+        let mut cap = 0usize;
+        for a in adapters {
+            for m in &a.modules {
+                let units = adapters
+                    .iter()
+                    .filter_map(|b| b.module(&m.name))
+                    .try_fold(0usize, |s, x| s.checked_add(x.r))
+                    .ok_or_else(|| {
+                        Error::Other(format!(
+                            "module {}: the adapters' ranks add up past what can be counted; check their adapter_config.json `r`",
+                            m.name
+                        ))
+                    })?;
+                cap = cap.max(units);
+            }
+        }
+        let cap = cap.max(1);
+        if k > cap {
+            warnings.push(format!(
+                "--rank {k} is more clusters than any module has rank units ({cap} at most); using {cap}"
+            ));
+            k = cap;
+        }
     }
     let mut names: Vec<String> = adapters
         .iter()
@@ -195,7 +225,14 @@ pub fn lego(
             }
         }
         // rank units as rows [A_j, B_jᵀ]
-        let total: usize = present.iter().map(|(_, m)| m.r).sum();
+        let total = present
+            .iter()
+            .try_fold(0usize, |s, (_, m)| s.checked_add(m.r))
+            .ok_or_else(|| {
+                Error::Other(format!(
+                    "module {name}: the adapters' ranks add up past what can be counted"
+                ))
+            })?;
         let mut x = Mat::zeros(total, din + dout);
         let mut row = 0;
         for (i, m) in &present {
@@ -268,6 +305,6 @@ pub fn lego(
         full: Vec::new(),
         rank: k,
         scale: 1.0,
-        warnings: Vec::new(),
+        warnings,
     })
 }

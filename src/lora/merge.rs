@@ -351,6 +351,9 @@ pub fn merge(
             adapters.len()
         )));
     }
+    for a in adapters {
+        a.check_finite()?;
+    }
     let mut warnings = Vec::new();
     if let Some(q) = opts.svd_clamp {
         if !opts.combination.is_svd() {
@@ -397,10 +400,36 @@ pub fn merge(
     check_modules_to_save(adapters, &mut warnings)?;
     let ranks: Vec<usize> = adapters.iter().map(|a| a.config.max_rank()).collect();
     let rank = match combination {
-        Combination::Cat => ranks.iter().sum(),
-        c if c.is_svd() => opts
-            .svd_rank
-            .unwrap_or_else(|| *ranks.iter().max().unwrap()),
+        Combination::Cat => ranks
+            .iter()
+            .try_fold(0usize, |s, &r| s.checked_add(r))
+            .ok_or_else(|| err(format!("cat: the sum of the adapters' ranks ({ranks:?}) overflows; check their adapter_config.json `r`")))?,
+        c if c.is_svd() => match opts.svd_rank {
+            None => *ranks.iter().max().unwrap(),
+            Some(r) => {
+                // A truncated SVD of an m×n ΔW has at most min(m, n) ranks; anything beyond
+                // that (on the largest module) would only be zero padding, and a huge value
+                // would allocate factors of that many rows.
+                let cap = adapters
+                    .iter()
+                    .flat_map(|a| a.modules.iter())
+                    .map(|m| {
+                        let [o, i] = m.delta_shape();
+                        o.min(i)
+                    })
+                    .max()
+                    .unwrap_or(0)
+                    .max(1);
+                if r > cap {
+                    warnings.push(format!(
+                        "--svd-rank {r} is more than any module can hold (min(rows, columns) of the largest ΔW is {cap}); using {cap}"
+                    ));
+                    cap
+                } else {
+                    r
+                }
+            }
+        },
         _ => {
             if ranks.iter().any(|&r| r != ranks[0]) {
                 let list: Vec<String> = adapters

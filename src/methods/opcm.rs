@@ -221,10 +221,8 @@ pub struct State {
 /// Reads a state file and checks it ([`parse_state`]); returns it as it is, for
 /// [`crate::plan::Plan::prior`].
 pub fn read_state(path: &std::path::Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
-        path: path.to_path_buf(),
-        source: e,
-    })?;
+    let text =
+        crate::io::read::read_string_capped(path, crate::io::read::STATE_CAP, "OPCM state")?;
     let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::BadModel {
         path: path.to_path_buf(),
         msg: format!("not valid JSON: {e}"),

@@ -229,10 +229,8 @@ fn check_shape(text: &str) -> std::result::Result<(), String> {
 
 impl Recipe {
     pub fn load(path: &Path) -> Result<Recipe> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Recipe {
-            path: path.to_path_buf(),
-            msg: format!("cannot read it: {e}"),
-        })?;
+        let text =
+            crate::io::read::read_string_capped(path, crate::io::read::RECIPE_CAP, "recipe")?;
         Recipe::parse(&text, path)
     }
 
@@ -594,19 +592,18 @@ impl Recipe {
 /// typo such as `density: high` fails at load time rather than at the first tensor.
 fn check_setting_kind(s: &Setting, name: &str, kind: Kind) -> std::result::Result<(), String> {
     match s {
-        Setting::Scalar(_) | Setting::List(_) => {
-            // every value a gradient can take lies between its list entries: check those
-            let n = match s {
-                Setting::List(items) => items.len(),
-                _ => 1,
-            };
-            for i in 0..n {
-                let t = if n > 1 {
-                    i as f64 / (n - 1) as f64
-                } else {
-                    0.0
-                };
-                if let Some(Value1::Float(x)) = s.eval("", t, kind)? {
+        Setting::Scalar(v) => {
+            if let Value1::Float(x) = params::validate(v, kind)? {
+                check_range(name, x)?;
+            }
+            Ok(())
+        }
+        Setting::List(items) => {
+            // every value a gradient can take lies between its list entries: check those,
+            // each once (evaluating the gradient at each entry re-validated every entry,
+            // quadratic in the list's length)
+            for v in items {
+                if let Value1::Float(x) = params::validate(v, kind)? {
                     check_range(name, x)?;
                 }
             }

@@ -191,7 +191,7 @@ impl Setting {
     }
 }
 
-fn validate(s: &Scalar, kind: Kind) -> Result<Value1, String> {
+pub(crate) fn validate(s: &Scalar, kind: Kind) -> Result<Value1, String> {
     match (kind, s) {
         (Kind::Float, Scalar::Num(x)) => Ok(Value1::Float(*x)),
         (Kind::Float, Scalar::Str(t)) => t

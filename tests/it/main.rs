@@ -11,6 +11,7 @@ mod common;
 
 mod bad_input;
 mod bench_cli;
+mod bounded;
 mod cli_device;
 mod compeft;
 mod continual;

@@ -51,6 +51,11 @@ pub fn run(args: ExtractArgs) -> anyhow::Result<()> {
     let t = ModelFolder::open(&tuned, &tuned.display().to_string())?;
     let backend = make_backend(&device)?;
     let ex = smelt::lora::extract::extract(&b, &t, rank, backend.as_ref())?;
+    for w in &ex.adapter.warnings {
+        log::warn!("{w}");
+    }
+    // the rank used (capped at what the weights can hold)
+    let rank = ex.adapter.rank;
     let mut table =
         String::from("| tensor | shape | ‖ΔW‖_F | retained energy |\n|---|---|---|---|\n");
     for m in &ex.modules {

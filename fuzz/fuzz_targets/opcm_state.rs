@@ -1,0 +1,20 @@
+//! An OPCM state file (`smelt-continual.json`) on arbitrary text, through
+//! `smelt::methods::opcm::parse_state`. It must never panic, and what it accepts has finite
+//! numbers.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use smelt::methods::opcm::parse_state;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(text) else {
+        return;
+    };
+    let Ok(s) = parse_state(&v) else {
+        return;
+    };
+    assert!(s.alpha.is_finite(), "alpha {}", s.alpha);
+});
