@@ -48,7 +48,7 @@ pub fn run(args: ContinualArgs) -> anyhow::Result<()> {
         log::warn!("{w}");
     }
     let report = execute_fresh(&plan, &device, out, force, out_shard_size.get())?;
-    let state =
+    let (state, _) =
         smelt::methods::opcm::read_state(&report.out_dir.join(smelt::methods::opcm::STATE_NAME))?;
     let n = state["models"].as_array().map_or(0, |m| m.len());
     println!(

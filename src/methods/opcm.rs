@@ -218,20 +218,20 @@ pub struct State {
     pub models: Vec<serde_json::Value>,
 }
 
-/// Reads a state file and checks it ([`parse_state`]); returns it as it is, for
-/// [`crate::plan::Plan::prior`].
-pub fn read_state(path: &std::path::Path) -> Result<serde_json::Value> {
+/// Reads a state file and checks it ([`parse_state`]); returns it as it is (for
+/// [`crate::plan::Plan::prior`]) and its parts.
+pub fn read_state(path: &std::path::Path) -> Result<(serde_json::Value, State)> {
     let text =
         crate::io::read::read_string_capped(path, crate::io::read::STATE_CAP, "OPCM state")?;
     let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::BadModel {
         path: path.to_path_buf(),
         msg: format!("not valid JSON: {e}"),
     })?;
-    parse_state(&v).map_err(|msg| Error::BadModel {
+    let state = parse_state(&v).map_err(|msg| Error::BadModel {
         path: path.to_path_buf(),
         msg,
     })?;
-    Ok(v)
+    Ok((v, state))
 }
 
 /// The parts of a state file's JSON; the message says what is wrong with it.

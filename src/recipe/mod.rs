@@ -181,7 +181,7 @@ struct RawSlice {
 /// The largest recipe text accepted, and the deepest nesting of flow collections (`[`, `{`).
 /// Real recipes are a few KiB deep 3 or 4; the YAML parser takes seconds to minutes on
 /// hostile nesting tens of thousands deep, so such text is refused before it is parsed.
-const MAX_RECIPE_BYTES: usize = 1 << 20;
+const MAX_RECIPE_BYTES: usize = crate::io::read::RECIPE_CAP as usize;
 const MAX_NESTING: usize = 64;
 
 /// Refuses recipe text that is too large or nested too deeply, before the YAML parser sees

@@ -4,7 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::io::model::ModelFolder;
-use crate::methods::opcm::{parse_state, read_state, State, STATE_NAME};
+use crate::methods::opcm::{read_state, State, STATE_NAME};
 use crate::plan::Plan;
 use crate::recipe::Recipe;
 
@@ -20,14 +20,12 @@ pub fn continual_plan(
 ) -> Result<Plan> {
     let abs = |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
     let state_path = merged.join(STATE_NAME);
-    let raw = if state_path.is_file() {
-        Some(read_state(&state_path)?)
+    let (raw, state) = if state_path.is_file() {
+        let (raw, state) = read_state(&state_path)?;
+        (Some(raw), Some(state))
     } else {
-        None
+        (None, None)
     };
-    let state = raw
-        .as_ref()
-        .map(|v| parse_state(v).expect("read_state checked it"));
     let base_path = match (base, &state) {
         (Some(b), _) => b.to_path_buf(),
         (None, Some(s)) => match s.base["path"].as_str() {
