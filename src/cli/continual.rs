@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use smelt::dtype::DType;
+
 use super::args::{ByteSize, DeviceArgs};
 use super::execute::{execute_fresh, print_linalg};
 
@@ -21,6 +23,10 @@ pub struct ContinualArgs {
     /// write into (default: the state's; 0.5 without one).
     #[arg(long)]
     pub alpha: Option<f64>,
+    /// The output's dtype: bf16, f16 or f32 (also bfloat16, float16, float32), as a recipe's
+    /// `out_dtype`; the computation stays f32. Default: the inputs' dtype.
+    #[arg(long, value_name = "DTYPE", value_parser = parse_out_dtype)]
+    pub out_dtype: Option<DType>,
     /// Largest shard to write, e.g. 5GB, 500MB, 2GiB.
     #[arg(long, default_value = "5GB")]
     pub out_shard_size: ByteSize,
@@ -39,11 +45,18 @@ pub fn run(args: ContinualArgs) -> anyhow::Result<()> {
         out,
         base,
         alpha,
+        out_dtype,
         out_shard_size,
         force,
         device,
     } = args;
-    let plan = smelt::workflows::continual::continual_plan(&merged, &new, base.as_deref(), alpha)?;
+    let plan = smelt::workflows::continual::continual_plan(
+        &merged,
+        &new,
+        base.as_deref(),
+        alpha,
+        out_dtype,
+    )?;
     for w in &plan.warnings {
         log::warn!("{w}");
     }
@@ -64,4 +77,11 @@ pub fn run(args: ContinualArgs) -> anyhow::Result<()> {
     );
     print_linalg(&report);
     Ok(())
+}
+
+/// `--out-dtype`: the names a recipe's `out_dtype` takes.
+fn parse_out_dtype(s: &str) -> Result<DType, String> {
+    DType::from_recipe_name(s).ok_or_else(|| {
+        format!("unknown dtype `{s}`; valid: bf16, f16, f32 (or bfloat16, float16, float32)")
+    })
 }

@@ -15,9 +15,19 @@ use super::args::{make_backend, DeviceArgs};
 /// Ctrl-C or SIGTERM: stop after the tensor in hand, keeping what is finished for --resume
 /// (merge; the other commands remove it). A second one ends the process at once.
 pub fn install_stop_handler() {
-    let _ = ctrlc::set_handler(|| {
+    install_stop_handler_for(true);
+}
+
+/// As [`install_stop_handler`], for a command that has `--resume` or not: only then does the
+/// message of a second Ctrl-C speak of resuming.
+fn install_stop_handler_for(resumable: bool) {
+    let _ = ctrlc::set_handler(move || {
         if smelt::exec::stop_requested() {
-            eprintln!("\nstopped at once; the partial output stays hidden and is not resumable past its last finished shard");
+            if resumable {
+                eprintln!("\nstopped at once; the partial output stays hidden and is not resumable past its last finished shard");
+            } else {
+                eprintln!("\nstopped at once; the partial output stays hidden (this command cannot resume): run it again with --force to start over");
+            }
             std::process::exit(130);
         }
         eprintln!("\nstopping after the current tensor (press Ctrl-C again to stop at once)…");
@@ -41,7 +51,7 @@ pub fn execute_fresh(
     let backend = make_backend(device)?;
     let cpu = Cpu::new();
     let fallback: Option<&dyn Backend> = device.cpu_fallback().then_some(&cpu);
-    install_stop_handler();
+    install_stop_handler_for(false);
     let r = exec::execute(
         plan,
         backend.as_ref(),

@@ -388,7 +388,8 @@ pub fn execute(plan: &Plan, backend: &dyn Backend, opts: &ExecOptions) -> Result
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_else(|| "merged".into());
-    if let Some((file, bytes)) = finish(plan, current)? {
+    let weights = output::weight_files(&staged)?;
+    if let Some((file, bytes)) = finish(plan, current, &weights)? {
         staged.write_file(file, &bytes)?;
     }
     output::write_side_files(plan, &staged, &name)?;
@@ -582,7 +583,11 @@ fn throttle_ms() -> Option<u64> {
 
 /// The method's finish step ([`methods::Method::finish`]): a file for the output, from the
 /// whole-model statistics and the inputs (each as its path, label and digest).
-fn finish(plan: &Plan, backend: &dyn Backend) -> Result<Option<(&'static str, Vec<u8>)>> {
+fn finish(
+    plan: &Plan,
+    backend: &dyn Backend,
+    weights: &[methods::WeightFile],
+) -> Result<Option<(&'static str, Vec<u8>)>> {
     let globals = whole_model_sums(plan, backend)?;
     let entry = |i: usize| {
         let m = &plan.models[i];
@@ -605,6 +610,7 @@ fn finish(plan: &Plan, backend: &dyn Backend) -> Result<Option<(&'static str, Ve
         params: plan.tasks.iter().find(|t| !t.copy_only).map(|t| &t.params),
         inputs: &inputs,
         prior: plan.prior.as_ref(),
+        weights,
     };
     plan.method.imp.finish(&cx)
 }

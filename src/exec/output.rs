@@ -4,10 +4,11 @@
 use std::collections::BTreeMap;
 
 use crate::dtype::DType;
-use crate::error::Result;
+use crate::error::{IoContext, Result};
 use crate::inputs::input_digest;
-use crate::io::model::ModelFolder;
-use crate::io::writer::StagedOutput;
+use crate::io::model::{ModelFolder, INDEX_NAME};
+use crate::io::writer::{hash_file, StagedOutput};
+use crate::methods::WeightFile;
 use crate::plan::Plan;
 
 /// Tokenizer files `transformers` may look for; whichever exist are copied.
@@ -67,6 +68,42 @@ pub fn output_config(plan: &Plan) -> Option<serde_json::Value> {
         }
     }
     Some(cfg)
+}
+
+/// The weight files of a staged output whose shards are all written, as its manifest will
+/// list them (name, size, hash): every shard, and the index when there are several (its
+/// bytes are the layout's, written at commit). Sorted by name.
+pub fn weight_files(out: &StagedOutput) -> Result<Vec<WeightFile>> {
+    let layout = out.layout();
+    let mut files = Vec::new();
+    for (si, shard) in layout.shards.iter().enumerate() {
+        let p = out.tmp_dir.join(&shard.file_name);
+        let (algo, hash) = out.shard_hash(si);
+        let hash = match hash {
+            Some(h) => h.to_string(),
+            None => hash_file(&p, algo)?,
+        };
+        files.push(WeightFile {
+            name: shard.file_name.clone(),
+            bytes: std::fs::metadata(&p).at(&p)?.len(),
+            algo: algo.name().into(),
+            hash,
+        });
+    }
+    if layout.shards.len() > 1 {
+        let idx = layout.index_json();
+        let algo = out.shard_hash(0).0;
+        let mut h = algo.hasher();
+        h.update(idx.as_bytes());
+        files.push(WeightFile {
+            name: INDEX_NAME.into(),
+            bytes: idx.len() as u64,
+            algo: algo.name().into(),
+            hash: h.finish(),
+        });
+    }
+    files.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(files)
 }
 
 /// Writes config.json, generation_config.json, tokenizer files and README.md.

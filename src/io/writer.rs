@@ -287,7 +287,7 @@ impl HashAlgo {
             _ => None,
         }
     }
-    fn hasher(self) -> Hasher {
+    pub fn hasher(self) -> Hasher {
         match self {
             HashAlgo::Blake3 => Hasher::Blake3(Box::new(blake3::Hasher::new())),
             HashAlgo::Sha256 => Hasher::Sha256(Box::default()),
@@ -477,6 +477,11 @@ impl StagedOutput {
     /// Whether shard `si` was reused from an interrupted run.
     pub fn shard_done(&self, si: usize) -> bool {
         self.hashes[si].is_some()
+    }
+
+    /// Shard `si`'s hash once it is finished (what the manifest will record), and its kind.
+    pub fn shard_hash(&self, si: usize) -> (HashAlgo, Option<&str>) {
+        (self.algo, self.hashes[si].as_deref())
     }
 
     /// Flush every finished shard, and the folder, to disk before going on (`--fsync`).

@@ -111,6 +111,19 @@ pub struct Finish<'a> {
     pub inputs: &'a dyn Fn() -> (Option<serde_json::Value>, Vec<serde_json::Value>),
     /// The state the merge continued from, if it did ([`crate::plan::Plan::prior`]).
     pub prior: Option<&'a serde_json::Value>,
+    /// The weight files just written (shards, and the index when there are several), as the
+    /// output's manifest will list them: what a state file records it belongs to.
+    pub weights: &'a [WeightFile],
+}
+
+/// A weight file of an output as its manifest (`smelt-manifest.json`) lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WeightFile {
+    pub name: String,
+    pub bytes: u64,
+    /// The manifest's hash kind (`blake3` or `sha256`) and the file's hash in it, hex.
+    pub algo: String,
+    pub hash: String,
 }
 
 /// One merge method. Only [`Method::run`] is required; the other hooks have defaults that

@@ -18,6 +18,7 @@
 use super::dense::{is_input_embedding, mat, vectors, write_base_plus};
 use super::{
     BasePolicy, Ctx, Default, EachJob, Finish, Kind, Method, MethodInfo, ParamSpec, Params, Scope,
+    WeightFile,
 };
 use crate::backend::{Backend, Job, Segments, Vector};
 use crate::error::{Error, Result};
@@ -186,34 +187,63 @@ fn globals(b: &dyn Backend, each: &EachJob, prior: Option<&Prior>) -> Result<Vec
 /// The state file an OPCM merge leaves in its output, for `smelt continual`.
 pub const STATE_NAME: &str = "opcm-state.json";
 pub const STATE_FORMAT: &str = "smelt-opcm-state";
+/// Version 2 records the weights the state belongs to (`weights`) and requires every model
+/// folded in, and the base, to be recorded with its path and digest. Version 1 had neither.
+pub const STATE_VERSION: u64 = 2;
+
+/// What ties a state to the weights beside it: SHA-256 over one line per weight file,
+/// `NAME<TAB>BYTES<TAB>KIND:HASH<LF>` in name order, where KIND:HASH is the file's hash as the
+/// output's `smelt-manifest.json` records it (`blake3` by default). The weight files are the
+/// `.safetensors` shards and, with several, `model.safetensors.index.json`. The manifest
+/// itself lists the state file, so the state cannot hold the manifest's own digest.
+pub fn weights_digest(files: &[WeightFile]) -> String {
+    use sha2::Digest;
+    let mut sorted: Vec<&WeightFile> = files.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut h = sha2::Sha256::new();
+    for f in sorted {
+        h.update(format!("{}\t{}\t{}:{}\n", f.name, f.bytes, f.algo, f.hash).as_bytes());
+    }
+    crate::io::writer::hex(&h.finalize())
+}
+
+/// Whether a file of a model folder is one of its weight files ([`weights_digest`]).
+pub fn is_weight_file(name: &str) -> bool {
+    name.ends_with(".safetensors") || name == crate::io::model::INDEX_NAME
+}
 
 /// The state after a merge whose whole-model statistics are `globals` (see [`globals`]),
-/// with `steps` folds.
+/// with `steps` folds, written beside the weight files `weights`.
 pub fn state(
     globals: &[f64],
     steps: usize,
     alpha: f64,
+    weights: &[WeightFile],
     base: serde_json::Value,
     models: Vec<serde_json::Value>,
 ) -> serde_json::Value {
     let rest = &globals[2 * steps..];
+    let names: Vec<&str> = weights.iter().map(|w| w.name.as_str()).collect();
     serde_json::json!({
         "format": STATE_FORMAT,
-        "version": 1,
+        "version": STATE_VERSION,
         "method": "opcm (Tang et al. 2025, arXiv 2501.09522)",
         "alpha": alpha,
         "lambda": rest[0],
         "norms": &rest[1..],
+        "weights": {"digest": weights_digest(weights), "files": names},
         "base": base,
         "models": models,
     })
 }
 
-/// What a state file holds, read and checked: the prior, alpha, the base entry and the
-/// models folded so far.
+/// What a state file holds, read and checked: the prior, alpha, the digest of the weights
+/// it belongs to ([`weights_digest`]), the base entry and the models folded so far (each
+/// entry a `{path, label, digest}` object, in the order they were folded in).
 pub struct State {
     pub prior: Prior,
     pub alpha: f64,
+    pub weights: String,
     pub base: serde_json::Value,
     pub models: Vec<serde_json::Value>,
 }
@@ -236,9 +266,12 @@ pub fn read_state(path: &std::path::Path) -> Result<(serde_json::Value, State)> 
 
 /// The parts of a state file's JSON; the message says what is wrong with it.
 pub fn parse_state(v: &serde_json::Value) -> std::result::Result<State, String> {
-    if v["format"] != STATE_FORMAT || v["version"] != 1 {
+    if v["format"] == STATE_FORMAT && v["version"] == 1 {
+        return Err("a version 1 state from an earlier smelt: it does not record the weights it belongs to (`weights`), so it cannot be checked against this folder; redo the merge with this smelt (`smelt merge` of the OPCM recipe with every model so far, or `smelt continual FIRST SECOND --base BASE` and fold the others in again)".into());
+    }
+    if v["format"] != STATE_FORMAT || v["version"] != STATE_VERSION {
         return Err(format!(
-            "not a {STATE_FORMAT} version 1 file (format {}, version {})",
+            "not a {STATE_FORMAT} version {STATE_VERSION} file (format {}, version {})",
             v["format"], v["version"]
         ));
     }
@@ -260,10 +293,37 @@ pub fn parse_state(v: &serde_json::Value) -> std::result::Result<State, String> 
     if lambda <= 0.0 {
         return Err(format!("`lambda` {lambda} is not positive"));
     }
-    let models = v["models"].as_array().cloned().unwrap_or_default();
+    let weights = v["weights"]["digest"]
+        .as_str()
+        .filter(|d| d.len() == 64 && d.bytes().all(|c| c.is_ascii_hexdigit()))
+        .ok_or_else(|| {
+            "`weights.digest` (the digest of the weights the state belongs to) is missing or not a SHA-256 hex digest".to_string()
+        })?
+        .to_string();
+    let recorded = |e: &serde_json::Value| e["path"].is_string() && e["digest"].is_string();
+    if !recorded(&v["base"]) {
+        return Err("`base` does not record the base model's `path` and `digest`".into());
+    }
+    let models = v["models"]
+        .as_array()
+        .cloned()
+        .ok_or_else(|| "`models` is not a list".to_string())?;
+    if let Some(i) = models.iter().position(|m| !recorded(m)) {
+        return Err(format!(
+            "`models[{i}]` does not record the model's `path` and `digest`"
+        ));
+    }
+    if models.len() != norms.len() {
+        return Err(format!(
+            "`models` lists {} models but `norms` holds {} norms; each model folded in has one",
+            models.len(),
+            norms.len()
+        ));
+    }
     Ok(State {
         prior: Prior { norms, lambda },
         alpha,
+        weights,
         base: v["base"].clone(),
         models,
     })
@@ -336,7 +396,7 @@ impl Method for Opcm {
         };
         let alpha = cx.params.map(|p| p.shared_f("alpha")).unwrap_or(0.5);
         let base = base.unwrap_or(serde_json::Value::Null);
-        let v = state(cx.globals, steps, alpha, base, models);
+        let v = state(cx.globals, steps, alpha, cx.weights, base, models);
         Ok(Some((
             STATE_NAME,
             (serde_json::to_string_pretty(&v).unwrap() + "\n").into_bytes(),

@@ -57,7 +57,7 @@ fn folding_one_at_a_time_equals_one_recipe_and_the_reference(bname: &str, backen
     // ft1 + ft2 in a recipe, then ft3 folded in
     let two = plan_text(d, &opcm_recipe(&["ft1", "ft2"]), None);
     execute_to(&two, backend, &d.join("m12"), u64::MAX);
-    let step = continual_plan(&d.join("m12"), &models().join("ft3"), None, None).unwrap();
+    let step = continual_plan(&d.join("m12"), &models().join("ft3"), None, None, None).unwrap();
     assert_eq!(
         step.models.len(),
         3,
@@ -70,10 +70,11 @@ fn folding_one_at_a_time_equals_one_recipe_and_the_reference(bname: &str, backen
         &models().join("ft2"),
         Some(&models().join("base")),
         None,
+        None,
     )
     .unwrap();
     execute_to(&s1, backend, &d.join("s12"), u64::MAX);
-    let s2 = continual_plan(&d.join("s12"), &models().join("ft3"), None, None).unwrap();
+    let s2 = continual_plan(&d.join("s12"), &models().join("ft3"), None, None, None).unwrap();
     assert_eq!(s2.models.len(), 3);
     execute_to(&s2, backend, &d.join("s123"), u64::MAX);
 
@@ -173,6 +174,7 @@ fn errors_name_what_is_wrong() {
         &models().join("ft2"),
         None,
         None,
+        None,
     ));
     assert!(e.contains(STATE_NAME) && e.contains("--base"), "{e}");
     let plan = plan_text(d, &opcm_recipe(&["ft1", "ft2"]), None);
@@ -182,6 +184,7 @@ fn errors_name_what_is_wrong() {
         &d.join("m"),
         &models().join("ft3"),
         Some(&models().join("ft2")),
+        None,
         None,
     ));
     assert!(e.contains("is not the base") && e.contains("digest"), "{e}");
@@ -196,6 +199,7 @@ fn errors_name_what_is_wrong() {
         &models().join("ft3"),
         None,
         None,
+        None,
     ));
     assert!(e.contains("lambda") && e.contains(STATE_NAME), "{e}");
     v["lambda"] = serde_json::json!(1.0);
@@ -204,6 +208,7 @@ fn errors_name_what_is_wrong() {
     let e = err(continual_plan(
         &d.join("m"),
         &models().join("ft3"),
+        None,
         None,
         None,
     ));
