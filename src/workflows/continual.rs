@@ -116,7 +116,7 @@ fn is_merged(new: &Path, merged: &Path) -> Error {
     Error::BadModel {
         path: new.to_path_buf(),
         msg: format!(
-            "is the merge it would be folded into ({}: the same weights); give a fine-tuned model that is not yet part of the merge",
+            "is the same model as {}, which it would be folded into (the same weights); give a fine-tuned model that is not yet part of the merge",
             merged.display()
         ),
     }

@@ -15,6 +15,7 @@ mod bounded;
 mod cli_device;
 mod compeft;
 mod continual;
+mod continual_safety;
 mod determinism;
 mod gpu_parity;
 mod hand_computed;
