@@ -1,4 +1,4 @@
-//! An OPCM state file (`smelt-continual.json`) on arbitrary text, through
+//! An OPCM state file (`opcm-state.json`) on arbitrary text, through
 //! `smelt::methods::opcm::parse_state`. It must never panic, and what it accepts has finite
 //! numbers.
 #![no_main]
@@ -17,4 +17,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     assert!(s.alpha.is_finite(), "alpha {}", s.alpha);
+    // one norm per model folded in; the weights digest a SHA-256 in hex
+    assert_eq!(s.models.len(), s.prior.norms.len());
+    assert!(s.weights.len() == 64 && s.weights.bytes().all(|c| c.is_ascii_hexdigit()));
 });

@@ -128,7 +128,14 @@ fn the_state_records_the_digest_of_the_weights_beside_it() {
         &["--out-shard-size", "20KB"],
     );
     assert!(sharded.join(INDEX).is_file(), "not sharded");
-    for dir in [&one, &sharded] {
+    let sha = merge(
+        d,
+        "m12sha",
+        &opcm_recipe(&["ft1", "ft2"], ""),
+        &["--out-shard-size", "20KB", "--hash", "sha256"],
+    );
+    assert!(json(&sha.join(MANIFEST))["files"][INDEX]["sha256"].is_string());
+    for dir in [&one, &sharded, &sha] {
         let s = json(&dir.join(STATE_NAME));
         assert_eq!(s["version"], 2);
         assert_eq!(
@@ -150,7 +157,8 @@ fn the_state_records_the_digest_of_the_weights_beside_it() {
     // both continue, to the same tensors, and the new state is that of the new folder
     let c1 = d.join("c1");
     let cs = d.join("cs");
-    for (m, c) in [(&one, &c1), (&sharded, &cs)] {
+    let csha = d.join("csha");
+    for (m, c) in [(&one, &c1), (&sharded, &cs), (&sha, &csha)] {
         let o = continual(m, &fixture("ft3"), c, &[]);
         assert!(o.status.success(), "{}", stderr(&o));
         let s = json(&c.join(STATE_NAME));
@@ -160,10 +168,13 @@ fn the_state_records_the_digest_of_the_weights_beside_it() {
         );
         assert_eq!(s["models"].as_array().unwrap().len(), 3, "{s}");
     }
-    let (a, b) = (load_dir(&c1), load_dir(&cs));
-    assert_eq!(a.len(), b.len());
-    for (n, t) in &a {
-        assert_eq!(t.data, b[n].data, "{n}");
+    let a = load_dir(&c1);
+    for other in [&cs, &csha] {
+        let b = load_dir(other);
+        assert_eq!(a.len(), b.len());
+        for (n, t) in &a {
+            assert_eq!(t.data, b[n].data, "{n}");
+        }
     }
 }
 
