@@ -76,18 +76,18 @@ fn to_usize(v: u64, what: &str) -> R<usize> {
 /// Only STORED (uncompressed), unencrypted entries are accepted.
 pub fn zip_entries(b: &[u8]) -> R<Vec<ZipEntry>> {
     const EOCD: u32 = 0x0605_4b50;
-    if b.len() < 22 {
-        return Err(format!(
-            "the file is {} bytes, too short to be a zip (truncated file?)",
-            b.len()
-        ));
-    }
-    if !b.starts_with(b"PK\x03\x04") {
+    if b.len() >= 4 && !b.starts_with(b"PK\x03\x04") {
         return Err(
             "it is not a zip file; smelt reads PyTorch checkpoints in torch.save's zip format \
              (PyTorch 1.6 and later), not the older format"
                 .into(),
         );
+    }
+    if b.len() < 22 {
+        return Err(format!(
+            "the file is {} bytes, too short to be a zip (truncated file?)",
+            b.len()
+        ));
     }
     // The end-of-central-directory record is within the last 22 + 65535 bytes.
     let lo = b.len().saturating_sub(22 + 0xFFFF);
