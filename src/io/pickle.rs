@@ -320,7 +320,7 @@ impl<'a> Machine<'a> {
 
     /// Adds `pairs` to the dict on top of the stack (SETITEM/SETITEMS).
     fn set_items(&mut self, pairs: Vec<Value>) -> R<()> {
-        if pairs.len() % 2 != 0 {
+        if !pairs.len().is_multiple_of(2) {
             return Err("data.pkl has a SETITEMS with an odd number of items".into());
         }
         let add_depth = pairs.iter().map(Value::depth).max().unwrap_or(0) + 1;

@@ -141,7 +141,7 @@ fn every_fixture_reads_as_the_tensors_torch_was_given() {
         let m = ModelFolder::open(&torch_dir().join(dir), dir).unwrap_or_else(|e| panic!("{e}"));
         let want = expected(kind, src);
         assert_eq!(
-            m.names().iter().cloned().collect::<Vec<_>>(),
+            m.names().to_vec(),
             {
                 let mut v: Vec<String> = want.keys().cloned().collect();
                 v.sort_by(|a, b| smelt::io::model::natural_cmp(a, b));
