@@ -18,8 +18,8 @@ use std::rc::Rc;
 
 use crate::dtype::DType;
 
-/// A `data.pkl` larger than this is refused (a state dict of 100k tensors is a few MiB).
-pub const MAX_PICKLE_LEN: usize = 64 << 20;
+/// A `data.pkl` larger than this is refused (a state dict of 100k tensors is about 20 MiB).
+pub const MAX_PICKLE_LEN: usize = 32 << 20;
 /// Items on the stack at once.
 const MAX_STACK: usize = 1 << 20;
 /// Memo entries.
@@ -817,6 +817,7 @@ pub fn load_state_dict(data: &[u8]) -> R<Vec<(String, TensorDesc)>> {
     };
     let mut out = Vec::with_capacity(d.items.len());
     let mut seen = std::collections::HashSet::new();
+    let mut dims_out = 0usize;
     for (k, v) in &d.items {
         let Value::Str(k) = k else {
             return Err(format!(
@@ -833,6 +834,17 @@ pub fn load_state_dict(data: &[u8]) -> R<Vec<(String, TensorDesc)>> {
         };
         if !seen.insert(k.clone()) {
             return Err(format!("data.pkl lists tensor {k} twice"));
+        }
+        // Shared values could make a small pickle describe a huge list of tensors: every
+        // dimension handed out must be paid for by a byte of input (a real state dict spends
+        // dozens of bytes per tensor).
+        dims_out += 2 * t.shape.len();
+        if dims_out > data.len() {
+            return Err(
+                "data.pkl describes more tensor dimensions than a pickle of its size can hold; \
+                 the file is damaged or was not written by torch.save"
+                    .into(),
+            );
         }
         out.push((k.to_string(), (**t).clone()));
     }
@@ -905,6 +917,37 @@ mod tests {
         for n in 0..ok.len() {
             assert!(load_state_dict(&ok[..n]).is_err(), "prefix {n}");
         }
+    }
+
+    #[test]
+    fn one_tensor_under_many_names_is_bounded() {
+        // A 64-dimension tensor memoized once, then listed under 200 names by BINGET: each
+        // name costs ~10 bytes of pickle but would hand out 128 dimensions.
+        let mut p = b"\x80\x02}(X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n\
+              ((X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000\
+              X\x03\x00\x00\x00cpuK\x01tQK\x00("
+            .to_vec();
+        p.extend(std::iter::repeat_n(*b"K\x01", 64).flatten());
+        p.extend_from_slice(b"t(");
+        p.extend(std::iter::repeat_n(*b"K\x01", 64).flatten());
+        p.extend_from_slice(b"t\x89ccollections\nOrderedDict\n)RtRq\x01");
+        let one = {
+            let mut q = p.clone();
+            q.extend_from_slice(b"u.");
+            q
+        };
+        let t = load_state_dict(&one).unwrap();
+        assert_eq!(t[0].1.shape.len(), 64);
+        for i in 0..200u32 {
+            let k = format!("{i:05}");
+            p.push(b'X');
+            p.extend_from_slice(&(k.len() as u32).to_le_bytes());
+            p.extend_from_slice(k.as_bytes());
+            p.extend_from_slice(b"h\x01");
+        }
+        p.extend_from_slice(b"u.");
+        let e = load_state_dict(&p).unwrap_err();
+        assert!(e.contains("more tensor dimensions"), "{e}");
     }
 
     #[test]
