@@ -15,6 +15,8 @@
 #   compeft_header smelt::compeft::Compressed::open on whole-file bytes; what it accepts
 #                  decompresses to finite values of the recorded shapes
 #   opcm_state     smelt::methods::opcm::parse_state on JSON; must not panic
+#   torch_pickle   smelt::io::pickle::load_state_dict (data.pkl) and smelt::io::torch_zip::torch_tensors
+#                  (a whole pytorch_model.bin) on the same bytes; what is accepted lies in the file
 #
 # cargo-fuzz needs nightly compiler flags (-Z sanitizer, coverage instrumentation). With only a
 # stable toolchain, RUSTC_BOOTSTRAP=1 unlocks them; this script sets it. cargo-fuzz itself is
@@ -31,7 +33,7 @@ set -uo pipefail
 budget=${1:-60}
 shift || true
 cd "$(dirname "$0")"
-all=(parse_header parse_index recipe_parse adapter_config compeft_header opcm_state)
+all=(parse_header parse_index recipe_parse adapter_config compeft_header opcm_state torch_pickle)
 targets=("$@")
 [ ${#targets[@]} -eq 0 ] && targets=("${all[@]}")
 

@@ -18,6 +18,10 @@ pub enum Error {
     #[error("{path}: invalid safetensors file: {msg}")]
     BadFile { path: PathBuf, msg: String },
 
+    /// A PyTorch checkpoint (`pytorch_model.bin`) that is damaged or holds more than tensors.
+    #[error("{path}: cannot read this PyTorch checkpoint: {msg}")]
+    BadTorchFile { path: PathBuf, msg: String },
+
     /// A model folder that cannot be used as it is.
     #[error("model {path}: {msg}")]
     BadModel { path: PathBuf, msg: String },

@@ -8,7 +8,7 @@ use smelt::units;
 
 #[derive(clap::Args)]
 pub struct InspectArgs {
-    /// A model folder, or one .safetensors file.
+    /// A model folder, one .safetensors file, or one PyTorch checkpoint (.bin).
     pub model: PathBuf,
     /// Print every tensor (default: the first 50).
     #[arg(short, long)]

@@ -1,5 +1,7 @@
 //! A Hugging Face model folder: `model.safetensors`, or shards listed by
-//! `model.safetensors.index.json`, plus `config.json` and tokenizer files.
+//! `model.safetensors.index.json`, plus `config.json` and tokenizer files. A folder with no
+//! safetensors but `pytorch_model.bin` (or `pytorch_model.bin.index.json`) is read through
+//! `io::torch_zip`; safetensors win when both exist.
 
 use crate::io::read::{read_string_capped, JSON_CAP};
 use std::collections::{BTreeMap, HashMap};
@@ -8,6 +10,7 @@ use std::path::{Component, Path, PathBuf};
 use crate::dtype::DType;
 use crate::error::{Error, IoContext, Result};
 use crate::io::safetensors::{SafetensorsFile, TensorInfo};
+use crate::io::torch_zip::{TORCH_INDEX_NAME, TORCH_SINGLE_NAME};
 
 pub const INDEX_NAME: &str = "model.safetensors.index.json";
 pub const SINGLE_NAME: &str = "model.safetensors";
@@ -71,8 +74,13 @@ impl ModelFolder {
             ));
         }
         let (dir, files) = if path.is_file() {
-            if path.extension().and_then(|e| e.to_str()) != Some("safetensors") {
-                return Err(bad(path, "is a file but not a .safetensors file"));
+            if path.extension().and_then(|e| e.to_str()) != Some("safetensors")
+                && !crate::io::torch_zip::is_torch_path(path)
+            {
+                return Err(bad(
+                    path,
+                    "is a file but not a .safetensors file or a PyTorch checkpoint (.bin, .pt, .pth)",
+                ));
             }
             (
                 path.parent().unwrap_or(Path::new(".")).to_path_buf(),
@@ -113,7 +121,7 @@ impl ModelFolder {
         if !files.is_empty() {
             model.add_file(&files[0], None)?;
         } else if dir.join(INDEX_NAME).is_file() {
-            model.open_index(&dir)?;
+            model.open_index(&dir, INDEX_NAME)?;
         } else if dir.join(SINGLE_NAME).is_file() {
             model.add_file(&dir.join(SINGLE_NAME), None)?;
         } else {
@@ -135,11 +143,19 @@ impl ModelFolder {
             st.sort();
             match (st.len(), pickles.is_empty()) {
                 (1, _) => model.add_file(&dir.join(&st[0]), None)?,
+                // PyTorch weights only: read in place, no pickle code run (io::torch_zip).
+                (0, false) if dir.join(TORCH_INDEX_NAME).is_file() => {
+                    model.open_index(&dir, TORCH_INDEX_NAME)?
+                }
+                (0, false) if dir.join(TORCH_SINGLE_NAME).is_file() => {
+                    model.add_file(&dir.join(TORCH_SINGLE_NAME), None)?
+                }
                 (0, false) => {
                     return Err(bad(
                         &dir,
                         format!(
-                            "holds only PyTorch pickle weights ({}); smelt reads safetensors only. Convert first, e.g. \
+                            "holds only PyTorch weights under names smelt does not look for ({}); smelt reads \
+                             {TORCH_SINGLE_NAME} or {TORCH_INDEX_NAME} and safetensors: rename the file, or convert it, e.g. \
                              `python -c \"from transformers import AutoModelForCausalLM as M; M.from_pretrained('{d}').save_pretrained('{d}-st', safe_serialization=True)\"`",
                             pickles.join(", "),
                             d = dir.display()
@@ -168,8 +184,8 @@ impl ModelFolder {
         Ok(model)
     }
 
-    fn open_index(&mut self, dir: &Path) -> Result<()> {
-        let ipath = dir.join(INDEX_NAME);
+    fn open_index(&mut self, dir: &Path, index_name: &str) -> Result<()> {
+        let ipath = dir.join(index_name);
         let text = read_string_capped(&ipath, JSON_CAP, "index")?;
         let shards = parse_index(&text).map_err(|m| bad(&ipath, m))?;
         let canon_dir = dir.canonicalize().at(dir)?;
@@ -196,7 +212,11 @@ impl ModelFolder {
     /// Adds a file; with `only`, takes exactly those tensors (the index's view) and requires
     /// each to be present.
     fn add_file(&mut self, path: &Path, only: Option<&[String]>) -> Result<()> {
-        let f = SafetensorsFile::open(path)?;
+        let f = if crate::io::torch_zip::is_torch_path(path) {
+            crate::io::torch_zip::open(path)?
+        } else {
+            SafetensorsFile::open(path)?
+        };
         let fi = self.files.len();
         let add = |name: &str, ti: usize, this: &mut Self| -> Result<()> {
             if this.tensors.insert(name.to_string(), (fi, ti)).is_some() {

@@ -225,6 +225,9 @@ pub struct SafetensorsFile {
     pub header: Header,
     by_name: HashMap<String, usize>,
     mmap: Mmap,
+    /// Bytes not in the map: tensors of a PyTorch checkpoint copied into row-major order
+    /// (`io::torch_zip`); their offsets start at the map's length. Empty for safetensors.
+    owned: Vec<u8>,
 }
 
 impl SafetensorsFile {
@@ -252,7 +255,34 @@ impl SafetensorsFile {
             header,
             by_name,
             mmap,
+            owned: Vec::new(),
         })
+    }
+
+    /// A file of another format whose tensors `io::torch_zip` located: offsets are absolute
+    /// in `mmap`, or past its end into `owned`. The caller has checked every range.
+    pub(crate) fn from_mapped(
+        path: PathBuf,
+        mmap: Mmap,
+        tensors: Vec<TensorInfo>,
+        owned: Vec<u8>,
+    ) -> Self {
+        let by_name = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+        SafetensorsFile {
+            path,
+            header: Header {
+                tensors,
+                metadata: BTreeMap::new(),
+                data_start: 0,
+            },
+            by_name,
+            mmap,
+            owned,
+        }
     }
 
     pub fn tensors(&self) -> &[TensorInfo] {
@@ -267,6 +297,10 @@ impl SafetensorsFile {
     pub fn data(&self, t: &TensorInfo) -> &[u8] {
         let m = &self.mmap;
         let s = self.header.data_start;
+        let mapped = m.len() - s;
+        if t.begin >= mapped && !self.owned.is_empty() {
+            return &self.owned[t.begin - mapped..t.end - mapped];
+        }
         &m[s + t.begin..s + t.end]
     }
 
@@ -282,7 +316,7 @@ impl SafetensorsFile {
             let m = &self.mmap;
             let off = self.header.data_start + t.begin;
             let len = t.end - t.begin;
-            if len == 0 {
+            if len == 0 || off + len > m.len() {
                 return;
             }
             // madvise wants page-aligned starts.

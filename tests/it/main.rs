@@ -30,3 +30,4 @@ mod python_reader;
 mod registry;
 mod reliability;
 mod research_methods;
+mod torch_bin;
