@@ -262,8 +262,14 @@ fn send(
         let status = resp.status().as_u16();
         if (300..400).contains(&status) {
             if let Some(loc) = header(&resp, "location") {
-                url = join(&url, loc);
-                continue;
+                // HEAD asks for metadata: like huggingface_hub it follows only redirects on
+                // the same host (a renamed repository), not the one to the storage host,
+                // whose signed URLs may refuse HEAD; the Hub's headers are on this answer
+                let relative = loc.starts_with('/') && !loc.starts_with("//");
+                if !head || relative || meta.etag.is_none() || meta.size.is_none() {
+                    url = join(&url, loc);
+                    continue;
+                }
             }
         }
         if meta.size.is_none() && status == 200 {
@@ -359,7 +365,7 @@ fn ensure_file(
     let (resp, meta, _) =
         send(agent, env, true, &url, None).map_err(|e| hub_err(id, format!("{file}: {e}")))?;
     let status = resp.status().as_u16();
-    if status != 200 {
+    if status != 200 && !(300..400).contains(&status) {
         return Err(hub_err(
             id,
             format!("{file}: {}", refusal(status, &url, env, id)),
@@ -387,10 +393,40 @@ fn ensure_file(
         .ok_or_else(|| hub_err(id, format!("{file}: the server sent no size for {url}")))?;
     let blob = repo.join("blobs").join(&etag);
     if !blob.is_file() {
-        fetch_blob(agent, env, id, &url, &blob, &etag, size, file)?;
+        // one download of a blob at a time (huggingface_hub's lock folder): a second smelt
+        // waits here, then finds the blob in place
+        let _lock = lock_blob(&env.cache, repo, &etag)?;
+        if !blob.is_file() {
+            fetch_blob(agent, env, id, &url, &blob, &etag, size, file)?;
+        }
     }
     cache::link(repo, sha, file, &etag)?;
     Ok(())
+}
+
+/// Holds `<cache>/.locks/models--org--name/<etag>.lock` locked (exclusive, waiting) until
+/// dropped.
+fn lock_blob(cache_root: &Path, repo: &Path, etag: &str) -> Result<std::fs::File> {
+    let dir = cache_root
+        .join(".locks")
+        .join(repo.file_name().unwrap_or_default());
+    std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
+    let path = dir.join(format!("{etag}.lock"));
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| io_err(&path, e))?;
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a descriptor this function owns; the lock ends with the file.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(io_err(&path, std::io::Error::last_os_error()));
+        }
+    }
+    Ok(f)
 }
 
 fn bar(size: u64, file: &str) -> ProgressBar {

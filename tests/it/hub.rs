@@ -700,7 +700,8 @@ fn wrong_sha256_is_refused() {
     assert!(!h.repo("testorg/bad").join("refs/main").exists());
 }
 
-/// A repository the server does not have, and a private one without and with HF_TOKEN.
+/// A repository the server does not have, and a private one without and with HF_TOKEN
+/// (whose weights are redirected to another host, which never sees the token).
 #[test]
 fn missing_and_private_repositories() {
     let h = Hub::new();
@@ -712,6 +713,10 @@ fn missing_and_private_repositories() {
         files_of(&assets("base")),
     );
     server.require_token("testorg/base", "sekrit");
+    // the weights live on another host, as the Hub's do
+    let cdn = Server::start(false);
+    cdn.add("storage/x", "main", &commit(41), files_of(&assets("base")));
+    server.redirect_lfs_to(&cdn.endpoint());
     let ep = server.endpoint();
     let out = h.tmp.path().join("out");
 
@@ -730,9 +735,15 @@ fn missing_and_private_repositories() {
         &weights_and_side_files(&out),
         "with a token",
     );
-    // the token went with the requests
+    // the token goes to the endpoint's host only, never to the storage host
     assert!(server
         .log()
         .iter()
         .any(|r| r.token.as_deref() == Some("sekrit")));
+    let stored = cdn.log();
+    assert!(
+        stored.iter().any(|r| r.path.starts_with("/cdn/")),
+        "{stored:?}"
+    );
+    assert!(stored.iter().all(|r| r.token.is_none()), "{stored:?}");
 }

@@ -44,6 +44,8 @@ struct State {
     log: Vec<Req>,
     broken: HashSet<String>,
     break_first: bool,
+    /// Where LFS files are redirected: another server (another host), or this one.
+    cdn: Option<String>,
 }
 
 pub struct Server {
@@ -100,6 +102,11 @@ impl Server {
     pub fn require_token(&self, repo: &str, token: &str) {
         let mut s = self.state.lock().unwrap();
         s.repos.get_mut(repo).unwrap().token = Some(token.to_string());
+    }
+
+    /// Redirects LFS files to `endpoint`'s `/cdn/` (a storage host other than this one).
+    pub fn redirect_lfs_to(&self, endpoint: &str) {
+        self.state.lock().unwrap().cdn = Some(endpoint.to_string());
     }
 
     pub fn log(&self) -> Vec<Req> {
@@ -277,7 +284,10 @@ fn route(
         if is_lfs(&f.name) {
             let mut r = resp("302 Found", Vec::new());
             r.headers = vec![
-                ("Location".into(), format!("/cdn/{digest}")),
+                (
+                    "Location".into(),
+                    format!("{}/cdn/{digest}", s.cdn.as_deref().unwrap_or("")),
+                ),
                 ("X-Repo-Commit".into(), sha),
                 ("X-Linked-Etag".into(), format!("\"{digest}\"")),
                 ("X-Linked-Size".into(), f.bytes.len().to_string()),
