@@ -492,7 +492,8 @@ fn cache_links_must_stay_in_the_repository() {
     }
 }
 
-/// `BASE+ADAPTER` and `adapters:` with Hub ids on either side merge like local paths.
+/// `BASE+ADAPTER` and `adapters:` with Hub ids on either side merge like local paths, and
+/// so do `lora apply` and `lora extract` given ids.
 #[test]
 fn adapters_by_hub_id() {
     let h = Hub::new();
@@ -523,6 +524,47 @@ fn adapters_by_hub_id() {
         ok(&h.merge(&r, &out, &[]));
         same(&want, &weights_and_side_files(&out), text);
     }
+    // the command line: `lora apply BASE ADAPTER` and `lora extract BASE TUNED` by id
+    let out = h.tmp.path().join("out-apply");
+    let o = h
+        .smelt(&["lora", "apply", "testorg/peft-base", "testorg/lora-a", "-o"])
+        .arg(&out)
+        .args(cpu_args())
+        .output()
+        .unwrap();
+    ok(&o);
+    same(&want, &weights_and_side_files(&out), "lora apply by id");
+    h.add_snapshot("testorg/peft-tuned", &commit(9), &out);
+    h.set_ref("testorg/peft-tuned", "main", &commit(9));
+    let mut extracted = Vec::new();
+    for (i, (b, t)) in [
+        (
+            "testorg/peft-base".to_string(),
+            "testorg/peft-tuned".to_string(),
+        ),
+        (
+            peft.join("base").display().to_string(),
+            out.display().to_string(),
+        ),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let dir = h.tmp.path().join(format!("extract{i}"));
+        let o = h
+            .smelt(&["lora", "extract", b, t, "--rank", "4", "-o"])
+            .arg(&dir)
+            .args(cpu_args())
+            .output()
+            .unwrap();
+        ok(&o);
+        extracted.push(std::fs::read(dir.join("adapter_model.safetensors")).unwrap());
+    }
+    assert!(
+        extracted[0] == extracted[1],
+        "lora extract by id differs from local paths"
+    );
+
     // an adapter id that is nowhere, offline
     let r = h.recipe("bad.yml", &passthrough("testorg/peft-base+testorg/lora-z"));
     let out = h.tmp.path().join("out-bad");
