@@ -98,6 +98,10 @@ pub enum Error {
         msg: String,
     },
 
+    /// A model named by Hub id that could not be found, fetched or trusted.
+    #[error("Hub model {id}: {msg}")]
+    Hub { id: String, msg: String },
+
     #[error("{0}")]
     Other(String),
 }

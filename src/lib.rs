@@ -11,6 +11,7 @@ pub mod compeft;
 pub mod dtype;
 pub mod error;
 pub mod exec;
+pub mod hub;
 pub mod inputs;
 pub mod io;
 pub mod linalg;

@@ -12,9 +12,9 @@ use super::args::{make_backend, DeviceArgs};
 
 #[derive(clap::Args)]
 pub struct CompressArgs {
-    /// The fine-tuned model folder.
+    /// The fine-tuned model folder (or Hub id org/name[@revision]).
     pub model: PathBuf,
-    /// The base model it was fine-tuned from.
+    /// The base model it was fine-tuned from (a folder or Hub id).
     #[arg(long)]
     pub base: PathBuf,
     /// Output folder (refused if it exists, unless --force).
@@ -44,18 +44,20 @@ pub fn run(args: CompressArgs) -> anyhow::Result<()> {
         force,
         device,
     } = args;
+    let model_dir = smelt::hub::resolve_arg(&model, "the model")?;
+    let base_dir = smelt::hub::resolve_arg(&base, "--base")?;
     // held until the output is in place: no other smelt writes OUT meanwhile
     let _lock = claim_output(
         &out,
         &[
-            Protected::input("the model", &model),
-            Protected::input("the base model", &base),
+            Protected::input("the model", &model_dir),
+            Protected::input("the base model", &base_dir),
         ],
         Start::Fresh { force },
         false,
     )?;
-    let m = ModelFolder::open(&model, &model.display().to_string())?;
-    let b = ModelFolder::open(&base, &base.display().to_string())?;
+    let m = ModelFolder::open(&model_dir, &model.display().to_string())?;
+    let b = ModelFolder::open(&base_dir, &base.display().to_string())?;
     let backend = make_backend(&device)?;
     let settings = smelt::compeft::Settings { density, alpha };
     settings.check()?;

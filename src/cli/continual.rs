@@ -11,7 +11,7 @@ use super::execute::{execute_fresh, print_linalg};
 pub struct ContinualArgs {
     /// An OPCM merge (with opcm-state.json), or a first fine-tuned model (with --base).
     pub merged: PathBuf,
-    /// The fine-tuned model to fold in.
+    /// The fine-tuned model to fold in (a folder or Hub id org/name[@revision]).
     pub new: PathBuf,
     /// Output folder (refused if it exists, unless --force).
     #[arg(short, long)]
@@ -50,10 +50,16 @@ pub fn run(args: ContinualArgs) -> anyhow::Result<()> {
         force,
         device,
     } = args;
+    let merged_dir = smelt::hub::resolve_arg(&merged, "the merged model")?;
+    let new_dir = smelt::hub::resolve_arg(&new, "the new model")?;
+    let base_dir = base
+        .as_deref()
+        .map(|b| smelt::hub::resolve_arg(b, "--base"))
+        .transpose()?;
     let plan = smelt::workflows::continual::continual_plan(
-        &merged,
-        &new,
-        base.as_deref(),
+        &merged_dir,
+        &new_dir,
+        base_dir.as_deref(),
         alpha,
         out_dtype,
     )?;

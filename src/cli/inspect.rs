@@ -8,7 +8,8 @@ use smelt::units;
 
 #[derive(clap::Args)]
 pub struct InspectArgs {
-    /// A model folder, one .safetensors file, or one PyTorch checkpoint (.bin).
+    /// A model folder, one .safetensors file, one PyTorch checkpoint (.bin), or a Hub id
+    /// (org/name[@revision]).
     pub model: PathBuf,
     /// Print every tensor (default: the first 50).
     #[arg(short, long)]
@@ -18,7 +19,8 @@ pub struct InspectArgs {
 pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     let InspectArgs { model, all } = args;
     let label = model.display().to_string();
-    let m = ModelFolder::open(&model, &label)?;
+    let path = smelt::hub::resolve_arg(&model, "the model")?;
+    let m = ModelFolder::open(&path, &label)?;
     let mut o = std::io::stdout().lock();
     let params: usize = m.names().iter().map(|n| m.get(n).unwrap().numel()).sum();
     writeln!(

@@ -70,7 +70,7 @@ impl ModelFolder {
         if !path.exists() {
             return Err(bad(
                 path,
-                "not found (smelt reads local model folders; download hub models first, e.g. with `huggingface-cli download`)",
+                "not found; name a model folder, a .safetensors file, or a Hub id (org/name or org/name@revision)",
             ));
         }
         let (dir, files) = if path.is_file() {
@@ -107,6 +107,8 @@ impl ModelFolder {
             tensors: HashMap::new(),
             names: Vec::new(),
         };
+        // a snapshot of the Hugging Face cache: every link must stay in its repository
+        check_snapshot_links(&dir)?;
         let cfg_path = dir.join("config.json");
         if path.is_dir() && cfg_path.is_file() {
             let text = read_string_capped(&cfg_path, JSON_CAP, "config")?;
@@ -188,7 +190,13 @@ impl ModelFolder {
         let ipath = dir.join(index_name);
         let text = read_string_capped(&ipath, JSON_CAP, "index")?;
         let shards = parse_index(&text).map_err(|m| bad(&ipath, m))?;
-        let canon_dir = dir.canonicalize().at(dir)?;
+        // a cache snapshot's shards link into the repository's blobs/; a local folder's
+        // must stay inside the folder
+        let repo = cache_repo_of(dir);
+        let canon_dir = match &repo {
+            Some(r) => r.clone(),
+            None => dir.canonicalize().at(dir)?,
+        };
         for (shard, expected) in shards {
             let spath = dir.join(&shard);
             if !spath.is_file() {
@@ -201,7 +209,10 @@ impl ModelFolder {
             if !canon.starts_with(&canon_dir) {
                 return Err(bad(
                     &ipath,
-                    format!("shard {shard} is a link to {}, outside the model folder; refusing to read it", canon.display()),
+                    match &repo {
+                        Some(r) => format!("shard {shard} is a link to {}, outside the model's repository folder {} in the Hugging Face cache; refusing to read it", canon.display(), r.display()),
+                        None => format!("shard {shard} is a link to {}, outside the model folder; refusing to read it", canon.display()),
+                    },
                 ));
             }
             self.add_file(&spath, Some(&expected))?;
@@ -309,6 +320,57 @@ impl ModelFolder {
             .map(|t| (t.end - t.begin) as u64)
             .sum()
     }
+}
+
+/// The repository folder (`…/models--org--name`, canonical) when `dir` is a snapshot of the
+/// Hugging Face cache (`…/models--org--name/snapshots/<commit>`).
+pub fn cache_repo_of(dir: &Path) -> Option<PathBuf> {
+    let c = dir.canonicalize().ok()?;
+    let snaps = c.parent()?;
+    let repo = snaps.parent()?;
+    (snaps.file_name()? == "snapshots" && repo.file_name()?.to_str()?.starts_with("models--"))
+        .then(|| repo.to_path_buf())
+}
+
+/// In a snapshot of the Hugging Face cache, every link (weights, index, config, tokenizer
+/// files) must resolve inside the model's repository folder (`models--org--name`, where
+/// `blobs/` is); a link out of it is refused, naming it. Links that resolve nowhere are left
+/// to the reader of that file. Not a snapshot: nothing to check.
+pub fn check_snapshot_links(dir: &Path) -> Result<()> {
+    let Some(repo) = cache_repo_of(dir) else {
+        return Ok(());
+    };
+    let mut stack = vec![(dir.to_path_buf(), 0usize)];
+    let mut seen = 0usize;
+    while let Some((d, depth)) = stack.pop() {
+        for e in std::fs::read_dir(&d).at(&d)? {
+            let p = e.at(&d)?.path();
+            seen += 1;
+            if seen > 100_000 {
+                return Err(bad(
+                    dir,
+                    "holds more than 100000 files; not a model snapshot",
+                ));
+            }
+            if p.is_symlink() {
+                if let Ok(target) = p.canonicalize() {
+                    if !target.starts_with(&repo) {
+                        return Err(bad(
+                            &p,
+                            format!(
+                                "is a link to {}, outside the model's repository folder {} in the Hugging Face cache; refusing to read it (delete the snapshot to fetch it again)",
+                                target.display(),
+                                repo.display()
+                            ),
+                        ));
+                    }
+                }
+            } else if p.is_dir() && depth < 16 {
+                stack.push((p, depth + 1));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Reads `model.safetensors.index.json`: shard file name -> the tensors it should hold.

@@ -11,6 +11,7 @@ use serde_norway::Value;
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::hub::Found;
 use crate::methods::{self, MethodInfo};
 pub use params::{Kind, Scalar, Setting, Value1};
 
@@ -274,13 +275,12 @@ impl Recipe {
             ))
         })?;
 
-        let resolve = |s: &str| {
-            let p = Path::new(s);
-            if p.is_absolute() {
-                p.to_path_buf()
-            } else {
-                dir.join(p)
-            }
+        // A model or adapter name: an absolute path as given; a relative one from the
+        // recipe's folder, the current folder or the Hub (cache, then download).
+        let env = crate::hub::HubEnv::from_env();
+        let locate = |s: &str| crate::hub::locate(s, Some(&dir), &env);
+        let fetch = |f: Found, what: &str| -> Result<PathBuf> {
+            crate::hub::materialize(f, &env).map_err(|e| err(format!("{what}: {e}")))
         };
         // `adapters:`: a list of adapter folders, each a path or {path, scale}.
         let adapter_list = |v: &Value, what: &str| -> Result<Vec<AdapterRef>> {
@@ -348,13 +348,11 @@ impl Recipe {
                 if raw.trim().is_empty() {
                     return Err(err(format!("{w}: empty adapter path")));
                 }
-                let path = resolve(&raw);
-                if !path.exists() {
-                    return Err(err(format!(
-                        "{w}: the adapter folder {} does not exist",
-                        path.display()
-                    )));
+                let found = locate(&raw).map_err(|nf| err(format!("{w}: {}", nf.msg)))?;
+                if !found.present() {
+                    return Err(err(format!("{w}: the adapter folder {raw} does not exist")));
                 }
+                let path = fetch(found, &w)?;
                 out.push(AdapterRef { raw, path, scale });
             }
             Ok(out)
@@ -367,40 +365,68 @@ impl Recipe {
                 .map(|v| adapter_list(v, what))
                 .transpose()?
                 .unwrap_or_default();
-            let resolved = resolve(raw);
-            if !resolved.exists() && raw.contains('+') {
+            let whole = locate(raw);
+            if let Err(nf) = &whole {
+                if nf.ambiguous {
+                    return Err(err(format!("{what}: {}", nf.msg)));
+                }
+            }
+            let here = whole.as_ref().is_ok_and(|f| match f {
+                Found::Local(p) => p.exists(),
+                // `org/name@rev+adapter` parses as one id with a '+' in the revision
+                Found::Hub(_, cached, _) => cached.is_some() || !raw.contains('+'),
+            });
+            if !here && raw.contains('+') {
                 // `model+adapter`: the split where both sides exist (paths may hold '+').
-                let splits: Vec<(PathBuf, PathBuf, usize)> = raw
+                let splits: Vec<(_, _, usize)> = raw
                     .match_indices('+')
-                    .map(|(i, _)| (resolve(&raw[..i]), resolve(&raw[i + 1..]), i))
+                    .map(|(i, _)| (locate(&raw[..i]), locate(&raw[i + 1..]), i))
                     .collect();
-                if let Some((m, a, i)) = splits.iter().find(|(m, a, _)| m.exists() && a.exists()) {
+                for (m, a, _) in &splits {
+                    for side in [m, a] {
+                        if let Err(nf) = side {
+                            if nf.ambiguous {
+                                return Err(err(format!("{what}: {}", nf.msg)));
+                            }
+                        }
+                    }
+                }
+                let both = splits.iter().find(|(m, a, _)| {
+                    m.as_ref().is_ok_and(Found::present) && a.as_ref().is_ok_and(Found::present)
+                });
+                if let Some((Ok(m), Ok(a), i)) = both {
                     let mut adapters = vec![AdapterRef {
                         raw: raw[i + 1..].to_string(),
-                        path: a.clone(),
+                        path: fetch(a.clone(), what)?,
                         scale: 1.0,
                     }];
                     adapters.extend(listed);
                     return Ok(ModelRef {
                         raw: raw.to_string(),
-                        path: m.clone(),
+                        path: fetch(m.clone(), what)?,
                         adapters,
                         in_raw: 1,
                     });
                 }
                 let (m, a, _) = &splits[0];
+                let missing = |side: &std::result::Result<Found, crate::hub::NotFound>| match side {
+                    Ok(Found::Local(p)) => format!("{} does not exist", p.display()),
+                    Ok(Found::Hub(id, ..)) => format!("{id} is not in the Hub cache"),
+                    Err(nf) => nf.msg.clone(),
+                };
                 return Err(err(format!(
                     "{what}: `{raw}` reads as MODEL+LORA_ADAPTER, but {}",
-                    if !m.exists() {
-                        format!("the model {} does not exist", m.display())
+                    if !m.as_ref().is_ok_and(Found::present) {
+                        format!("the model {}", missing(m))
                     } else {
-                        format!("the adapter folder {} does not exist", a.display())
+                        format!("the adapter folder {}", missing(a))
                     }
                 )));
             }
+            let found = whole.map_err(|nf| err(format!("{what}: {}", nf.msg)))?;
             Ok(ModelRef {
                 raw: raw.to_string(),
-                path: resolved,
+                path: fetch(found, what)?,
                 adapters: listed,
                 in_raw: 0,
             })

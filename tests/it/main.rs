@@ -20,6 +20,8 @@ mod determinism;
 mod gpu_parity;
 mod hand_computed;
 mod hand_computed_methods;
+mod hub;
+mod hub_server;
 mod linalg_parity;
 mod lora;
 mod mergekit_fixtures;

@@ -10,9 +10,9 @@ use crate::cli::execute::{execute_fresh, print_linalg};
 
 #[derive(clap::Args)]
 pub struct ApplyArgs {
-    /// The base model folder.
+    /// The base model folder (or Hub id org/name[@revision]).
     pub base: PathBuf,
-    /// The PEFT LoRA adapter folder.
+    /// The PEFT LoRA adapter folder (or Hub id).
     pub adapter: PathBuf,
     /// Output folder (refused if it exists, unless --force).
     #[arg(short, long)]

@@ -10,9 +10,9 @@ use crate::cli::args::{make_backend, DeviceArgs};
 
 #[derive(clap::Args)]
 pub struct ExtractArgs {
-    /// The base model folder.
+    /// The base model folder (or Hub id org/name[@revision]).
     pub base: PathBuf,
-    /// The fine-tuned model folder (same architecture and shapes).
+    /// The fine-tuned model folder or Hub id (same architecture and shapes).
     pub tuned: PathBuf,
     /// Rank of the adapter.
     #[arg(long)]
@@ -37,18 +37,20 @@ pub fn run(args: ExtractArgs) -> anyhow::Result<()> {
         force,
         device,
     } = args;
+    let base_dir = smelt::hub::resolve_arg(&base, "the base model")?;
+    let tuned_dir = smelt::hub::resolve_arg(&tuned, "the fine-tuned model")?;
     // held until the adapter is in place: no other smelt writes OUT meanwhile
     let _lock = claim_output(
         &out,
         &[
-            Protected::input("the base model", &base),
-            Protected::input("the fine-tuned model", &tuned),
+            Protected::input("the base model", &base_dir),
+            Protected::input("the fine-tuned model", &tuned_dir),
         ],
         Start::Fresh { force },
         false,
     )?;
-    let b = ModelFolder::open(&base, &base.display().to_string())?;
-    let t = ModelFolder::open(&tuned, &tuned.display().to_string())?;
+    let b = ModelFolder::open(&base_dir, &base.display().to_string())?;
+    let t = ModelFolder::open(&tuned_dir, &tuned.display().to_string())?;
     let backend = make_backend(&device)?;
     let ex = smelt::lora::extract::extract(&b, &t, rank, backend.as_ref())?;
     for w in &ex.adapter.warnings {

@@ -29,7 +29,8 @@ impl From<MajoritySignArg> for MajoritySign {
 
 #[derive(clap::Args)]
 pub struct MergeArgs {
-    /// Two or more PEFT LoRA adapter folders (one is allowed; it is rescaled by its weight).
+    /// Two or more PEFT LoRA adapter folders or Hub ids (one is allowed; it is rescaled by
+    /// its weight).
     #[arg(required = true)]
     pub adapters: Vec<PathBuf>,
     /// How to combine them.
@@ -88,7 +89,10 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
     } = args;
     let opened: Vec<Adapter> = adapters
         .iter()
-        .map(|p| Ok(Adapter::open(p, &p.display().to_string())?))
+        .map(|p| {
+            let dir = smelt::hub::resolve_arg(p, "adapter")?;
+            Ok(Adapter::open(&dir, &p.display().to_string())?)
+        })
         .collect::<anyhow::Result<_>>()?;
     let refs: Vec<&Adapter> = opened.iter().collect();
     let weights = weights.unwrap_or_else(|| vec![1.0; opened.len()]);
@@ -117,9 +121,9 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
         }
     }
     // held until the adapter is in place: no other smelt writes OUT meanwhile
-    let protected: Vec<Protected> = adapters
+    let protected: Vec<Protected> = opened
         .iter()
-        .map(|a| Protected::input("adapter", a))
+        .map(|a| Protected::input("adapter", &a.dir))
         .collect();
     let _lock = claim_output(&out, &protected, Start::Fresh { force }, false)?;
     let backend = make_backend(&device)?;
