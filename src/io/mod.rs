@@ -2,6 +2,7 @@
 //! only): memory-mapped safetensors reading, model folders and their indexes, the staged
 //! sharded writer and its manifest, and `smelt verify`.
 
+pub mod fault;
 pub mod guard;
 pub mod model;
 pub mod read;

@@ -29,3 +29,4 @@ mod python_reader;
 mod registry;
 mod reliability;
 mod research_methods;
+mod resume_safety;
