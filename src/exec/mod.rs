@@ -187,9 +187,15 @@ fn input_files<'p>(plan: &'p Plan, layout: &Layout) -> (Inputs, Vec<&'p Safetens
 /// it; None while every read found its bytes.
 fn changed_under_map(mapped: &[&SafetensorsFile]) -> Option<Error> {
     let f = mapped.iter().find(|f| f.changed_under_map())?;
-    let what =
-        f.id.change_now()
-            .unwrap_or_else(|| "(a read met a page past its end)".into());
+    // the zeros read in place of the lost bytes are said too: they are why nothing merged
+    // since is kept
+    let what = match f.id.change_now() {
+        Some(w) => format!(
+            "{}; a read met a page past its end)",
+            w.trim_end_matches(')')
+        ),
+        None => "(a read met a page past its end)".into(),
+    };
     Some(Error::InputChanged {
         path: f.id.path.clone(),
         msg: format!("changed or was truncated while smelt was reading it {what}"),
@@ -400,6 +406,9 @@ pub fn execute(plan: &Plan, backend: &dyn Backend, opts: &ExecOptions) -> Result
     let layout = layout(plan, opts.max_shard_bytes);
     let fp = fingerprint(plan, &layout);
     let (inputs, mapped) = input_files(plan, &layout);
+    // every read of an input from here on is followed by `changed_under_map` before its
+    // result is kept
+    crate::io::fault::catch_faults();
     if let Some(e) = changed_under_map(&mapped) {
         return Err(e);
     }

@@ -13,8 +13,11 @@
 //!   handler looks the fault address up in that table, maps a page of zeros over the faulting
 //!   page (so that the interrupted load completes), notes the file as changed and returns.
 //!   The merge asks [`Registration::faulted`] after each tensor and fails with a message
-//!   naming the file before anything read from the zeros is kept. A fault anywhere else gets
-//!   the disposition SIGBUS had before (the default: the process dies as it would have).
+//!   naming the file before anything read from the zeros is kept. Only code that asks does
+//!   so: faults are caught once [`catch_faults`] was called (the executor calls it). Before
+//!   that, and for a fault anywhere else, SIGBUS gets the disposition it had before (the
+//!   default: the process dies as it would have), so no reader can take zeros for data
+//!   unawares.
 //!
 //! The handler only does what is async-signal-safe: atomic loads and stores on a static
 //! table and one `mmap` call.
@@ -179,6 +182,16 @@ static PAGE: AtomicUsize = AtomicUsize::new(4096);
 static INSTALL: std::sync::Once = std::sync::Once::new();
 /// Whether the handler is in place.
 static INSTALLED: AtomicBool = AtomicBool::new(false);
+/// Whether a fault in a watched mapping is caught (see [`catch_faults`]).
+static CATCH: AtomicBool = AtomicBool::new(false);
+
+/// From now on, a read past the end of a watched input mapping reads zeros and is reported
+/// by [`Registration::faulted`] instead of killing the process. Call it only where every read
+/// of a mapping is followed by that check before its result is used.
+pub fn catch_faults() {
+    install();
+    CATCH.store(true, Ordering::SeqCst);
+}
 /// SIGBUS's disposition before ours, put back for faults that are not ours.
 #[cfg(target_os = "linux")]
 static mut PREVIOUS_RAW: std::mem::MaybeUninit<libc::sigaction> = std::mem::MaybeUninit::uninit();
@@ -278,7 +291,7 @@ extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
             break;
         }
     }
-    if hit != 0 {
+    if hit != 0 && CATCH.load(Ordering::SeqCst) {
         let page = PAGE.load(Ordering::SeqCst);
         let at = addr & !(page - 1);
         // SAFETY: the page lies inside a registered read-only input mapping (still mapped:
@@ -348,6 +361,7 @@ mod tests {
         let f = std::fs::File::open(&p).unwrap();
         // SAFETY: a read-only map of a file this test owns
         let map = unsafe { memmap2::Mmap::map(&f) }.unwrap();
+        catch_faults();
         let reg = register(map.as_ptr(), map.len());
         let other = std::fs::File::open(&p).unwrap();
         // SAFETY: as above

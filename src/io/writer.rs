@@ -957,6 +957,12 @@ fn same_inputs(dir: &Path, v: &serde_json::Value, inputs: &Inputs) -> Result<Vec
                 .collect()
         })
         .unwrap_or_default();
+    if v.get("inputs").is_none() {
+        return Err(Error::Output {
+            path: dir.to_path_buf(),
+            msg: "records no identity of the files it read (an older smelt made it), so nothing in it can be trusted: pass --force to start over".into(),
+        });
+    }
     let refuse = |path: &Path, why: String| {
         Error::InputChanged {
         path: path.to_path_buf(),
