@@ -582,3 +582,73 @@ fn a_real_full_tmpfs_keeps_finished_shards_and_resume_counts_only_what_remains()
     assert!(!part.exists());
     assert_eq!(input_bytes(&s), inputs);
 }
+
+/// Inputs are every file the plan reads: a LoRA adapter edited in place since the
+/// interruption (its size and mtime kept) is refused by name like a model file.
+#[test]
+fn resume_refuses_an_adapter_edited_in_place() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let peft = root().join("tests/fixtures/peft");
+    copy_dir(&peft.join("base"), &d.join("base"));
+    copy_dir(&peft.join("lora_a"), &d.join("lora_a"));
+    let recipe = d.join("recipe.yml");
+    std::fs::write(
+        &recipe,
+        "merge_method: passthrough\nmodels:\n  - model: base\n    adapters: [lora_a]\n",
+    )
+    .unwrap();
+    let out = d.join("out");
+    let part = d.join(PARTIAL);
+    let mut c = smelt();
+    c.arg("merge").arg(&recipe).arg("-o").arg(&out);
+    c.args(cpu_args()).args(["--out-shard-size", "3KB"]);
+    let child = start_until(c, &part, 1);
+    let k = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(k.success());
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
+    let adapter = d.join("lora_a/adapter_model.safetensors");
+    let text = std::fs::read_to_string(part.join(JOURNAL)).unwrap();
+    assert!(
+        text.contains(&canonical(&adapter)),
+        "adapter not recorded: {text}"
+    );
+    let before = dir_bytes(&part);
+
+    let mtime = std::fs::metadata(&adapter).unwrap().modified().unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let mut bytes = std::fs::read(&adapter).unwrap();
+    let n = bytes.len();
+    bytes[n - 2] ^= 0x08;
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&adapter)
+            .unwrap();
+        f.seek(SeekFrom::Start(n as u64 - 2)).unwrap();
+        f.write_all(&bytes[n - 2..n - 1]).unwrap();
+        f.set_modified(mtime).unwrap();
+    }
+    let mut c = smelt();
+    c.arg("merge").arg(&recipe).arg("-o").arg(&out);
+    c.args(cpu_args())
+        .args(["--out-shard-size", "3KB", "--resume"]);
+    let o = c.output().unwrap();
+    let err = assert_refused(&o, "resume after the adapter was edited");
+    assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+    assert!(
+        err.contains(&canonical(&adapter)) && err.contains("ctime") && err.contains("--force"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    assert!(dir_bytes(&part) == before, "the partial folder changed");
+    assert!(
+        std::fs::read(&adapter).unwrap() == bytes,
+        "the adapter changed"
+    );
+}
