@@ -705,8 +705,8 @@ impl StagedOutput {
     }
 
     /// Records that every tensor of shard `si` is written: flushes it to disk, hashes it,
-    /// and notes the hash in the journal.
-    /// Fails instead when an input the shard was merged from changed meanwhile.
+    /// and notes the hash in the journal. Fails instead, keeping nothing of it, when an input
+    /// the shard was merged from is no longer the file that was opened.
     pub fn finish_shard(&mut self, si: usize) -> Result<()> {
         self.check_inputs_of(si)?;
         let p = self.tmp_dir.join(&self.layout.shards[si].file_name);
