@@ -102,6 +102,15 @@ pub enum Error {
     #[error("Hub model {id}: {msg}")]
     Hub { id: String, msg: String },
 
+    /// An input file is not what was read before: changed since an interrupted merge, or
+    /// while the merge was reading it. `msg` says what changed and what to do.
+    #[error("{path} {msg}")]
+    InputChanged { path: PathBuf, msg: String },
+
+    /// The output's filesystem is full (or over quota). `path` is the file being written.
+    #[error("{path}: {msg}")]
+    DiskFull { path: PathBuf, msg: String },
+
     #[error("{0}")]
     Other(String),
 }
@@ -112,6 +121,27 @@ impl Error {
             path: path.into(),
             source,
         }
+    }
+
+    /// Whether this is a full disk (or quota): the work done so far is worth keeping.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            Error::DiskFull { .. } => true,
+            Error::Io { source, .. } => is_no_space(source),
+            _ => false,
+        }
+    }
+}
+
+/// Whether an I/O error means the filesystem is full (ENOSPC) or the quota spent (EDQUOT).
+pub fn is_no_space(e: &std::io::Error) -> bool {
+    #[cfg(unix)]
+    {
+        matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+    }
+    #[cfg(not(unix))]
+    {
+        e.kind() == std::io::ErrorKind::StorageFull
     }
 }
 

@@ -26,8 +26,12 @@ use crate::backend::{Backend, FiniteScan, Input, Job, Sink};
 use crate::dtype::{first_nonfinite, DType};
 use crate::error::{Error, Result};
 use crate::inputs::input_digest;
+use crate::io::fault::FileId;
+use crate::io::model::INDEX_NAME;
+use crate::io::safetensors::SafetensorsFile;
 use crate::io::writer::{
-    free_space, hex, HashAlgo, Layout, MappedSlot, OutTensor, StagedOutput, Start,
+    free_space, hex, remaining_bytes, HashAlgo, Inputs, Layout, MappedSlot, OutTensor,
+    StagedOutput, Start,
 };
 use crate::methods::{self, Ctx, Finish};
 use crate::plan::{Plan, TensorTask};
@@ -103,7 +107,99 @@ pub fn fingerprint(plan: &Plan, layout: &Layout) -> String {
     for m in &plan.models {
         h.update(input_digest(m).as_bytes());
     }
+    // the state a continual merge goes on from is read whole: all of it counts
+    if let Some(p) = &plan.prior {
+        h.update(p.to_string().as_bytes());
+    }
     hex(&h.finalize())
+}
+
+/// Every file the merge reads (model shards and indexes, adapters, compressed task vectors,
+/// side files such as Fisher's), each with its identity as it was opened, and which of them
+/// each output shard is merged from; and the mapped ones, to ask whether a read of one
+/// faulted.
+fn input_files<'p>(plan: &'p Plan, layout: &Layout) -> (Inputs, Vec<&'p SafetensorsFile>) {
+    let mut files: Vec<FileId> = Vec::new();
+    let mut mapped: Vec<&SafetensorsFile> = Vec::new();
+    let mut at = std::collections::HashMap::<*const SafetensorsFile, usize>::new();
+    let mut add = |f: &'p SafetensorsFile, files: &mut Vec<FileId>| -> usize {
+        *at.entry(f as *const _).or_insert_with(|| {
+            files.push(f.id.clone());
+            mapped.push(f);
+            files.len() - 1
+        })
+    };
+    // per model: the files every tensor of it depends on (index, adapters, compressed
+    // vector), then its own safetensors files
+    let mut always: Vec<Vec<usize>> = Vec::with_capacity(plan.models.len());
+    for m in &plan.models {
+        let mut v = Vec::new();
+        let index = m.folder.path.join(INDEX_NAME);
+        if m.folder.path.is_dir() && index.is_file() {
+            if let Ok(id) = FileId::of_path(&index) {
+                files.push(id);
+                v.push(files.len() - 1);
+            }
+        }
+        for a in &m.adapters {
+            v.push(add(&a.adapter.file, &mut files));
+        }
+        if let Some(c) = &m.compeft {
+            v.push(add(&c.file, &mut files));
+        }
+        for f in m.files() {
+            add(f, &mut files);
+        }
+        always.push(v);
+    }
+    // a method with whole-model statistics merges every tensor from every input
+    let global = plan
+        .tasks
+        .iter()
+        .any(|t| !t.copy_only && plan.method.imp.wants_globals(&t.params));
+    let reads = layout
+        .shards
+        .iter()
+        .map(|sh| {
+            if global {
+                return (0..files.len()).collect();
+            }
+            let mut r = std::collections::BTreeSet::new();
+            for &i in &sh.tensors {
+                let t = &plan.tasks[i];
+                for ti in t.base.iter().chain(&t.models) {
+                    let m = &plan.models[ti.model];
+                    r.extend(&always[ti.model]);
+                    if let Some(tr) = m.get(&ti.tensor) {
+                        if let Some(&k) = at.get(&(tr.file as *const _)) {
+                            r.insert(k);
+                        }
+                    }
+                }
+            }
+            r.into_iter().collect()
+        })
+        .collect();
+    (Inputs { files, reads }, mapped)
+}
+
+/// The error for an input whose mapping faulted (it was truncated while being read), naming
+/// it; None while every read found its bytes.
+fn changed_under_map(mapped: &[&SafetensorsFile]) -> Option<Error> {
+    let f = mapped.iter().find(|f| f.changed_under_map())?;
+    // the zeros read in place of the lost bytes are said too: they are why nothing merged
+    // since is kept
+    let what = match f.id.change_now() {
+        Some(w) => format!(
+            "{}; a read met a page past its end)",
+            w.trim_end_matches(')')
+        ),
+        None => "(a read met a page past its end)".into(),
+    };
+    Some(Error::InputChanged {
+        path: f.id.path.clone(),
+        msg: format!("changed or was truncated while smelt was reading it {what}"),
+    })
 }
 
 /// The task's inputs with the tensors that `lora_inputs` rebuilt (W + ΔW) in their place.
@@ -309,29 +405,43 @@ pub fn execute(plan: &Plan, backend: &dyn Backend, opts: &ExecOptions) -> Result
     let linalg0 = crate::backend::linalg_time::snapshot();
     let layout = layout(plan, opts.max_shard_bytes);
     let fp = fingerprint(plan, &layout);
-    let need = layout.file_bytes();
+    let (inputs, mapped) = input_files(plan, &layout);
+    // every read of an input from here on is followed by `changed_under_map` before its
+    // result is kept
+    crate::io::fault::catch_faults();
+    if let Some(e) = changed_under_map(&mapped) {
+        return Err(e);
+    }
+    let resume = opts.start == Start::Resume;
+    // a resumed merge needs room for its unfinished shards only
+    let need = if resume {
+        remaining_bytes(&opts.out_dir, &layout)
+    } else {
+        layout.file_bytes()
+    };
     let parent = opts
         .out_dir
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    if opts.start != Start::Resume {
-        if let Some(free) = free_space(parent) {
-            // the old folder stays until the new one is complete under --force
-            if free < need + (1 << 20) {
-                return Err(Error::Output {
-                    path: opts.out_dir.clone(),
-                    msg: format!(
-                        "needs {} but only {} are free on its filesystem",
-                        crate::units::bytes(need),
-                        crate::units::bytes(free)
-                    ),
-                });
-            }
+    if let Some(free) = free_space(parent) {
+        // the old folder stays until the new one is complete under --force
+        if free < need + (1 << 20) {
+            return Err(Error::Output {
+                path: opts.out_dir.clone(),
+                msg: format!(
+                    "needs {}{} but only {} are free on its filesystem: free some space and run it again{}",
+                    crate::units::bytes(need),
+                    if resume { " more for its unfinished shards" } else { "" },
+                    crate::units::bytes(free),
+                    if resume { " with --resume" } else { "" }
+                ),
+            });
         }
     }
     let shards = layout.shards.len();
-    let mut staged = StagedOutput::create(&opts.out_dir, opts.start, layout, fp, opts.hash)?;
+    let mut staged =
+        StagedOutput::create_reading(&opts.out_dir, opts.start, layout, fp, opts.hash, inputs)?;
     staged.set_durable(opts.fsync);
 
     // Tensors still to merge, and how many each unfinished shard waits for.
@@ -369,19 +479,22 @@ pub fn execute(plan: &Plan, backend: &dyn Backend, opts: &ExecOptions) -> Result
         &pb,
         &mut current,
         &mut bytes_read,
+        &mapped,
     );
     pb.finish_and_clear();
     if let Err(e) = result {
-        if matches!(e, Error::Interrupted) {
-            staged.keep();
-            let done = (0..shards).filter(|&s| staged.shard_done(s)).count();
-            return Err(Error::Stopped {
-                path: staged.tmp_dir.clone(),
-                done,
-                total: shards,
-            });
-        }
-        return Err(e);
+        return Err(match e {
+            Error::Interrupted => {
+                staged.keep();
+                let done = (0..shards).filter(|&s| staged.shard_done(s)).count();
+                Error::Stopped {
+                    path: staged.tmp_dir.clone(),
+                    done,
+                    total: shards,
+                }
+            }
+            e => kept(&mut staged, e),
+        });
     }
     let name = opts
         .out_dir
@@ -389,10 +502,19 @@ pub fn execute(plan: &Plan, backend: &dyn Backend, opts: &ExecOptions) -> Result
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_else(|| "merged".into());
     let weights = output::weight_files(&staged)?;
-    if let Some((file, bytes)) = finish(plan, current, &weights)? {
-        staged.write_file(file, &bytes)?;
+    let side_files = || -> Result<()> {
+        if let Some((file, bytes)) = finish(plan, current, &weights)? {
+            staged.write_file(file, &bytes)?;
+        }
+        // the finish step may have read the inputs (whole-model statistics)
+        if let Some(e) = changed_under_map(&mapped) {
+            return Err(e);
+        }
+        output::write_side_files(plan, &staged, &name).map(drop)
+    };
+    if let Err(e) = side_files() {
+        return Err(kept(&mut staged, e));
     }
-    output::write_side_files(plan, &staged, &name)?;
     let out_dir = staged.commit()?;
     Ok(Report {
         out_dir,
@@ -407,6 +529,21 @@ pub fn execute(plan: &Plan, backend: &dyn Backend, opts: &ExecOptions) -> Result
     })
 }
 
+/// A failure that leaves the finished shards worth keeping (a full disk, an input that
+/// changed while it was read) keeps the partial folder, and says so; any other is returned
+/// as it is (the partial folder goes).
+fn kept(staged: &mut StagedOutput, e: Error) -> Error {
+    if let Error::InputChanged { path, .. } = &e {
+        staged.keep();
+        if let Err(j) = staged.mark_changed(&path.clone()) {
+            log::warn!("could not note the change in the journal: {j}");
+        }
+    } else if e.is_disk_full() {
+        staged.keep();
+    }
+    staged.out_of_space(e)
+}
+
 /// The merge loop and the writer thread.
 #[allow(clippy::too_many_arguments)]
 fn run_tasks<'b>(
@@ -418,6 +555,7 @@ fn run_tasks<'b>(
     pb: &ProgressBar,
     current: &mut &'b dyn Backend,
     bytes_read: &mut u64,
+    mapped: &[&SafetensorsFile],
 ) -> Result<()> {
     // Finished tensors travel to the writer: written in place into the mapped shard (None),
     // or in a buffer that comes back for reuse.
@@ -498,14 +636,14 @@ fn run_tasks<'b>(
                         owned.insert(b).as_mut_slice()
                     }
                 };
-                match merge_tensor_scanned(
-                    plan,
-                    *current,
-                    t,
-                    buf,
-                    on_the_way.then_some(&scan),
-                    sink,
-                ) {
+                let merged =
+                    merge_tensor_scanned(plan, *current, t, buf, on_the_way.then_some(&scan), sink);
+                // a read that met a page an input no longer has read zeros: nothing merged
+                // from it may reach the writer
+                if let Some(e) = changed_under_map(mapped) {
+                    return Err(e);
+                }
+                match merged {
                     Err(Error::Gpu(e))
                         if opts
                             .fallback
@@ -555,6 +693,9 @@ fn run_tasks<'b>(
                     .sum::<u64>();
                 pb.set_message(format!("{}/{} {}", n + 1, todo.len(), t.name));
                 pb.inc(buf.len() as u64);
+                if let Some(e) = changed_under_map(mapped) {
+                    return Err(e);
+                }
                 if to_writer.send((i, owned)).is_err() {
                     break; // the writer failed; its error is reported below
                 }

@@ -3,6 +3,7 @@
 //! (`pickle`, `torch_zip`), model folders and their indexes, the staged
 //! sharded writer and its manifest, and `smelt verify`.
 
+pub mod fault;
 pub mod guard;
 pub mod model;
 pub mod pickle;

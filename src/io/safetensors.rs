@@ -224,6 +224,10 @@ pub struct SafetensorsFile {
     pub path: PathBuf,
     pub header: Header,
     by_name: HashMap<String, usize>,
+    /// The file as it was opened (what the mapping shows), for noticing later changes.
+    pub id: crate::io::fault::FileId,
+    /// The mapping watched for faults (declared before `mmap`: dropped first).
+    watch: crate::io::fault::Registration,
     mmap: Mmap,
     /// Bytes not in the map: tensors of a PyTorch checkpoint copied into row-major order
     /// (`io::torch_zip`); their offsets start at the map's length. Empty for safetensors.
@@ -240,9 +244,13 @@ impl SafetensorsFile {
         if len == 0 {
             return Err(bad("the file is empty".into()));
         }
-        // SAFETY: the map is read-only; a file changed underneath us by another process is
-        // outside what any reader can defend against (the same caveat as every mmap reader).
+        let id = crate::io::fault::FileId::of_file(&file, path).at(path)?;
+        // SAFETY: the map is read-only. A file changed underneath us by another process
+        // cannot be prevented; a truncation is caught (the mapping is watched: a read past
+        // the new end reads zeros and is reported by `changed_under_map`, not a SIGBUS), and
+        // other changes show in the file's identity (`id`), checked before output is kept.
         let mmap = unsafe { Mmap::map(&file) }.at(path)?;
+        let watch = crate::io::fault::register(mmap.as_ptr(), mmap.len());
         let header = parse_header(&mmap, len).map_err(bad)?;
         let by_name = header
             .tensors
@@ -254,6 +262,8 @@ impl SafetensorsFile {
             path: path.to_path_buf(),
             header,
             by_name,
+            id,
+            watch,
             mmap,
             owned: Vec::new(),
         })
@@ -263,6 +273,7 @@ impl SafetensorsFile {
     /// in `mmap`, or past its end into `owned`. The caller has checked every range.
     pub(crate) fn from_mapped(
         path: PathBuf,
+        id: crate::io::fault::FileId,
         mmap: Mmap,
         tensors: Vec<TensorInfo>,
         owned: Vec<u8>,
@@ -272,6 +283,7 @@ impl SafetensorsFile {
             .enumerate()
             .map(|(i, t)| (t.name.clone(), i))
             .collect();
+        let watch = crate::io::fault::register(mmap.as_ptr(), mmap.len());
         SafetensorsFile {
             path,
             header: Header {
@@ -280,9 +292,17 @@ impl SafetensorsFile {
                 data_start: 0,
             },
             by_name,
+            id,
+            watch,
             mmap,
             owned,
         }
+    }
+
+    /// Whether a read of this file's mapping met a page the file no longer has (it was
+    /// truncated while being read): what was read there were zeros.
+    pub fn changed_under_map(&self) -> bool {
+        self.watch.faulted()
     }
 
     pub fn tensors(&self) -> &[TensorInfo] {

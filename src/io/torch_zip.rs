@@ -339,11 +339,13 @@ pub fn open(path: &Path) -> Result<SafetensorsFile> {
     if len == 0 {
         return Err(bad("the file is empty".into()));
     }
+    let id = crate::io::fault::FileId::of_file(&file, path).at(path)?;
     // SAFETY: read-only map, the same caveat as for safetensors files (see there).
     let mmap = unsafe { Mmap::map(&file) }.at(path)?;
     let (tensors, owned) = torch_tensors(&mmap).map_err(bad)?;
     Ok(SafetensorsFile::from_mapped(
         path.to_path_buf(),
+        id,
         mmap,
         tensors,
         owned,

@@ -12,7 +12,18 @@ use std::path::{Path, PathBuf};
 
 use crate::dtype::DType;
 use crate::error::{Error, IoContext, Result};
+use crate::io::fault::FileId;
 use crate::io::model::{INDEX_NAME, SINGLE_NAME};
+
+/// The files a merge reads, recorded in its journal so that `--resume` reuses nothing made
+/// from other bytes: each file's identity as it was opened, and which of them each output
+/// shard's tensors were merged from.
+#[derive(Clone, Debug, Default)]
+pub struct Inputs {
+    pub files: Vec<FileId>,
+    /// For each output shard, indices into `files`.
+    pub reads: Vec<Vec<usize>>,
+}
 
 /// Where one output tensor lives.
 #[derive(Clone, Debug)]
@@ -202,6 +213,11 @@ pub struct StagedOutput {
     written: std::sync::atomic::AtomicU64,
     /// fsync each shard when it is finished and the folder before it is renamed.
     durable: bool,
+    /// What the merge reads ([`Inputs`]), and which of those files were found changed while
+    /// being read (recorded in the journal: `--resume` then accepts them as restored, and
+    /// merges again every shard that read them).
+    inputs: Inputs,
+    changed: Vec<bool>,
 }
 
 pub const JOURNAL: &str = "progress.json";
@@ -361,6 +377,27 @@ impl StagedOutput {
         fingerprint: String,
         algo: HashAlgo,
     ) -> Result<Self> {
+        Self::create_reading(
+            final_dir,
+            start,
+            layout,
+            fingerprint,
+            algo,
+            Inputs::default(),
+        )
+    }
+
+    /// [`StagedOutput::create`] for a merge that reads `inputs`: they are recorded in the
+    /// journal, and resuming refuses (naming the file) when one of them is not the file the
+    /// interrupted merge read.
+    pub fn create_reading(
+        final_dir: &Path,
+        start: Start,
+        layout: Layout,
+        fingerprint: String,
+        algo: HashAlgo,
+        inputs: Inputs,
+    ) -> Result<Self> {
         let out_err = |msg: String| Error::Output {
             path: final_dir.to_path_buf(),
             msg,
@@ -387,7 +424,7 @@ impl StagedOutput {
                         tmp_dir.display()
                     )));
                 }
-                reuse = verified_shards(&tmp_dir, &layout, &fingerprint, algo).map_err(out_err)?;
+                reuse = verified_shards(&tmp_dir, &layout, &fingerprint, algo, &inputs)?;
             }
             Start::Fresh { force } => {
                 if tmp_dir.exists() {
@@ -434,7 +471,27 @@ impl StagedOutput {
             fault_limit,
             written: Default::default(),
             durable: false,
+            changed: vec![false; inputs.files.len()],
+            inputs,
         };
+        // a resumed merge never removes what the interrupted one left, even when it fails
+        // here (a full disk while the unfinished shards are sized again)
+        staged.keep = start == Start::Resume;
+        if let Err(e) = staged.open_shards() {
+            return Err(if e.is_disk_full() {
+                staged.out_of_space(e)
+            } else {
+                e
+            });
+        }
+        staged.keep = false;
+        Ok(staged)
+    }
+
+    /// Opens every shard file: finished ones as they are, the others sized afresh with their
+    /// header (and mapped where their blocks could be reserved); then writes the journal.
+    fn open_shards(&mut self) -> Result<()> {
+        let staged = self;
         for (si, s) in staged.layout.shards.iter().enumerate() {
             let p = staged.tmp_dir.join(&s.file_name);
             if staged.hashes[si].is_some() {
@@ -466,8 +523,79 @@ impl StagedOutput {
             staged.files.push(f);
             staged.maps.push(map);
         }
-        staged.save_journal()?;
-        Ok(staged)
+        staged.save_journal()
+    }
+
+    /// The error for a full disk, saying what is kept and how much more space the unfinished
+    /// shards need; for an input that changed while it was read, saying what is kept and to
+    /// restore the file. Other errors are returned as they are.
+    pub fn out_of_space(&self, e: Error) -> Error {
+        let total = self.layout.shards.len();
+        let done = (0..total).filter(|&s| self.shard_done(s)).count();
+        let (path, msg) = match e {
+            Error::DiskFull { path, msg } => (path, msg),
+            Error::Io { path, source } if crate::error::is_no_space(&source) => {
+                (path, format!("disk full: {source}"))
+            }
+            Error::InputChanged { path, msg } if self.keep => {
+                return Error::InputChanged {
+                    path,
+                    msg: format!(
+                        "{msg}; {done} of {total} shards are finished and kept in {}: put the file back as it was and run the same command with --resume",
+                        self.tmp_dir.display()
+                    ),
+                }
+            }
+            other => return other,
+        };
+        let unfinished: Vec<usize> = (0..total).filter(|&s| !self.shard_done(s)).collect();
+        let need: u64 = unfinished
+            .iter()
+            .map(|&s| self.layout.shards[s].file_len)
+            .sum();
+        let what = format!(
+            "the {} unfinished shard{} need {need} bytes ({})",
+            unfinished.len(),
+            if unfinished.len() == 1 { "" } else { "s" },
+            approx(need)
+        );
+        let msg = if self.keep {
+            format!(
+                "{msg}; {} of {total} shards are finished and kept in {}; {what}: free that much space on its filesystem and run the same command with --resume",
+                total - unfinished.len(),
+                self.tmp_dir.display()
+            )
+        } else {
+            format!("{msg}; {what}: free that much space on its filesystem and run it again")
+        };
+        Error::DiskFull { path, msg }
+    }
+
+    /// Notes in the journal that input `path` changed while it was read, so that `--resume`
+    /// accepts it restored and merges again what was merged from it.
+    pub fn mark_changed(&mut self, path: &Path) -> Result<()> {
+        let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        for (k, f) in self.inputs.files.iter().enumerate() {
+            if f.path == canon || f.path == path {
+                self.changed[k] = true;
+            }
+        }
+        self.save_journal()
+    }
+
+    /// Fails, naming the file, when an input shard `si` was merged from is no longer the file
+    /// that was opened (rewritten or replaced while it was read).
+    fn check_inputs_of(&self, si: usize) -> Result<()> {
+        for &k in self.inputs.reads.get(si).into_iter().flatten() {
+            let f = &self.inputs.files[k];
+            if let Some(what) = f.change_now() {
+                return Err(Error::InputChanged {
+                    path: f.path.clone(),
+                    msg: format!("changed or was truncated while smelt was reading it {what}"),
+                });
+            }
+        }
+        Ok(())
     }
 
     pub fn layout(&self) -> &Layout {
@@ -582,8 +710,10 @@ impl StagedOutput {
     }
 
     /// Records that every tensor of shard `si` is written: flushes it to disk, hashes it,
-    /// and notes the hash in the journal.
+    /// and notes the hash in the journal. Fails instead, keeping nothing of it, when an input
+    /// the shard was merged from is no longer the file that was opened.
     pub fn finish_shard(&mut self, si: usize) -> Result<()> {
+        self.check_inputs_of(si)?;
         let p = self.tmp_dir.join(&self.layout.shards[si].file_name);
         let len = self.layout.shards[si].file_len;
         if self.durable {
@@ -595,7 +725,12 @@ impl StagedOutput {
             // written out of order (mixed dtypes in one shard): read it back
             _ => hash_file(&p, self.algo)?,
         });
-        self.save_journal()
+        let saved = self.save_journal();
+        if saved.is_err() {
+            // not in the journal, so not finished
+            self.hashes[si] = None;
+        }
+        saved
     }
 
     fn save_journal(&self) -> Result<()> {
@@ -606,7 +741,25 @@ impl StagedOutput {
             .zip(&self.hashes)
             .filter_map(|(s, h)| h.as_deref().map(|h| (s.file_name.as_str(), h)))
             .collect();
-        let v = serde_json::json!({"fingerprint": self.fingerprint, "hash": self.algo.name(), "shards": shards});
+        let inputs: Vec<serde_json::Value> = self
+            .inputs
+            .files
+            .iter()
+            .zip(&self.changed)
+            .map(|(f, &changed)| {
+                let mut v = f.to_json();
+                if changed {
+                    v["changed_while_read"] = true.into();
+                }
+                v
+            })
+            .collect();
+        let v = serde_json::json!({
+            "fingerprint": self.fingerprint,
+            "hash": self.algo.name(),
+            "shards": shards,
+            "inputs": inputs,
+        });
         let p = self.tmp_dir.join(JOURNAL);
         let tmp = self.tmp_dir.join(format!("{JOURNAL}.new"));
         let text = serde_json::to_string_pretty(&v).unwrap();
@@ -635,7 +788,28 @@ impl StagedOutput {
 
     /// Writes the index and the manifest (every file's size and SHA-256), and moves the
     /// folder into place.
+    ///
+    /// A full disk, or an input found changed, keeps the partial folder with its finished
+    /// shards and journal (to `--resume`).
     pub fn commit(mut self) -> Result<PathBuf> {
+        match self.commit_inner() {
+            Ok(p) => Ok(p),
+            Err(e) => {
+                if e.is_disk_full() || matches!(e, Error::InputChanged { .. }) {
+                    // a manifest cut short must not make the partial folder look finished
+                    let _ = std::fs::remove_file(self.tmp_dir.join(MANIFEST));
+                    self.keep = true;
+                    if let Error::InputChanged { path, .. } = &e {
+                        let _ = self.mark_changed(&path.clone());
+                    }
+                    return Err(self.out_of_space(e));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn commit_inner(&mut self) -> Result<PathBuf> {
         if self.layout.shards.len() > 1 {
             let idx = self.layout.index_json();
             self.write_file(INDEX_NAME, idx.as_bytes())?;
@@ -647,11 +821,14 @@ impl StagedOutput {
         }
         self.maps.clear();
         self.files.clear();
-        let _ = std::fs::remove_file(self.tmp_dir.join(JOURNAL));
         let mut files = BTreeMap::new();
+        // the journal stays until the manifest is written (a full disk there keeps the
+        // finished shards resumable)
+        let journal_new = format!("{JOURNAL}.new");
         let mut names: Vec<String> = std::fs::read_dir(&self.tmp_dir)
             .at(&self.tmp_dir)?
             .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().to_string()))
+            .filter(|n| n != JOURNAL && n != MANIFEST && *n != journal_new)
             .collect();
         names.sort();
         for name in names {
@@ -676,6 +853,8 @@ impl StagedOutput {
             MANIFEST,
             (serde_json::to_string_pretty(&manifest).unwrap() + "\n").as_bytes(),
         )?;
+        let _ = std::fs::remove_file(self.tmp_dir.join(JOURNAL));
+        let _ = std::fs::remove_file(self.tmp_dir.join(&journal_new));
         if self.durable {
             if let Ok(d) = File::open(&self.tmp_dir) {
                 let _ = d.sync_all();
@@ -698,24 +877,32 @@ impl StagedOutput {
     }
 }
 
-/// The shards of an interrupted run that can be reused: same plan fingerprint, and the file
-/// still hashes to what the journal recorded.
+/// The shards of an interrupted run that can be reused: every input the same file as the
+/// interrupted run read (else refused, naming it), same plan fingerprint, and the shard file
+/// still hashes to what the journal recorded. An input the interrupted run found changed
+/// while reading it (and told the user to restore) is accepted, and every shard merged from
+/// it is merged again: nothing here can prove the restored bytes are the ones read before.
 fn verified_shards(
     dir: &Path,
     layout: &Layout,
     fingerprint: &str,
     algo: HashAlgo,
-) -> std::result::Result<Vec<Option<String>>, String> {
+    inputs: &Inputs,
+) -> Result<Vec<Option<String>>> {
+    let out_err = |msg: String| Error::Output {
+        path: dir.to_path_buf(),
+        msg,
+    };
     let jp = dir.join(JOURNAL);
-    let text = crate::io::read::read_string_capped(&jp, crate::io::read::JSON_CAP, "journal")
-        .map_err(|e| e.to_string())?;
+    let text = crate::io::read::read_string_capped(&jp, crate::io::read::JSON_CAP, "journal")?;
     let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| format!("{}: not valid JSON: {e}", jp.display()))?;
+        .map_err(|e| out_err(format!("{}: not valid JSON: {e}", jp.display())))?;
+    let restored = same_inputs(dir, &v, inputs)?;
     if v.get("fingerprint").and_then(|f| f.as_str()) != Some(fingerprint) {
-        return Err(format!(
+        return Err(out_err(format!(
             "the interrupted merge in {} was made from a different recipe, seed, inputs or smelt version; pass --force to start over",
             dir.display()
-        ));
+        )));
     }
     let shards = v
         .get("shards")
@@ -728,6 +915,15 @@ fn verified_shards(
             continue;
         };
         let p = dir.join(&s.file_name);
+        let from = inputs.reads.get(si).into_iter().flatten();
+        if let Some(k) = from.into_iter().find(|&&k| restored[k]) {
+            log::warn!(
+                "{}: merged from {} before it changed; merging it again",
+                p.display(),
+                inputs.files[*k].path.display()
+            );
+            continue;
+        }
         let ok = std::fs::metadata(&p)
             .map(|m| m.len() == s.file_len)
             .unwrap_or(false)
@@ -745,6 +941,112 @@ fn verified_shards(
     Ok(out)
 }
 
+/// Checks that every input is the file the interrupted merge read, as its journal records
+/// it (`v`), refusing with one line naming the first that is not. Returns, per input,
+/// whether it was found changed while the interrupted merge read it and differs now (the
+/// user restored it, as told).
+fn same_inputs(dir: &Path, v: &serde_json::Value, inputs: &Inputs) -> Result<Vec<bool>> {
+    let mut restored = vec![false; inputs.files.len()];
+    if inputs.files.is_empty() {
+        return Ok(restored);
+    }
+    let recorded: Vec<(FileId, bool)> = v
+        .get("inputs")
+        .and_then(|i| i.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|e| {
+                    let changed = e.get("changed_while_read").and_then(|c| c.as_bool());
+                    FileId::from_json(e).map(|id| (id, changed == Some(true)))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if v.get("inputs").is_none() {
+        return Err(Error::Output {
+            path: dir.to_path_buf(),
+            msg: "records no identity of the files it read (an older smelt made it), so nothing in it can be trusted: pass --force to start over".into(),
+        });
+    }
+    let refuse = |path: &Path, why: String| {
+        Error::InputChanged {
+        path: path.to_path_buf(),
+        msg: format!(
+            "{why}; nothing from it can be reused, so the interrupted merge in {} is left as it is: pass --force to start over",
+            dir.display()
+        ),
+    }
+    };
+    for (k, now) in inputs.files.iter().enumerate() {
+        let Some((then, changed)) = recorded.iter().find(|(r, _)| r.path == now.path) else {
+            return Err(refuse(
+                &now.path,
+                "was not read by the interrupted merge (it read other files)".into(),
+            ));
+        };
+        let d = then.differences(now);
+        if d.is_empty() {
+            continue;
+        }
+        if *changed {
+            restored[k] = true;
+            continue;
+        }
+        return Err(refuse(
+            &now.path,
+            format!("changed since the interrupted merge ({})", d.join(", ")),
+        ));
+    }
+    Ok(restored)
+}
+
+/// Bytes the unfinished shards of an interrupted merge of `final_dir` still need on disk:
+/// the shards its journal does not list as finished, less what their files already hold
+/// (they are sized again in place). What a `--resume` checks against the free space.
+pub fn remaining_bytes(final_dir: &Path, layout: &Layout) -> u64 {
+    let dir = partial_path_for(final_dir);
+    let done: std::collections::BTreeSet<String> = crate::io::read::read_string_capped(
+        &dir.join(JOURNAL),
+        crate::io::read::JSON_CAP,
+        "journal",
+    )
+    .ok()
+    .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+    .and_then(|v| v.get("shards").and_then(|s| s.as_object()).cloned())
+    .map(|m| m.keys().cloned().collect())
+    .unwrap_or_default();
+    layout
+        .shards
+        .iter()
+        .filter(|s| !done.contains(&s.file_name))
+        .map(|s| {
+            let held = std::fs::metadata(dir.join(&s.file_name)).map_or(0, |m| allocated(&m));
+            s.file_len.saturating_sub(held)
+        })
+        .sum()
+}
+
+/// A byte count in words ("12.3 MB", "4.1 GB"), for messages (io stays below `units`).
+fn approx(n: u64) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.1} GB", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.1} MB", n as f64 / 1e6),
+        n => format!("{:.1} KB", n as f64 / 1e3),
+    }
+}
+
+/// Bytes a file occupies on disk.
+fn allocated(m: &std::fs::Metadata) -> u64 {
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::MetadataExt::blocks(m) * 512
+    }
+    #[cfg(not(unix))]
+    {
+        m.len()
+    }
+}
+
 impl Drop for StagedOutput {
     fn drop(&mut self) {
         if !self.committed && !self.keep {
@@ -756,14 +1058,15 @@ impl Drop for StagedOutput {
 }
 
 fn write_error(path: &Path, e: std::io::Error, bytes: u64) -> Error {
-    let msg = if e.raw_os_error() == Some(libc::ENOSPC) {
-        format!("disk full while writing {bytes} bytes: {e}")
-    } else {
-        format!("write of {bytes} bytes failed: {e}")
-    };
+    if crate::error::is_no_space(&e) {
+        return Error::DiskFull {
+            path: path.to_path_buf(),
+            msg: format!("disk full while writing {bytes} bytes: {e}"),
+        };
+    }
     Error::Output {
         path: path.to_path_buf(),
-        msg,
+        msg: format!("write of {bytes} bytes failed: {e}"),
     }
 }
 

@@ -33,3 +33,4 @@ mod registry;
 mod reliability;
 mod research_methods;
 mod torch_bin;
+mod resume_safety;

@@ -1147,7 +1147,20 @@ fn disk_full_fails_cleanly_and_leaves_the_inputs_alone() {
         "{n} bytes is no tensor's size {sizes:?}: {err}"
     );
     assert!(!s.out().exists());
-    assert_eq!(s.entries(), before, "something was left beside OUT");
+    // the finished shards stay, with their journal, for --resume (resume_safety resumes it)
+    let mut with_partial = before.clone();
+    with_partial.insert(PARTIAL.to_string());
+    assert_eq!(
+        s.entries(),
+        with_partial,
+        "something else was left beside OUT"
+    );
+    assert!(
+        !finished_shards(&s.partial()).is_empty(),
+        "no finished shard kept"
+    );
+    assert!(!s.partial().join(MANIFEST).exists());
+    assert!(err.contains("--resume"), "{err}");
     assert_eq!(hash_tree(&s.models), inputs, "the inputs changed");
 }
 
