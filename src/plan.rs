@@ -16,6 +16,21 @@ use crate::io::model::ModelFolder;
 use crate::methods::{self, BasePolicy, MethodInfo, Params, Scope, SideInput};
 use crate::recipe::{ModelRef, ParamMap, Recipe, SliceDef, TokenizerSource, Value1};
 
+/// Tokenizer files `transformers` may look for; whichever exist are copied to the output.
+pub const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
+];
+
 /// Path components that hold a layer number after them (`model.layers.7.mlp`, `h.3.attn`).
 const LAYER_WORDS: &[&str] = &["layers", "h", "blocks", "layer", "block"];
 
@@ -102,6 +117,8 @@ pub struct Plan {
     /// Model whose tokenizer files are copied.
     pub tokenizer_from: Option<usize>,
     pub out_layers: Option<usize>,
+    /// Write README.md, the model card (mergekit's `--no-write-model-card` turns it off).
+    pub write_card: bool,
     pub warnings: Vec<String>,
     /// Whole-model statistics of the methods that need them
     /// ([`methods::Method::whole_model`]), computed on first use by the executor.
@@ -320,7 +337,7 @@ impl Plan {
 
     pub fn build(recipe: Recipe, seed_override: Option<u64>) -> Result<Plan> {
         let method = recipe.method;
-        let mut warnings = Vec::new();
+        let mut warnings = recipe.warnings.clone();
         let mut om = OpenModels {
             refs: Vec::new(),
             folders: Vec::new(),
@@ -414,9 +431,28 @@ impl Plan {
             slices.push((srcs, if uses_base { sbase } else { None }, s));
         }
         let tok = match &recipe.tokenizer_source {
-            None | Some(TokenizerSource::Base) => None,
+            None => None,
+            Some(TokenizerSource::Base) => Some(base.ok_or_else(|| {
+                rerr("`tokenizer_source: base` but the recipe has no `base_model`; name the model whose tokenizer to use, or remove the key".into())
+            })?),
             Some(TokenizerSource::Model(r)) => Some(om.id(r)?),
         };
+        if let Some(t) = tok {
+            // as mergekit: a tokenizer asked for by name must exist
+            let dir = om.folders[t].dir();
+            if !TOKENIZER_FILES.iter().any(|f| dir.join(f).is_file()) {
+                let which = match &recipe.tokenizer_source {
+                    Some(TokenizerSource::Base) => "base",
+                    _ => "a model",
+                };
+                return Err(rerr(format!(
+                    "`tokenizer_source` names {which} {} but {} holds no tokenizer files ({}); copy the tokenizer there, name another model, or remove `tokenizer_source` (the output then takes the tokenizer of the base or first model, if any)",
+                    om.refs[t].label(),
+                    dir.display(),
+                    TOKENIZER_FILES[..4].join(", ")
+                )));
+            }
+        }
         let mut models = om.folders;
         for m in &models {
             warnings.extend(m.adapter_overrides());
@@ -462,6 +498,7 @@ impl Plan {
             method,
             models: &models,
             warnings: &mut warnings,
+            mixed_halves: 0,
         };
 
         // Non-layer tensors come from the first slice (embeddings) or the last (the rest).
@@ -543,6 +580,14 @@ impl Plan {
             )?);
         }
 
+        if builder.mixed_halves > 0 {
+            let n = builder.mixed_halves;
+            warnings.push(format!(
+                "{n} tensor{} {} float16 in some models and bfloat16 in others and the recipe sets no `dtype`: written as float32, as mergekit does (set `dtype:` or `out_dtype:` to choose)",
+                if n == 1 { "" } else { "s" },
+                if n == 1 { "is" } else { "are" }
+            ));
+        }
         if let Some(side) = method.imp.side_input() {
             attach_side_inputs(side, &mut models, &mut tasks)?;
         }
@@ -559,11 +604,55 @@ impl Plan {
             config_from,
             tokenizer_from: Some(tok.unwrap_or(config_from)),
             out_layers,
+            write_card: true,
             warnings,
             recipe,
             globals: std::sync::Mutex::new(None),
             prior: None,
         })
+    }
+
+    /// mergekit's rule: models whose config.json names another architecture (the first of
+    /// `architectures`, or `model_type`) are not merged unless `--allow-crimes` says so.
+    /// Models without a config.json, or without these keys, are not compared.
+    pub fn check_architectures(&self) -> Result<()> {
+        let arch = |m: &ModelInput| {
+            let c = m.config.as_ref()?;
+            let a = c
+                .get("architectures")
+                .and_then(|a| a.get(0))
+                .and_then(|a| a.as_str());
+            let t = c.get("model_type").and_then(|t| t.as_str());
+            (a.is_some() || t.is_some()).then(|| (a.map(str::to_string), t.map(str::to_string)))
+        };
+        let mut first: Option<(&ModelInput, (Option<String>, Option<String>))> = None;
+        for m in self.models.iter().filter(|m| m.folder.path.exists()) {
+            let Some(a) = arch(m) else { continue };
+            let Some((fm, fa)) = &first else {
+                first = Some((m, a));
+                continue;
+            };
+            let show = |x: &(Option<String>, Option<String>)| match x {
+                (Some(a), Some(t)) => format!("{a} (model_type {t})"),
+                (Some(a), None) => a.clone(),
+                (None, Some(t)) => format!("model_type {t}"),
+                (None, None) => unreachable!(),
+            };
+            let differ =
+                |x: &Option<String>, y: &Option<String>| x.is_some() && y.is_some() && x != y;
+            if differ(&fa.0, &a.0) || differ(&fa.1, &a.1) {
+                return Err(Error::BadModel {
+                    path: m.folder.path.clone(),
+                    msg: format!(
+                        "its config.json names architecture {} but {} is {}; smelt, as mergekit, does not mix architectures: pass --allow-crimes to merge them anyway",
+                        show(&a),
+                        fm.label,
+                        show(fa)
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Total bytes of all output tensors.
@@ -760,6 +849,8 @@ struct TaskBuilder<'a> {
     method: &'static MethodInfo,
     models: &'a [ModelInput],
     warnings: &'a mut Vec<String>,
+    /// Tensors whose inputs mix float16 and bfloat16 (written as float32).
+    mixed_halves: usize,
 }
 
 impl TaskBuilder<'_> {
@@ -863,11 +954,21 @@ impl TaskBuilder<'_> {
             }));
         }
 
-        let out_dtype = self
-            .recipe
-            .out_dtype
-            .or(self.recipe.dtype)
-            .unwrap_or(rt.dtype());
+        let dtypes: BTreeSet<DType> = found
+            .iter()
+            .map(|(s, n)| models[s.model].get(n).unwrap().dtype())
+            .collect();
+        // float16 and bfloat16 cannot hold each other's values: mergekit's torch promotes
+        // the pair to float32, and so does smelt (any other mix keeps the reference's dtype)
+        let mixed_halves = dtypes.contains(&DType::F16) && dtypes.contains(&DType::BF16);
+        let out_dtype = match self.recipe.out_dtype.or(self.recipe.dtype) {
+            Some(d) => d,
+            None if mixed_halves => {
+                self.mixed_halves += 1;
+                DType::F32
+            }
+            None => rt.dtype(),
+        };
         let mut base = None;
         let mut inputs: Vec<(&Src, String)> = Vec::new();
         for (s, n) in found {

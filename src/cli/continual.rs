@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use super::args::{ByteSize, DeviceArgs};
+use super::args::{DeviceArgs, ShardSize};
 use super::execute::{execute_fresh, print_linalg};
 
 #[derive(clap::Args)]
@@ -21,9 +21,9 @@ pub struct ContinualArgs {
     /// write into (default: the state's; 0.5 without one).
     #[arg(long)]
     pub alpha: Option<f64>,
-    /// Largest shard to write, e.g. 5GB, 500MB, 2GiB.
+    /// Largest shard to write, e.g. 5GB, 500MB, 2GiB (a bare `B` is mergekit's billion: 5B = 5e9 bytes).
     #[arg(long, default_value = "5GB")]
-    pub out_shard_size: ByteSize,
+    pub out_shard_size: ShardSize,
     /// Replace OUT if it is an earlier smelt output or an empty folder (the old folder is
     /// removed only after the new one is complete). Any other folder is refused.
     #[arg(long)]

@@ -21,6 +21,7 @@ mod hand_computed;
 mod hand_computed_methods;
 mod linalg_parity;
 mod lora;
+mod mergekit_cli;
 mod mergekit_fixtures;
 mod method_contracts;
 mod output_safety;
