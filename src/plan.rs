@@ -67,6 +67,44 @@ fn is_pre_layer(name: &str) -> bool {
         .any(|k| name.contains(k))
 }
 
+/// A tensor that is not a module's weight or bias: a buffer such as `rotary_emb.inv_freq`
+/// or `position_ids`. One that only some models have is copied from the first that has it
+/// (mergekit's behaviour); a weight or bias missing from one model is an error.
+fn is_buffer(name: &str) -> bool {
+    !matches!(name.rsplit('.').next(), Some("weight" | "bias"))
+}
+
+/// The names a slice's output takes from its models: the reference model's (`names` of
+/// `refm`, in its order), then those only the other sources have, in source order. `keep`
+/// selects and renames a model's tensor (None: not this group); a tied model's missing
+/// `lm_head` is not added from another model (it is the embedding, as before).
+fn union_names(
+    models: &[ModelInput],
+    refm: usize,
+    srcs: &[Src],
+    keep: impl Fn(&Src, &str) -> Option<String>,
+) -> Vec<String> {
+    let ref_src = srcs.iter().find(|s| s.model == refm);
+    let mut out: Vec<String> = Vec::new();
+    let mut seen = BTreeSet::new();
+    let order = ref_src
+        .into_iter()
+        .chain(srcs.iter().filter(|s| s.model != refm));
+    for s in order {
+        for n in models[s.model].names() {
+            if let Some(k) = keep(s, n) {
+                if s.model != refm && k.contains("lm_head") && models[refm].tied_embeddings() {
+                    continue;
+                }
+                if seen.insert(k.clone()) {
+                    out.push(k);
+                }
+            }
+        }
+    }
+    out
+}
+
 fn is_vocab_tensor(name: &str) -> bool {
     is_pre_layer(name) || name.contains("lm_head") || name.ends_with("output.weight")
 }
@@ -499,6 +537,7 @@ impl Plan {
             models: &models,
             warnings: &mut warnings,
             mixed_halves: 0,
+            partial: Default::default(),
         };
 
         // Non-layer tensors come from the first slice (embeddings) or the last (the rest).
@@ -507,15 +546,12 @@ impl Plan {
         let (last_srcs, last_base, last_def) = slices.last().unwrap();
         let ref_first = reference(first_srcs, *first_base);
         let ref_last = reference(last_srcs, *last_base);
-        let non_layer = |m: usize, pre: bool| -> Vec<String> {
-            models[m]
-                .names()
-                .iter()
-                .filter(|n| layer_of(n).is_none() && is_pre_layer(n) == pre)
-                .cloned()
-                .collect()
+        let non_layer = |refm: usize, srcs: &[Src], pre: bool| -> Vec<String> {
+            union_names(&models, refm, srcs, |_, n| {
+                (layer_of(n).is_none() && is_pre_layer(n) == pre).then(|| n.to_string())
+            })
         };
-        for name in non_layer(ref_first, true) {
+        for name in non_layer(ref_first, first_srcs, true) {
             tasks.extend(builder.task(
                 &name,
                 None,
@@ -542,18 +578,21 @@ impl Plan {
                     1.0
                 };
                 let in_layer = ref_start + j;
-                let names: Vec<&String> = models[refm]
+                // named as in the reference model's layer `in_layer`
+                let names = union_names(&models, refm, srcs, |s, n| {
+                    (layer_of(n).map(|l| l.2) == Some(s.start + j)).then(|| with_layer(n, in_layer))
+                });
+                if !models[refm]
                     .names()
                     .iter()
-                    .filter(|n| layer_of(n).map(|l| l.2) == Some(in_layer))
-                    .collect();
-                if names.is_empty() {
+                    .any(|n| layer_of(n).map(|l| l.2) == Some(in_layer))
+                {
                     return Err(Error::BadModel {
                         path: models[refm].path.clone(),
                         msg: format!("has no tensors for layer {in_layer}"),
                     });
                 }
-                for name in names {
+                for name in &names {
                     let out_name = with_layer(name, out_layer);
                     tasks.extend(builder.task(
                         &out_name,
@@ -568,7 +607,7 @@ impl Plan {
                 out_layer += 1;
             }
         }
-        for name in non_layer(ref_last, false) {
+        for name in non_layer(ref_last, last_srcs, false) {
             tasks.extend(builder.task(
                 &name,
                 None,
@@ -580,6 +619,19 @@ impl Plan {
             )?);
         }
 
+        for ((from, lack), names) in std::mem::take(&mut builder.partial) {
+            let n = names.len();
+            let shown = names.iter().take(3).cloned().collect::<Vec<_>>().join(", ");
+            let more = if n > 3 {
+                format!(" and {} more", n - 3)
+            } else {
+                String::new()
+            };
+            builder.warnings.push(format!(
+                "{shown}{more}: missing from {lack}, so copied unmerged from {from} ({n} buffer{} that only some models have; mergekit copies them from the first model that has them)",
+                if n == 1 { "" } else { "s" }
+            ));
+        }
         if builder.mixed_halves > 0 {
             let n = builder.mixed_halves;
             warnings.push(format!(
@@ -851,6 +903,8 @@ struct TaskBuilder<'a> {
     warnings: &'a mut Vec<String>,
     /// Tensors whose inputs mix float16 and bfloat16 (written as float32).
     mixed_halves: usize,
+    /// Buffers only some models have, copied: (from, models lacking them) -> names.
+    partial: std::collections::BTreeMap<(String, String), Vec<String>>,
 }
 
 impl TaskBuilder<'_> {
@@ -870,6 +924,8 @@ impl TaskBuilder<'_> {
         let models = self.models;
         // (source, resolved tensor name)
         let mut found: Vec<(&Src, String)> = Vec::new();
+        // sources without this tensor (a buffer only some models have)
+        let mut lacking: Vec<usize> = Vec::new();
         for s in srcs {
             let want = input_name(s);
             let m = &models[s.model];
@@ -883,12 +939,54 @@ impl TaskBuilder<'_> {
                     .find(|n| is_pre_layer(n) && n.contains("embed_tokens"))
                 {
                     Some(e) => e.clone(),
-                    None => return Err(missing(m, &want)),
+                    None => return Err(missing(m, &want, None)),
                 }
+            } else if is_buffer(&want) {
+                lacking.push(s.model);
+                continue;
             } else {
-                return Err(missing(m, &want));
+                let holder = srcs
+                    .iter()
+                    .find(|o| models[o.model].get(&input_name(o)).is_some())
+                    .map(|o| models[o.model].label.as_str());
+                return Err(missing(m, &want, holder));
             };
             found.push((s, name));
+        }
+        if !lacking.is_empty() {
+            // mergekit's rule for a tensor only some models have: the first that has it
+            // (the reference model when it does) gives it unmerged
+            let Some((s, n)) = sbase
+                .and_then(|b| found.iter().find(|(s, _)| s.model == b))
+                .or(found.first())
+                .cloned()
+            else {
+                return Ok(None);
+            };
+            let m = &models[s.model];
+            let tr = m.get(&n).unwrap();
+            let lack: Vec<&str> = lacking.iter().map(|l| models[*l].label.as_str()).collect();
+            self.partial
+                .entry((m.label.clone(), lack.join(", ")))
+                .or_default()
+                .push(out_name.to_string());
+            return Ok(Some(TensorTask {
+                name: out_name.to_string(),
+                shape: tr.shape().to_vec(),
+                out_dtype: tr.dtype(),
+                base: None,
+                models: vec![TaskInput {
+                    model: s.model,
+                    tensor: n,
+                }],
+                params: Params {
+                    shared: vec![],
+                    per_input: vec![vec![]],
+                },
+                t,
+                layer,
+                copy_only: true,
+            }));
         }
         let (ref_src, ref_name) = match sbase.and_then(|b| found.iter().find(|(s, _)| s.model == b))
         {
@@ -1041,12 +1139,17 @@ impl TaskBuilder<'_> {
     }
 }
 
-fn missing(m: &ModelFolder, tensor: &str) -> Error {
+/// A weight or bias one model lacks; `holder` is a model of the slice that has it.
+fn missing(m: &ModelFolder, tensor: &str, holder: Option<&str>) -> Error {
     Error::MissingTensor {
         model: m.label.clone(),
         tensor: tensor.to_string(),
         hint: if tensor.contains("lm_head") {
             " (and its config.json does not tie the embeddings)".into()
+        } else if let Some(h) = holder.filter(|h| *h != m.label) {
+            format!(
+                " but {h} has it; smelt merges a weight only when every model has it (merge models with the same weights, or pick layers with `slices:`)"
+            )
         } else {
             String::new()
         },

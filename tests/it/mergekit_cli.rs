@@ -636,3 +636,78 @@ fn a_safetensors_path_writes_one_file() {
         assert!(std::fs::read(&file).unwrap() == before);
     }
 }
+
+// ---- tensors only some models have --------------------------------------------------------
+
+/// Adds tensors to a model's file.
+fn add_tensors(s: &Setup, m: &str, extra: &[(&str, T)]) {
+    let mut ts = load_st(&s.st(m));
+    for (n, t) in extra {
+        ts.insert(n.to_string(), t.clone());
+    }
+    let list: Vec<(&str, &T)> = ts.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    write_st(&s.st(m), &list);
+}
+
+fn inv_freq(seed: f32) -> T {
+    T::f32(&[6], (0..6).map(|i| seed / (i as f32 + 1.0)).collect())
+}
+
+#[test]
+fn a_buffer_only_some_models_have_is_copied_from_the_first_that_has_it() {
+    const ROPE: &str = "model.rotary_emb.inv_freq";
+    const LAYER_ROPE: &str = "model.layers.1.self_attn.rotary_emb.inv_freq";
+    for holder in ["ft1", "ft2"] {
+        let s = Setup::new();
+        let r = s.recipe(TIES);
+        let plain = s.dir().join("plain");
+        ok(&merge(&[r.as_os_str(), plain.as_os_str()]));
+        add_tensors(
+            &s,
+            holder,
+            &[(ROPE, inv_freq(1.0)), (LAYER_ROPE, inv_freq(2.0))],
+        );
+        let before = inputs(&s);
+        let out = s.out();
+        let err = ok(&merge(&[r.as_os_str(), out.as_os_str()]));
+        assert_eq!(inputs(&s), before);
+        // one line for the buffers copied from one model
+        let line: Vec<&str> = err.lines().filter(|l| l.contains(ROPE)).collect();
+        assert_eq!(line.len(), 1, "{err}");
+        assert!(
+            line[0].contains(LAYER_ROPE)
+                && line[0].contains(&format!("copied unmerged from models/{holder}"))
+                && line[0].contains("models/base"),
+            "{err}"
+        );
+        let got = load_dir(&out);
+        let want = load_dir(&plain);
+        assert_eq!(got.len(), want.len() + 2, "{holder}");
+        assert_eq!(got[ROPE], inv_freq(1.0), "{holder}");
+        assert_eq!(got[LAYER_ROPE], inv_freq(2.0), "{holder}");
+        for (n, t) in &want {
+            assert_eq!(&got[n], t, "{holder}: {n} changed by the extra buffers");
+        }
+    }
+}
+
+#[test]
+fn a_weight_only_a_later_model_has_is_an_error_naming_both() {
+    let s = Setup::new();
+    let w = T::f32(&[2, 48], vec![0.5; 96]);
+    add_tensors(&s, "ft2", &[("score.weight", w)]);
+    let before = inputs(&s);
+    let r = s.recipe(LINEAR);
+    let out = s.out();
+    let o = merge(&[r.as_os_str(), out.as_os_str()]);
+    fails(
+        &o,
+        &[
+            "score.weight",
+            "missing from model models/ft1",
+            "models/ft2 has it",
+        ],
+    );
+    assert_eq!(inputs(&s), before);
+    nothing_written(&s);
+}
