@@ -122,7 +122,7 @@ pub struct Recipe {
 /// Parameter names mergekit's methods take that no smelt method does; like the parameters
 /// of smelt's other methods, they are ignored with a warning where the method does not use
 /// them (mergekit ignores them silently).
-const MERGEKIT_ONLY_PARAMS: &[&str] = &["nuslerp_flatten", "nuslerp_row_wise", "scale"];
+const MERGEKIT_ONLY_PARAMS: &[&str] = &["nuslerp_flatten", "nuslerp_row_wise"];
 
 /// Whether any method (smelt's or mergekit's) takes a parameter of this name.
 fn known_param(name: &str) -> bool {

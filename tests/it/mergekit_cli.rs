@@ -711,3 +711,100 @@ fn a_weight_only_a_later_model_has_is_an_error_naming_both() {
     assert_eq!(inputs(&s), before);
     nothing_written(&s);
 }
+
+// ---- mergekit's own example configs ------------------------------------------------------
+
+/// One of mergekit's example configs (tests/fixtures/mergekit-examples, see its README).
+pub struct Example {
+    pub name: String,
+    pub path: PathBuf,
+    pub text: String,
+    pub method: String,
+    /// Whether smelt implements its merge method.
+    pub supported: bool,
+}
+
+/// mergekit's example configs, by file name, each with its method and whether smelt has it.
+pub fn mergekit_examples() -> Vec<Example> {
+    let dir = root().join("tests/fixtures/mergekit-examples");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().and_then(|x| x.to_str()) != Some("yml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let v: serde_norway::Value = serde_norway::from_str(&text).unwrap();
+        let method = v["merge_method"].as_str().unwrap().to_string();
+        out.push(Example {
+            name: path.file_name().unwrap().to_string_lossy().to_string(),
+            supported: smelt::methods::find(&method).is_some(),
+            path,
+            text,
+            method,
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+#[test]
+fn mergekit_examples_parse_where_smelt_has_the_method() {
+    use smelt::recipe::{Recipe, Setting};
+    let all = mergekit_examples();
+    let names: Vec<&str> = all.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "arcee_fusion.yml",
+            "bio-merge.yml",
+            "gradient-slerp.yml",
+            "linear.yml",
+            "orcamini-platy-44layer.yml",
+            "ties.yml"
+        ]
+    );
+    let unsupported: Vec<&str> = all
+        .iter()
+        .filter(|e| !e.supported)
+        .map(|e| e.name.as_str())
+        .collect();
+    assert_eq!(unsupported, ["arcee_fusion.yml"]);
+    for e in all.iter().filter(|e| !e.supported) {
+        let err = Recipe::parse(&e.text, &e.path).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("unknown merge_method `{}`", e.method)),
+            "{}: {err}",
+            e.name
+        );
+    }
+    // what each supported example says, as mergekit reads it
+    let parse = |name: &str| {
+        let e = all.iter().find(|e| e.name == name).unwrap();
+        let r = Recipe::parse(&e.text, &e.path).unwrap_or_else(|err| panic!("{name}: {err}"));
+        assert_eq!(r.method.name, e.method, "{name}");
+        assert!(r.warnings.is_empty(), "{name}: {:?}", r.warnings);
+        r
+    };
+    let r = parse("ties.yml");
+    assert_eq!(r.slices[0].sources.len(), 3);
+    assert_eq!(r.base_model.unwrap().raw, "TheBloke/Llama-2-13B-fp16");
+    assert_eq!(r.dtype, Some(DType::F16));
+    assert!(r.parameters.contains_key("normalize") && r.parameters.contains_key("int8_mask"));
+    let ft = &r.slices[0].sources;
+    assert!(matches!(ft[0].parameters["density"], Setting::List(ref l) if l.len() == 3));
+    assert!(matches!(ft[1].parameters["weight"], Setting::List(ref l) if l.len() == 4));
+    assert!(matches!(ft[2].parameters["weight"], Setting::Cond(ref c) if c.len() == 2));
+    let r = parse("bio-merge.yml");
+    assert_eq!(r.slices[0].sources.len(), 2);
+    assert_eq!(r.base_model.unwrap().raw, "mistralai/Mistral-7B-v0.1");
+    let r = parse("gradient-slerp.yml");
+    assert!(!r.from_models);
+    assert_eq!(r.slices[0].sources[1].layer_range, Some((0, 40)));
+    assert!(matches!(r.parameters["t"], Setting::Cond(ref c) if c.len() == 3));
+    let r = parse("linear.yml");
+    assert_eq!(r.slices[0].sources.len(), 3);
+    let r = parse("orcamini-platy-44layer.yml");
+    assert_eq!(r.slices.len(), 2);
+    assert_eq!(r.slices[1].sources[0].layer_range, Some((20, 40)));
+}
