@@ -677,14 +677,16 @@ impl Plan {
             let t = c.get("model_type").and_then(|t| t.as_str());
             (a.is_some() || t.is_some()).then(|| (a.map(str::to_string), t.map(str::to_string)))
         };
-        let mut first: Option<(&ModelInput, (Option<String>, Option<String>))> = None;
-        for m in self.models.iter().filter(|m| m.folder.path.exists()) {
+        // (architectures[0], model_type)
+        type Arch = (Option<String>, Option<String>);
+        let mut first: Option<(&ModelInput, Arch)> = None;
+        for m in &self.models {
             let Some(a) = arch(m) else { continue };
             let Some((fm, fa)) = &first else {
                 first = Some((m, a));
                 continue;
             };
-            let show = |x: &(Option<String>, Option<String>)| match x {
+            let show = |x: &Arch| match x {
                 (Some(a), Some(t)) => format!("{a} (model_type {t})"),
                 (Some(a), None) => a.clone(),
                 (None, Some(t)) => format!("model_type {t}"),
