@@ -97,7 +97,7 @@ pub struct MergekitArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
-    /// Accepted, no effect: smelt never unpickles (it reads safetensors lazily, memory-mapped).
+    /// Accepted, no effect: smelt always reads checkpoints lazily, tensor by tensor.
     #[arg(long)]
     pub lazy_unpickle: bool,
     /// Accepted, no effect: smelt always writes safetensors.
@@ -136,7 +136,7 @@ pub struct MergekitArgs {
     /// Accepted, no effect: LoRA deltas are computed in float32.
     #[arg(long, value_name = "DTYPE")]
     pub lora_merge_dtype: Option<String>,
-    /// Accepted, no effect.
+    /// Accepted, no effect: smelt takes no cache folder option.
     #[arg(long, value_name = "PATH")]
     pub transformers_cache: Option<PathBuf>,
 }
@@ -148,7 +148,7 @@ impl MergekitArgs {
             (
                 "--lazy-unpickle",
                 self.lazy_unpickle,
-                "smelt never unpickles",
+                "smelt always reads checkpoints lazily",
             ),
             (
                 "--safe-serialization",
@@ -208,7 +208,7 @@ impl MergekitArgs {
             (
                 "--transformers-cache",
                 self.transformers_cache.is_some(),
-                "smelt reads model folders from the recipe's paths",
+                "smelt takes no cache folder option",
             ),
         ];
         flags

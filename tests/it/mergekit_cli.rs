@@ -808,3 +808,38 @@ fn mergekit_examples_parse_where_smelt_has_the_method() {
     assert_eq!(r.slices.len(), 2);
     assert_eq!(r.slices[1].sources[0].layer_range, Some((20, 40)));
 }
+
+#[test]
+fn a_shard_size_that_makes_over_1000_shards_is_warned_about() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ts: Vec<(String, T)> = (0..1001)
+        .map(|i| (format!("w{i}"), T::f32(&[1], vec![i as f32])))
+        .collect();
+    let list: Vec<(&str, &T)> = ts.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    for m in ["a", "b"] {
+        write_model(&tmp.path().join(m), 0, &list);
+    }
+    let r = tmp.path().join("r.yml");
+    std::fs::write(
+        &r,
+        "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\n  - model: b\n    parameters: {weight: 1}\n",
+    )
+    .unwrap();
+    let out = tmp.path().join("out");
+    let dry = |size: &str| {
+        let o = merge(&[
+            r.as_os_str(),
+            out.as_os_str(),
+            os("--dry-run"),
+            os("--out-shard-size"),
+            os(size),
+        ]);
+        ok(&o)
+    };
+    let err = dry("1");
+    assert_eq!(lines_with(&err, "makes 1001 shards"), 1, "{err}");
+    assert!(err.contains("5B = 5e9 bytes"), "{err}");
+    let err = dry("1B");
+    assert_eq!(lines_with(&err, "shards"), 0, "{err}");
+    assert!(!out.exists());
+}
