@@ -113,7 +113,8 @@ impl BenchDevices {
 pub struct DeviceArgs {
     /// Where the math runs: `auto` uses a GPU when one works (not a software Vulkan renderer
     /// such as lavapipe unless --adapter names it) and says so when it falls back to the CPU;
-    /// `gpu` fails if no GPU can be used; `cpu` never touches the GPU.
+    /// `gpu` fails if no GPU can be used (mergekit's `cuda` is accepted for it); `cpu` never
+    /// touches the GPU.
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
     /// GPU adapter to use: an index or part of a name from `smelt devices`.

@@ -103,7 +103,7 @@ pub struct MergekitArgs {
     /// Accepted, no effect: smelt always writes safetensors.
     #[arg(long, overrides_with = "no_safe_serialization")]
     pub safe_serialization: bool,
-    /// Refused in effect: smelt writes safetensors, never pickles (a warning says so).
+    /// Accepted, no effect: smelt writes safetensors anyway, never pickles (a warning says so).
     #[arg(long, overrides_with = "safe_serialization")]
     pub no_safe_serialization: bool,
     /// Accepted, no effect: smelt runs no code from model folders.
