@@ -16,6 +16,21 @@ use crate::io::model::ModelFolder;
 use crate::methods::{self, BasePolicy, MethodInfo, Params, Scope, SideInput};
 use crate::recipe::{ModelRef, ParamMap, Recipe, SliceDef, TokenizerSource, Value1};
 
+/// Tokenizer files `transformers` may look for; whichever exist are copied to the output.
+pub const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
+];
+
 /// Path components that hold a layer number after them (`model.layers.7.mlp`, `h.3.attn`).
 const LAYER_WORDS: &[&str] = &["layers", "h", "blocks", "layer", "block"];
 
@@ -50,6 +65,44 @@ fn is_pre_layer(name: &str) -> bool {
     ["embed", "wte", "wpe", "tok_embeddings", "word_embeddings"]
         .iter()
         .any(|k| name.contains(k))
+}
+
+/// A tensor that is not a module's weight or bias: a buffer such as `rotary_emb.inv_freq`
+/// or `position_ids`. One that only some models have is copied from the first that has it
+/// (mergekit's behaviour); a weight or bias missing from one model is an error.
+fn is_buffer(name: &str) -> bool {
+    !matches!(name.rsplit('.').next(), Some("weight" | "bias"))
+}
+
+/// The names a slice's output takes from its models: the reference model's (`names` of
+/// `refm`, in its order), then those only the other sources have, in source order. `keep`
+/// selects and renames a model's tensor (None: not this group); a tied model's missing
+/// `lm_head` is not added from another model (it is the embedding, as before).
+fn union_names(
+    models: &[ModelInput],
+    refm: usize,
+    srcs: &[Src],
+    keep: impl Fn(&Src, &str) -> Option<String>,
+) -> Vec<String> {
+    let ref_src = srcs.iter().find(|s| s.model == refm);
+    let mut out: Vec<String> = Vec::new();
+    let mut seen = BTreeSet::new();
+    let order = ref_src
+        .into_iter()
+        .chain(srcs.iter().filter(|s| s.model != refm));
+    for s in order {
+        for n in models[s.model].names() {
+            if let Some(k) = keep(s, n) {
+                if s.model != refm && k.contains("lm_head") && models[refm].tied_embeddings() {
+                    continue;
+                }
+                if seen.insert(k.clone()) {
+                    out.push(k);
+                }
+            }
+        }
+    }
+    out
 }
 
 fn is_vocab_tensor(name: &str) -> bool {
@@ -102,6 +155,8 @@ pub struct Plan {
     /// Model whose tokenizer files are copied.
     pub tokenizer_from: Option<usize>,
     pub out_layers: Option<usize>,
+    /// Write README.md, the model card (mergekit's `--no-write-model-card` turns it off).
+    pub write_card: bool,
     pub warnings: Vec<String>,
     /// Whole-model statistics of the methods that need them
     /// ([`methods::Method::whole_model`]), computed on first use by the executor.
@@ -320,7 +375,7 @@ impl Plan {
 
     pub fn build(recipe: Recipe, seed_override: Option<u64>) -> Result<Plan> {
         let method = recipe.method;
-        let mut warnings = Vec::new();
+        let mut warnings = recipe.warnings.clone();
         let mut om = OpenModels {
             refs: Vec::new(),
             folders: Vec::new(),
@@ -414,9 +469,28 @@ impl Plan {
             slices.push((srcs, if uses_base { sbase } else { None }, s));
         }
         let tok = match &recipe.tokenizer_source {
-            None | Some(TokenizerSource::Base) => None,
+            None => None,
+            Some(TokenizerSource::Base) => Some(base.ok_or_else(|| {
+                rerr("`tokenizer_source: base` but the recipe has no `base_model`; name the model whose tokenizer to use, or remove the key".into())
+            })?),
             Some(TokenizerSource::Model(r)) => Some(om.id(r)?),
         };
+        if let Some(t) = tok {
+            // as mergekit: a tokenizer asked for by name must exist
+            let dir = om.folders[t].dir();
+            if !TOKENIZER_FILES.iter().any(|f| dir.join(f).is_file()) {
+                let which = match &recipe.tokenizer_source {
+                    Some(TokenizerSource::Base) => "base",
+                    _ => "a model",
+                };
+                return Err(rerr(format!(
+                    "`tokenizer_source` names {which} {} but {} holds no tokenizer files ({}); copy the tokenizer there, name another model, or remove `tokenizer_source` (the output then takes the tokenizer of the base or first model, if any)",
+                    om.refs[t].label(),
+                    dir.display(),
+                    TOKENIZER_FILES[..4].join(", ")
+                )));
+            }
+        }
         let mut models = om.folders;
         for m in &models {
             warnings.extend(m.adapter_overrides());
@@ -462,6 +536,8 @@ impl Plan {
             method,
             models: &models,
             warnings: &mut warnings,
+            mixed_halves: 0,
+            partial: Default::default(),
         };
 
         // Non-layer tensors come from the first slice (embeddings) or the last (the rest).
@@ -470,15 +546,12 @@ impl Plan {
         let (last_srcs, last_base, last_def) = slices.last().unwrap();
         let ref_first = reference(first_srcs, *first_base);
         let ref_last = reference(last_srcs, *last_base);
-        let non_layer = |m: usize, pre: bool| -> Vec<String> {
-            models[m]
-                .names()
-                .iter()
-                .filter(|n| layer_of(n).is_none() && is_pre_layer(n) == pre)
-                .cloned()
-                .collect()
+        let non_layer = |refm: usize, srcs: &[Src], pre: bool| -> Vec<String> {
+            union_names(&models, refm, srcs, |_, n| {
+                (layer_of(n).is_none() && is_pre_layer(n) == pre).then(|| n.to_string())
+            })
         };
-        for name in non_layer(ref_first, true) {
+        for name in non_layer(ref_first, first_srcs, true) {
             tasks.extend(builder.task(
                 &name,
                 None,
@@ -505,18 +578,21 @@ impl Plan {
                     1.0
                 };
                 let in_layer = ref_start + j;
-                let names: Vec<&String> = models[refm]
+                // named as in the reference model's layer `in_layer`
+                let names = union_names(&models, refm, srcs, |s, n| {
+                    (layer_of(n).map(|l| l.2) == Some(s.start + j)).then(|| with_layer(n, in_layer))
+                });
+                if !models[refm]
                     .names()
                     .iter()
-                    .filter(|n| layer_of(n).map(|l| l.2) == Some(in_layer))
-                    .collect();
-                if names.is_empty() {
+                    .any(|n| layer_of(n).map(|l| l.2) == Some(in_layer))
+                {
                     return Err(Error::BadModel {
                         path: models[refm].path.clone(),
                         msg: format!("has no tensors for layer {in_layer}"),
                     });
                 }
-                for name in names {
+                for name in &names {
                     let out_name = with_layer(name, out_layer);
                     tasks.extend(builder.task(
                         &out_name,
@@ -531,7 +607,7 @@ impl Plan {
                 out_layer += 1;
             }
         }
-        for name in non_layer(ref_last, false) {
+        for name in non_layer(ref_last, last_srcs, false) {
             tasks.extend(builder.task(
                 &name,
                 None,
@@ -543,6 +619,27 @@ impl Plan {
             )?);
         }
 
+        for ((from, lack), names) in std::mem::take(&mut builder.partial) {
+            let n = names.len();
+            let shown = names.iter().take(3).cloned().collect::<Vec<_>>().join(", ");
+            let more = if n > 3 {
+                format!(" and {} more", n - 3)
+            } else {
+                String::new()
+            };
+            builder.warnings.push(format!(
+                "{shown}{more}: missing from {lack}, so copied unmerged from {from} ({n} buffer{} that only some models have; mergekit copies them from the first model that has them)",
+                if n == 1 { "" } else { "s" }
+            ));
+        }
+        if builder.mixed_halves > 0 {
+            let n = builder.mixed_halves;
+            warnings.push(format!(
+                "{n} tensor{} {} float16 in some models and bfloat16 in others and the recipe sets no `dtype`: written as float32, as mergekit does (set `dtype:` or `out_dtype:` to choose)",
+                if n == 1 { "" } else { "s" },
+                if n == 1 { "is" } else { "are" }
+            ));
+        }
         if let Some(side) = method.imp.side_input() {
             attach_side_inputs(side, &mut models, &mut tasks)?;
         }
@@ -559,11 +656,57 @@ impl Plan {
             config_from,
             tokenizer_from: Some(tok.unwrap_or(config_from)),
             out_layers,
+            write_card: true,
             warnings,
             recipe,
             globals: std::sync::Mutex::new(None),
             prior: None,
         })
+    }
+
+    /// mergekit's rule: models whose config.json names another architecture (the first of
+    /// `architectures`, or `model_type`) are not merged unless `--allow-crimes` says so.
+    /// Models without a config.json, or without these keys, are not compared.
+    pub fn check_architectures(&self) -> Result<()> {
+        let arch = |m: &ModelInput| {
+            let c = m.config.as_ref()?;
+            let a = c
+                .get("architectures")
+                .and_then(|a| a.get(0))
+                .and_then(|a| a.as_str());
+            let t = c.get("model_type").and_then(|t| t.as_str());
+            (a.is_some() || t.is_some()).then(|| (a.map(str::to_string), t.map(str::to_string)))
+        };
+        // (architectures[0], model_type)
+        type Arch = (Option<String>, Option<String>);
+        let mut first: Option<(&ModelInput, Arch)> = None;
+        for m in &self.models {
+            let Some(a) = arch(m) else { continue };
+            let Some((fm, fa)) = &first else {
+                first = Some((m, a));
+                continue;
+            };
+            let show = |x: &Arch| match x {
+                (Some(a), Some(t)) => format!("{a} (model_type {t})"),
+                (Some(a), None) => a.clone(),
+                (None, Some(t)) => format!("model_type {t}"),
+                (None, None) => unreachable!(),
+            };
+            let differ =
+                |x: &Option<String>, y: &Option<String>| x.is_some() && y.is_some() && x != y;
+            if differ(&fa.0, &a.0) || differ(&fa.1, &a.1) {
+                return Err(Error::BadModel {
+                    path: m.folder.path.clone(),
+                    msg: format!(
+                        "its config.json names architecture {} but {} is {}; smelt, as mergekit, does not mix architectures: pass --allow-crimes to merge them anyway",
+                        show(&a),
+                        fm.label,
+                        show(fa)
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Total bytes of all output tensors.
@@ -760,6 +903,10 @@ struct TaskBuilder<'a> {
     method: &'static MethodInfo,
     models: &'a [ModelInput],
     warnings: &'a mut Vec<String>,
+    /// Tensors whose inputs mix float16 and bfloat16 (written as float32).
+    mixed_halves: usize,
+    /// Buffers only some models have, copied: (from, models lacking them) -> names.
+    partial: std::collections::BTreeMap<(String, String), Vec<String>>,
 }
 
 impl TaskBuilder<'_> {
@@ -779,6 +926,8 @@ impl TaskBuilder<'_> {
         let models = self.models;
         // (source, resolved tensor name)
         let mut found: Vec<(&Src, String)> = Vec::new();
+        // sources without this tensor (a buffer only some models have)
+        let mut lacking: Vec<usize> = Vec::new();
         for s in srcs {
             let want = input_name(s);
             let m = &models[s.model];
@@ -792,12 +941,54 @@ impl TaskBuilder<'_> {
                     .find(|n| is_pre_layer(n) && n.contains("embed_tokens"))
                 {
                     Some(e) => e.clone(),
-                    None => return Err(missing(m, &want)),
+                    None => return Err(missing(m, &want, None)),
                 }
+            } else if is_buffer(&want) {
+                lacking.push(s.model);
+                continue;
             } else {
-                return Err(missing(m, &want));
+                let holder = srcs
+                    .iter()
+                    .find(|o| models[o.model].get(&input_name(o)).is_some())
+                    .map(|o| models[o.model].label.as_str());
+                return Err(missing(m, &want, holder));
             };
             found.push((s, name));
+        }
+        if !lacking.is_empty() {
+            // mergekit's rule for a tensor only some models have: the first that has it
+            // (the reference model when it does) gives it unmerged
+            let Some((s, n)) = sbase
+                .and_then(|b| found.iter().find(|(s, _)| s.model == b))
+                .or(found.first())
+                .cloned()
+            else {
+                return Ok(None);
+            };
+            let m = &models[s.model];
+            let tr = m.get(&n).unwrap();
+            let lack: Vec<&str> = lacking.iter().map(|l| models[*l].label.as_str()).collect();
+            self.partial
+                .entry((m.label.clone(), lack.join(", ")))
+                .or_default()
+                .push(out_name.to_string());
+            return Ok(Some(TensorTask {
+                name: out_name.to_string(),
+                shape: tr.shape().to_vec(),
+                out_dtype: tr.dtype(),
+                base: None,
+                models: vec![TaskInput {
+                    model: s.model,
+                    tensor: n,
+                }],
+                params: Params {
+                    shared: vec![],
+                    per_input: vec![vec![]],
+                },
+                t,
+                layer,
+                copy_only: true,
+            }));
         }
         let (ref_src, ref_name) = match sbase.and_then(|b| found.iter().find(|(s, _)| s.model == b))
         {
@@ -863,11 +1054,21 @@ impl TaskBuilder<'_> {
             }));
         }
 
-        let out_dtype = self
-            .recipe
-            .out_dtype
-            .or(self.recipe.dtype)
-            .unwrap_or(rt.dtype());
+        let dtypes: BTreeSet<DType> = found
+            .iter()
+            .map(|(s, n)| models[s.model].get(n).unwrap().dtype())
+            .collect();
+        // float16 and bfloat16 cannot hold each other's values: mergekit's torch promotes
+        // the pair to float32, and so does smelt (any other mix keeps the reference's dtype)
+        let mixed_halves = dtypes.contains(&DType::F16) && dtypes.contains(&DType::BF16);
+        let out_dtype = match self.recipe.out_dtype.or(self.recipe.dtype) {
+            Some(d) => d,
+            None if mixed_halves => {
+                self.mixed_halves += 1;
+                DType::F32
+            }
+            None => rt.dtype(),
+        };
         let mut base = None;
         let mut inputs: Vec<(&Src, String)> = Vec::new();
         for (s, n) in found {
@@ -940,12 +1141,17 @@ impl TaskBuilder<'_> {
     }
 }
 
-fn missing(m: &ModelFolder, tensor: &str) -> Error {
+/// A weight or bias one model lacks; `holder` is a model of the slice that has it.
+fn missing(m: &ModelFolder, tensor: &str, holder: Option<&str>) -> Error {
     Error::MissingTensor {
         model: m.label.clone(),
         tensor: tensor.to_string(),
         hint: if tensor.contains("lm_head") {
             " (and its config.json does not tie the embeddings)".into()
+        } else if let Some(h) = holder.filter(|h| *h != m.label) {
+            format!(
+                " but {h} has it; smelt merges a weight only when every model has it (merge models with the same weights, or pick layers with `slices:`)"
+            )
         } else {
             String::new()
         },

@@ -26,6 +26,43 @@ impl FromStr for ByteSize {
     }
 }
 
+/// An output shard size (`--out-shard-size`): smelt's units (5GB, 500MB, 2GiB, a plain number
+/// of bytes) and mergekit's counts, which read a bare `B` as *billion*: `5B` is 5e9 bytes,
+/// as in `mergekit-yaml --out-shard-size 5B`, not five bytes. `K` and `M` (thousand, million)
+/// mean the same in both. Write a plain number for a size in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShardSize(pub u64);
+
+impl ShardSize {
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl FromStr for ShardSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        // mergekit's `parse_kmb`: a whole number followed by one `b`/`B` is billions
+        if let Some(num) = t.strip_suffix(['b', 'B']) {
+            let num = num.trim();
+            if !num.is_empty() && num.bytes().all(|c| c.is_ascii_digit() || c == b'.') {
+                let x: f64 = num
+                    .parse()
+                    .map_err(|_| format!("{s:?} is not a size (try 5GB, 500MB, 2GiB, 5B)"))?;
+                let v = x * 1e9;
+                if !(1.0..1.8e19).contains(&v) {
+                    return Err(format!(
+                        "size {s:?} must be at least one byte and below 18 EB"
+                    ));
+                }
+                return Ok(ShardSize(v as u64));
+            }
+        }
+        parse_size(s).map(ShardSize)
+    }
+}
+
 // The variants carry no doc comments: with help text on them clap would render the possible
 // values of `--help` as a list instead of the one-line `[possible values: ...]`.
 
@@ -49,6 +86,8 @@ impl From<HashChoice> for HashAlgo {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum DeviceChoice {
     Auto,
+    // mergekit's `--device cuda` (and `cuda:0`-style names are not accepted: use --adapter)
+    #[value(alias = "cuda")]
     Gpu,
     Cpu,
 }
@@ -74,7 +113,8 @@ impl BenchDevices {
 pub struct DeviceArgs {
     /// Where the math runs: `auto` uses a GPU when one works (not a software Vulkan renderer
     /// such as lavapipe unless --adapter names it) and says so when it falls back to the CPU;
-    /// `gpu` fails if no GPU can be used; `cpu` never touches the GPU.
+    /// `gpu` fails if no GPU can be used (mergekit's `cuda` is accepted for it); `cpu` never
+    /// touches the GPU.
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
     /// GPU adapter to use: an index or part of a name from `smelt devices`.
@@ -149,6 +189,24 @@ mod tests {
     }
 
     #[test]
+    fn shard_sizes_read_a_bare_b_as_mergekits_billion() {
+        let sz = |s: &str| s.parse::<ShardSize>().map(ShardSize::get);
+        assert_eq!(sz("1B"), Ok(1_000_000_000));
+        assert_eq!(sz("5b"), Ok(5_000_000_000));
+        assert_eq!(sz("0.5B"), Ok(500_000_000));
+        // smelt's units keep their meaning, K and M agree with mergekit's
+        assert_eq!(sz("5GB"), Ok(5_000_000_000));
+        assert_eq!(sz("2GiB"), Ok(2 << 30));
+        assert_eq!(sz("500M"), Ok(500_000_000));
+        assert_eq!(sz("40KB"), Ok(40_000));
+        assert_eq!(sz("40K"), Ok(40_000));
+        assert_eq!(sz("1000"), Ok(1000));
+        assert!(sz("0B").unwrap_err().contains("at least one byte"));
+        assert!(sz("B").is_err());
+        assert!(sz("99999999999B").is_err());
+    }
+
+    #[test]
     fn a_bad_size_is_a_usage_error_that_names_its_flag() {
         for (flag, value) in [("--out-shard-size", "5XB"), ("--vram-budget", "abc")] {
             let e = merge(&[flag, value]).err().expect("refused");
@@ -163,7 +221,7 @@ mod tests {
         let Cmd::Merge(a) = merge(&[]).unwrap().cmd else {
             panic!("not merge")
         };
-        assert_eq!(a.out_shard_size, ByteSize(5_000_000_000));
+        assert_eq!(a.out_shard_size, ShardSize(5_000_000_000));
         assert_eq!(HashAlgo::from(a.hash), HashAlgo::Blake3);
         assert_eq!(a.device.device, DeviceChoice::Auto);
         assert_eq!(a.device.vram_budget, None);

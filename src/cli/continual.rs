@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use smelt::dtype::DType;
 
-use super::args::{ByteSize, DeviceArgs};
+use super::args::{DeviceArgs, ShardSize};
 use super::execute::{execute_fresh, print_linalg};
 
 #[derive(clap::Args)]
@@ -27,9 +27,9 @@ pub struct ContinualArgs {
     /// `out_dtype`; the computation stays f32. Default: the inputs' dtype.
     #[arg(long, value_name = "DTYPE", value_parser = parse_out_dtype)]
     pub out_dtype: Option<DType>,
-    /// Largest shard to write, e.g. 5GB, 500MB, 2GiB.
+    /// Largest shard to write, e.g. 5GB, 500MB, 2GiB (a bare `B` is mergekit's billion: 5B = 5e9 bytes).
     #[arg(long, default_value = "5GB")]
-    pub out_shard_size: ByteSize,
+    pub out_shard_size: ShardSize,
     /// Replace OUT if it is an earlier smelt output or an empty folder (the old folder is
     /// removed only after the new one is complete). Any other folder is refused.
     #[arg(long)]

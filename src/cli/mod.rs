@@ -50,7 +50,7 @@ pub enum Cmd {
         tensor is read; --dry-run stops there and prints the plan.\n\n\
         The output is written to a hidden temporary folder beside OUT and renamed into place \
         only when complete.",
-        after_help = "Example:\n  smelt merge assets/recipes/ties.yml -o merged --dry-run\n  smelt merge assets/recipes/ties.yml -o merged"
+        after_help = "Example:\n  smelt merge assets/recipes/ties.yml -o merged --dry-run\n  smelt merge assets/recipes/ties.yml -o merged\n  smelt merge config.yml ./merged --cuda --allow-crimes   # mergekit-yaml's command line"
     )]
     Merge(merge::MergeArgs),
     /// Work with LoRA adapters (PEFT folders): bake one into a model, merge several into one,

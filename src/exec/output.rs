@@ -12,19 +12,7 @@ use crate::methods::WeightFile;
 use crate::plan::Plan;
 
 /// Tokenizer files `transformers` may look for; whichever exist are copied.
-pub const TOKENIZER_FILES: &[&str] = &[
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-    "spiece.model",
-    "chat_template.jinja",
-    "chat_template.json",
-];
+pub use crate::plan::TOKENIZER_FILES;
 
 /// config.json of the output: the reference model's, with the layer count, vocabulary size
 /// and dtype made true of what was written.
@@ -132,8 +120,10 @@ pub fn write_side_files(plan: &Plan, out: &StagedOutput, out_name: &str) -> Resu
             }
         }
     }
-    out.write_file("README.md", model_card(plan, out_name).as_bytes())?;
-    written.push("README.md".into());
+    if plan.write_card {
+        out.write_file("README.md", model_card(plan, out_name).as_bytes())?;
+        written.push("README.md".into());
+    }
     Ok(written)
 }
 

@@ -1,5 +1,9 @@
-//! mergekit's YAML recipe schema, read strictly: unknown keys, methods and parameters are
-//! errors that list what is valid, raised before any model is opened.
+//! mergekit's YAML recipe schema, read strictly: unknown keys and methods are errors that
+//! list what is valid, raised before any model is opened. Parameters follow mergekit: one
+//! that the method does not take but another method does (`int8_mask` or `density` on
+//! `linear`, `weight` on a slerp entry) is ignored with a warning, as mergekit ignores it; a
+//! name no method takes is an error (a typo), with the nearest parameter of the method as a
+//! hint. YAML merge keys (`<<: *anchor`) are expanded before the recipe is read.
 
 pub mod params;
 
@@ -112,6 +116,30 @@ pub struct Recipe {
     pub out_dtype: Option<DType>,
     pub tokenizer_source: Option<TokenizerSource>,
     pub seed: Option<u64>,
+    /// One line per thing the recipe says that smelt (as mergekit) ignores.
+    pub warnings: Vec<String>,
+}
+
+/// Parameter names mergekit's methods take that no smelt method does; like the parameters
+/// of smelt's other methods, they are ignored with a warning where the method does not use
+/// them (mergekit ignores them silently).
+const MERGEKIT_ONLY_PARAMS: &[&str] = &["nuslerp_flatten", "nuslerp_row_wise"];
+
+/// Whether any method (smelt's or mergekit's) takes a parameter of this name.
+fn known_param(name: &str) -> bool {
+    MERGEKIT_ONLY_PARAMS.contains(&name) || methods::all().iter().any(|m| m.param(name).is_some())
+}
+
+/// ` (did you mean `x`?)` for the method's parameter nearest to a misspelt one.
+fn param_hint(method: &MethodInfo, name: &str) -> String {
+    method
+        .params
+        .iter()
+        .map(|p| (methods::edit_distance(name, p.name), p.name))
+        .filter(|(d, p)| *d <= 2 && *d < p.len())
+        .min()
+        .map(|(_, p)| format!(" (did you mean `{p}`?)"))
+        .unwrap_or_default()
 }
 
 // ---- raw serde schema -------------------------------------------------------------------
@@ -242,8 +270,19 @@ impl Recipe {
             msg,
         };
         check_shape(text).map_err(err)?;
-        let raw: RawRecipe =
-            serde_norway::from_str(text).map_err(|e| err(yaml_msg(&e.to_string())))?;
+        let raw: RawRecipe = if text.contains("<<") {
+            // YAML merge keys (`<<: *defaults`), which mergekit's PyYAML expands: expanded
+            // here on the parsed tree (the tree loses line numbers, so only such recipes take
+            // this road)
+            let mut v: Value =
+                serde_norway::from_str(text).map_err(|e| err(yaml_msg(&e.to_string())))?;
+            v.apply_merge()
+                .map_err(|e| err(format!("YAML merge key `<<`: {e}")))?;
+            serde_norway::from_value(v).map_err(|e| err(yaml_msg(&e.to_string())))?
+        } else {
+            serde_norway::from_str(text).map_err(|e| err(yaml_msg(&e.to_string())))?
+        };
+        let warnings = std::cell::RefCell::new(Vec::new());
         let dir = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
@@ -470,18 +509,27 @@ impl Recipe {
             let mut out = ParamMap::new();
             if let Some(m) = m {
                 for (k, v) in m {
-                    let spec = method.param(k).ok_or_else(|| {
+                    let Some(spec) = method.param(k) else {
                         let valid: Vec<&str> = method.params.iter().map(|p| p.name).collect();
-                        err(format!(
-                            "{what}: `{k}` is not a parameter of {}; valid parameters: {}",
-                            method.name,
-                            if valid.is_empty() {
-                                "none".to_string()
-                            } else {
-                                valid.join(", ")
-                            }
-                        ))
-                    })?;
+                        let valid = if valid.is_empty() {
+                            "none".to_string()
+                        } else {
+                            valid.join(", ")
+                        };
+                        let hint = param_hint(method, k);
+                        if known_param(k) {
+                            // mergekit reads only the parameters its method declares
+                            warnings.borrow_mut().push(format!(
+                                "{what}.{k}: {} does not use `{k}`{hint}; ignored, as mergekit ignores it ({} takes: {valid})",
+                                method.name, method.name
+                            ));
+                            continue;
+                        }
+                        return Err(err(format!(
+                            "{what}: `{k}` is not a parameter of {} or of any other method{hint}; valid parameters: {valid}",
+                            method.name
+                        )));
+                    };
                     let setting =
                         Setting::from_yaml(v).map_err(|e| err(format!("{what}.{k}: {e}")))?;
                     if let Some(s) = setting {
@@ -610,6 +658,7 @@ impl Recipe {
             out_dtype: dt(&raw.out_dtype, "out_dtype")?,
             tokenizer_source,
             seed: raw.seed,
+            warnings: warnings.into_inner(),
         })
     }
 }

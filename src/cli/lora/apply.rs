@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use smelt::plan::Plan;
 use smelt::recipe::Recipe;
 
-use crate::cli::args::{ByteSize, DeviceArgs};
+use crate::cli::args::{DeviceArgs, ShardSize};
 use crate::cli::execute::{execute_fresh, print_linalg};
 
 #[derive(clap::Args)]
@@ -21,9 +21,9 @@ pub struct ApplyArgs {
     /// removed only after the new one is complete). Any other folder is refused.
     #[arg(long)]
     pub force: bool,
-    /// Largest shard to write, e.g. 5GB, 500MB, 2GiB.
+    /// Largest shard to write, e.g. 5GB, 500MB, 2GiB (a bare `B` is mergekit's billion: 5B = 5e9 bytes).
     #[arg(long, default_value = "5GB")]
-    pub out_shard_size: ByteSize,
+    pub out_shard_size: ShardSize,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
