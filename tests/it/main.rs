@@ -17,6 +17,7 @@ mod compeft;
 mod continual;
 mod continual_safety;
 mod determinism;
+mod fuzz_props;
 mod gpu_parity;
 mod hand_computed;
 mod hand_computed_methods;
