@@ -191,7 +191,10 @@ write_recipes() {
             # The large set: float32 output for every recipe (it shows a change in the last bit
             # that bf16 rounding would mostly hide), bfloat16 for assets/recipes only (time).
             if [[ $set != tiny && $dt == bf16 && $f != "$REPO"/assets/recipes/* ]]; then continue; fi
-            { sed '/^out_dtype:/d' "$f"
+            # the generated large models have no tokenizer, which `tokenizer_source` requires
+            local drop='/^out_dtype:/d'
+            [[ $set != tiny ]] && drop+=';/^tokenizer_source:/d'
+            { sed "$drop" "$f"
               [[ $dt == bf16 ]] && echo "out_dtype: bfloat16" || echo "out_dtype: float32"
             } > "$dir/$name.$dt.yml"
         done
