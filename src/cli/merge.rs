@@ -268,6 +268,9 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
     let recipe_path = recipe;
+    // a dry run reads no tensor data: Hub models whose weights are not cached are planned
+    // from their safetensors headers, fetched by range requests, not downloaded
+    let plan_only = dry_run.then(smelt::hub::headers::PlanOnly::enter);
     let recipe = Recipe::load(&recipe_path)?;
     let named_tokenizer = recipe.tokenizer_source.is_some();
     let mut plan = Plan::build(recipe, seed)?;
@@ -302,6 +305,16 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
             "{}",
             plan.summary(threads, layout.shards.len(), verbose > 0)
         );
+        for s in plan_only.iter().flat_map(|p| p.stand_ins()) {
+            println!(
+                "hub         {} (commit {}): planned from the safetensors headers; the weights are not downloaded (a merge downloads {} in {} file{})",
+                s.id,
+                s.sha,
+                units::bytes(s.weight_bytes),
+                s.weight_files,
+                if s.weight_files == 1 { "" } else { "s" }
+            );
+        }
         return Ok(());
     }
     for w in &plan.warnings {
