@@ -301,19 +301,25 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
     }
     if dry_run {
         check_clear_of(&out, &protected)?;
-        print!(
-            "{}",
-            plan.summary(threads, layout.shards.len(), verbose > 0)
-        );
-        for s in plan_only.iter().flat_map(|p| p.stand_ins()) {
-            println!(
-                "hub         {} (commit {}): planned from the safetensors headers; the weights are not downloaded (a merge downloads {} in {} file{})",
-                s.id,
-                s.sha,
-                units::bytes(s.weight_bytes),
-                s.weight_files,
-                if s.weight_files == 1 { "" } else { "s" }
-            );
+        let summary = plan.summary(threads, layout.shards.len(), verbose > 0);
+        // Hub models planned from their headers: said beside the models, before the tensors
+        let hub: String = plan_only
+            .iter()
+            .flat_map(|p| p.stand_ins())
+            .map(|s| {
+                format!(
+                    "hub         {} (commit {}): planned from the safetensors headers; the weights are not downloaded (a merge downloads {} in {} file{})\n",
+                    s.id,
+                    s.sha,
+                    units::bytes(s.weight_bytes),
+                    s.weight_files,
+                    if s.weight_files == 1 { "" } else { "s" }
+                )
+            })
+            .collect();
+        match summary.split_once("\n\n") {
+            Some((head, tasks)) => print!("{head}\n{hub}\n{tasks}"),
+            None => print!("{summary}{hub}"),
         }
         return Ok(());
     }

@@ -24,6 +24,9 @@ use crate::hub::{HubEnv, HubId};
 use crate::io::model::{parse_index, INDEX_NAME};
 use crate::io::safetensors::MAX_HEADER_LEN;
 
+/// `crate::compeft::FILE_NAME` (named here to keep `hub` clear of `compeft`).
+const COMPEFT_FILE: &str = "compeft.safetensors";
+
 /// Largest small file (config, tokenizer, index) fetched whole for a stand-in.
 const SMALL_CAP: u64 = 256 << 20;
 
@@ -75,8 +78,8 @@ pub fn plan_only() -> bool {
 }
 
 /// Makes a stand-in folder for `id` (see the module's text) and returns it; None when the
-/// model's weights are PyTorch checkpoints, whose contents cannot be listed from a header
-/// (the caller downloads those).
+/// model's weights are PyTorch checkpoints, whose contents cannot be listed from a header,
+/// or a compressed task vector, whose bit maps the plan reads (the caller downloads those).
 pub fn stand_in(id: &HubId, env: &HubEnv) -> Result<Option<PathBuf>> {
     let agent = agent();
     let (sha, files) = revision_info(&agent, env, id)?;
@@ -84,6 +87,13 @@ pub fn stand_in(id: &HubId, env: &HubEnv) -> Result<Option<PathBuf>> {
     if todo.iter().any(|f| f == BIN_INDEX || f.ends_with(".bin")) {
         log::warn!(
             "{id}: the weights are PyTorch checkpoints, which have no header to read by range; downloading them for the plan"
+        );
+        return Ok(None);
+    }
+    // a compressed task vector's bit maps are read (checked) while planning
+    if todo.iter().any(|f| f == COMPEFT_FILE) {
+        log::warn!(
+            "{id}: a compressed task vector is checked in full while planning; downloading it for the plan"
         );
         return Ok(None);
     }
