@@ -103,8 +103,10 @@ pub fn stand_in(id: &HubId, env: &HubEnv) -> Result<Option<PathBuf>> {
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::SeqCst)
     ));
+    // a leftover of an earlier process with this id is removed; a new folder is made (never
+    // one that appears meanwhile, in a temporary folder others can write)
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
+    std::fs::create_dir(&dir).map_err(|e| io_err(&dir, e))?;
     let at = {
         let mut list = STAND_INS.lock().unwrap_or_else(|e| e.into_inner());
         list.push(StandIn {
