@@ -268,6 +268,9 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
     let recipe_path = recipe;
+    // a dry run reads no tensor data: Hub models whose weights are not cached are planned
+    // from their safetensors headers, fetched by range requests, not downloaded
+    let plan_only = dry_run.then(smelt::hub::headers::PlanOnly::enter);
     let recipe = Recipe::load(&recipe_path)?;
     let named_tokenizer = recipe.tokenizer_source.is_some();
     let mut plan = Plan::build(recipe, seed)?;
@@ -298,10 +301,26 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
     }
     if dry_run {
         check_clear_of(&out, &protected)?;
-        print!(
-            "{}",
-            plan.summary(threads, layout.shards.len(), verbose > 0)
-        );
+        let summary = plan.summary(threads, layout.shards.len(), verbose > 0);
+        // Hub models planned from their headers: said beside the models, before the tensors
+        let hub: String = plan_only
+            .iter()
+            .flat_map(|p| p.stand_ins())
+            .map(|s| {
+                format!(
+                    "hub         {} (commit {}): planned from the safetensors headers; the weights are not downloaded (a merge downloads {} in {} file{})\n",
+                    s.id,
+                    s.sha,
+                    units::bytes(s.weight_bytes),
+                    s.weight_files,
+                    if s.weight_files == 1 { "" } else { "s" }
+                )
+            })
+            .collect();
+        match summary.split_once("\n\n") {
+            Some((head, tasks)) => print!("{head}\n{hub}\n{tasks}"),
+            None => print!("{summary}{hub}"),
+        }
         return Ok(());
     }
     for w in &plan.warnings {

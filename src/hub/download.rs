@@ -38,12 +38,12 @@ const SIDE_FILES: &[&str] = &[
     "chat_template.json",
 ];
 
-const BIN_INDEX: &str = "pytorch_model.bin.index.json";
+pub(super) const BIN_INDEX: &str = "pytorch_model.bin.index.json";
 /// Tries per file (the first and the resumed ones) before giving up.
 const TRIES: u32 = 5;
 const API_CAP: u64 = 16 << 20;
 
-fn hub_err(id: &HubId, msg: impl Into<String>) -> Error {
+pub(super) fn hub_err(id: &HubId, msg: impl Into<String>) -> Error {
     Error::Hub {
         id: id.to_string(),
         msg: msg.into(),
@@ -54,33 +54,7 @@ fn hub_err(id: &HubId, msg: impl Into<String>) -> Error {
 /// returns its snapshot folder.
 pub fn fetch(id: &HubId, env: &HubEnv) -> Result<PathBuf> {
     let agent = agent();
-    let api = format!(
-        "{}/api/models/{}/revision/{}",
-        env.endpoint,
-        id.repo,
-        encode(id.revision(), true)
-    );
-    let (resp, _, _) = send(&agent, env, false, &api, None).map_err(|e| {
-        hub_err(
-            id,
-            format!(
-                "could not reach {}: {e}; check the network, or set HF_HUB_OFFLINE=1 to use only the cache at {}",
-                env.endpoint,
-                env.cache.display()
-            ),
-        )
-    })?;
-    let status = resp.status().as_u16();
-    if status != 200 {
-        return Err(hub_err(id, refusal(status, &api, env, id)));
-    }
-    let text = resp
-        .into_body()
-        .with_config()
-        .limit(API_CAP)
-        .read_to_string()
-        .map_err(|e| hub_err(id, format!("reading {api}: {e}")))?;
-    let (sha, files) = parse_info(&text).map_err(|m| hub_err(id, format!("{api}: {m}")))?;
+    let (sha, files) = revision_info(&agent, env, id)?;
     let repo = cache::repo_dir(&env.cache, &id.repo);
     let snap = repo.join("snapshots").join(&sha);
 
@@ -109,8 +83,43 @@ pub fn fetch(id: &HubId, env: &HubEnv) -> Result<PathBuf> {
     Ok(snap)
 }
 
+/// The commit sha and file list of `id`'s revision, from `/api/models/{repo}/revision/{rev}`.
+pub(super) fn revision_info(
+    agent: &ureq::Agent,
+    env: &HubEnv,
+    id: &HubId,
+) -> Result<(String, Vec<String>)> {
+    let api = format!(
+        "{}/api/models/{}/revision/{}",
+        env.endpoint,
+        id.repo,
+        encode(id.revision(), true)
+    );
+    let (resp, _, _) = send(agent, env, false, &api, None).map_err(|e| {
+        hub_err(
+            id,
+            format!(
+                "could not reach {}: {e}; check the network, or set HF_HUB_OFFLINE=1 to use only the cache at {}",
+                env.endpoint,
+                env.cache.display()
+            ),
+        )
+    })?;
+    let status = resp.status().as_u16();
+    if status != 200 {
+        return Err(hub_err(id, refusal(status, &api, env, id)));
+    }
+    let text = resp
+        .into_body()
+        .with_config()
+        .limit(API_CAP)
+        .read_to_string()
+        .map_err(|e| hub_err(id, format!("reading {api}: {e}")))?;
+    parse_info(&text).map_err(|m| hub_err(id, format!("{api}: {m}")))
+}
+
 /// The message for a refused API call.
-fn refusal(status: u16, url: &str, env: &HubEnv, id: &HubId) -> String {
+pub(super) fn refusal(status: u16, url: &str, env: &HubEnv, id: &HubId) -> String {
     match status {
         401 | 403 => format!(
             "{} refused access (HTTP {status}): the repository is private or gated; {}",
@@ -162,7 +171,7 @@ fn parse_info(text: &str) -> std::result::Result<(String, Vec<String>), String> 
 }
 
 /// A relative path with only plain components (no `..`, no root, no backslash).
-fn contained(name: &str) -> bool {
+pub(super) fn contained(name: &str) -> bool {
     !name.is_empty()
         && !name.contains('\\')
         && !name.starts_with('/')
@@ -174,7 +183,7 @@ fn contained(name: &str) -> bool {
 /// The files a merge needs, of those the repository has: the safetensors index (its shards
 /// are added once it is read) or the one weights file, never `.bin` weights when
 /// safetensors exist; configs and tokenizer files.
-fn wanted(files: &[String]) -> Vec<String> {
+pub(super) fn wanted(files: &[String]) -> Vec<String> {
     let has = |f: &str| files.iter().any(|x| x == f);
     let top_st: Vec<&String> = files
         .iter()
@@ -198,7 +207,7 @@ fn wanted(files: &[String]) -> Vec<String> {
     out
 }
 
-fn agent() -> ureq::Agent {
+pub(super) fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
         .max_redirects(0)
@@ -211,24 +220,25 @@ fn agent() -> ureq::Agent {
 
 /// What the Hub says about a file, gathered over the redirects.
 #[derive(Default, Debug)]
-struct Meta {
-    commit: Option<String>,
-    etag: Option<String>,
-    size: Option<u64>,
+pub(super) struct Meta {
+    pub(super) commit: Option<String>,
+    pub(super) etag: Option<String>,
+    pub(super) size: Option<u64>,
 }
 
-fn header<'a>(r: &'a ureq::http::Response<ureq::Body>, name: &str) -> Option<&'a str> {
+pub(super) fn header<'a>(r: &'a ureq::http::Response<ureq::Body>, name: &str) -> Option<&'a str> {
     r.headers().get(name).and_then(|v| v.to_str().ok())
 }
 
 /// One request, with redirects followed by hand (at most 10): the token goes only to the
-/// endpoint's host; `Range` (from byte `from`) to every hop.
-fn send(
+/// endpoint's host; `Range` (bytes `from`, to byte `to` inclusive or to the end) to every
+/// hop.
+pub(super) fn send(
     agent: &ureq::Agent,
     env: &HubEnv,
     head: bool,
     url: &str,
-    from: Option<u64>,
+    range: Option<(u64, Option<u64>)>,
 ) -> std::result::Result<(ureq::http::Response<ureq::Body>, Meta, String), String> {
     let mut url = url.to_string();
     let mut meta = Meta::default();
@@ -244,8 +254,9 @@ fn send(
                 req = req.header("Authorization", format!("Bearer {t}"));
             }
         }
-        if let Some(b) = from {
-            req = req.header("Range", format!("bytes={b}-"));
+        if let Some((from, to)) = range {
+            let to = to.map(|t| t.to_string()).unwrap_or_default();
+            req = req.header("Range", format!("bytes={from}-{to}"));
         }
         let resp = req.call().map_err(|e| format!("{url}: {e}"))?;
         if meta.commit.is_none() {
@@ -309,7 +320,7 @@ fn join(base: &str, loc: &str) -> String {
 }
 
 /// Percent-encodes a path part (`/` kept unless `slash`).
-fn encode(s: &str, slash: bool) -> String {
+pub(super) fn encode(s: &str, slash: bool) -> String {
     let mut out = String::new();
     for b in s.bytes() {
         if b.is_ascii_alphanumeric()
@@ -473,7 +484,7 @@ fn fetch_blob(
             log::info!("{file}: resuming the download at byte {have} of {size}");
         }
         pb.set_position(have);
-        let (resp, _, _) = match send(agent, env, false, url, (have > 0).then_some(have)) {
+        let (resp, _, _) = match send(agent, env, false, url, (have > 0).then_some((have, None))) {
             Ok(r) => r,
             Err(e) => {
                 last = e;

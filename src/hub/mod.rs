@@ -8,6 +8,7 @@
 
 pub mod cache;
 pub mod download;
+pub mod headers;
 
 use std::path::{Path, PathBuf};
 
@@ -268,7 +269,9 @@ fn looked(places: &[(&str, PathBuf)]) -> String {
 
 /// The folder on disk for what [`locate`] found: a local path as is; a Hub model's cached
 /// snapshot when it holds weights (or when offline), else the snapshot after downloading
-/// what it lacks. A Hub snapshot's links are checked to stay inside its repository folder.
+/// what it lacks — or, while a [`headers::PlanOnly`] guard is held (a dry run), a stand-in
+/// folder made from the safetensors headers alone. A Hub snapshot's links are checked to
+/// stay inside its repository folder.
 pub fn materialize(found: Found, env: &HubEnv) -> Result<PathBuf> {
     match found {
         Found::Local(p) => Ok(p),
@@ -281,13 +284,22 @@ pub fn materialize(found: Found, env: &HubEnv) -> Result<PathBuf> {
                         msg: format!("not found: {looked}, and {}", env.cache_note(&id)),
                     })
                 }
-                _ => download::fetch(&id, env).map_err(|e| match e {
-                    Error::Hub { id, msg } => Error::Hub {
-                        id,
-                        msg: format!("{msg} (smelt looked for a local folder first: {looked})"),
-                    },
-                    e => e,
-                })?,
+                _ => {
+                    let noted = |e| match e {
+                        Error::Hub { id, msg } => Error::Hub {
+                            id,
+                            msg: format!("{msg} (smelt looked for a local folder first: {looked})"),
+                        },
+                        e => e,
+                    };
+                    // a dry run plans from the headers: no weights are downloaded
+                    if headers::plan_only() {
+                        if let Some(dir) = headers::stand_in(&id, env).map_err(noted)? {
+                            return Ok(dir);
+                        }
+                    }
+                    download::fetch(&id, env).map_err(noted)?
+                }
             };
             crate::io::model::check_snapshot_links(&snap)?;
             Ok(snap)

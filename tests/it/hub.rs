@@ -575,7 +575,7 @@ fn adapters_by_hub_id() {
 
 // ---- downloads ---------------------------------------------------------------------------
 
-fn files_of(dir: &Path) -> Vec<ServedFile> {
+pub fn files_of(dir: &Path) -> Vec<ServedFile> {
     let mut v: Vec<ServedFile> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap())

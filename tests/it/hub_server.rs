@@ -3,7 +3,8 @@
 //! list), `HEAD`/`GET /{repo}/resolve/{rev}/{file}` (small files served directly with an
 //! ETag; LFS files — `.safetensors`, `.bin` — redirected with 302 to `/cdn/{sha256}` with
 //! `X-Linked-Etag`/`X-Linked-Size`, as the Hub redirects to its storage host), and
-//! `/cdn/{sha256}` with `Range` support. Optionally the first GET of each LFS file breaks
+//! `/cdn/{sha256}` with `Range` support (`bytes=FROM-`, `bytes=FROM-TO`). Optionally the first
+//! GET of each LFS file breaks
 //! off after half its bytes. Every request is logged. One request per connection.
 
 use std::collections::{HashMap, HashSet};
@@ -46,6 +47,8 @@ struct State {
     break_first: bool,
     /// Where LFS files are redirected: another server (another host), or this one.
     cdn: Option<String>,
+    /// Body bytes sent, all requests together.
+    served: usize,
 }
 
 pub struct Server {
@@ -107,6 +110,11 @@ impl Server {
     /// Redirects LFS files to `endpoint`'s `/cdn/` (a storage host other than this one).
     pub fn redirect_lfs_to(&self, endpoint: &str) {
         self.state.lock().unwrap().cdn = Some(endpoint.to_string());
+    }
+
+    /// Body bytes sent so far, all requests together.
+    pub fn bytes_served(&self) -> usize {
+        self.state.lock().unwrap().served
     }
 
     pub fn log(&self) -> Vec<Req> {
@@ -213,6 +221,7 @@ fn handle(mut conn: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
     conn.write_all(head.as_bytes())?;
     if method != "HEAD" {
         let n = r.cut.unwrap_or(len);
+        state.lock().unwrap().served += n;
         conn.write_all(&r.body[..n])?;
     }
     conn.flush()?;
@@ -321,16 +330,21 @@ fn route(
             bytes[mid] ^= 0xff;
         }
         let total = bytes.len();
-        let start = range
-            .and_then(|r| r.strip_prefix("bytes="))
+        // `bytes=FROM-` or `bytes=FROM-TO` (TO inclusive, cut to the file's end)
+        let span = range.and_then(|r| r.strip_prefix("bytes="));
+        let start = span
             .and_then(|r| r.split('-').next())
             .and_then(|n| n.parse::<usize>().ok());
+        let end = span
+            .and_then(|r| r.split('-').nth(1))
+            .and_then(|n| n.parse::<usize>().ok())
+            .map_or(total, |e| (e + 1).min(total));
         let mut r = match start {
-            Some(st) if st < total => {
-                let mut r = resp("206 Partial Content", bytes[st..].to_vec());
+            Some(st) if st < total && st < end => {
+                let mut r = resp("206 Partial Content", bytes[st..end].to_vec());
                 r.headers.push((
                     "Content-Range".into(),
-                    format!("bytes {st}-{}/{total}", total - 1),
+                    format!("bytes {st}-{}/{total}", end - 1),
                 ));
                 r
             }

@@ -22,6 +22,7 @@ mod gpu_parity;
 mod hand_computed;
 mod hand_computed_methods;
 mod hub;
+mod hub_dryrun;
 mod hub_server;
 mod linalg_parity;
 mod lora;
