@@ -246,6 +246,21 @@ impl Cache {
     }
 }
 
+/// A test cache holding every model of `HUB_MODELS`, and the Hub settings that read it
+/// alone (offline, a dead endpoint): for parsing the examples in-process
+/// (`mergekit_cli::mergekit_examples_parse_where_smelt_has_the_method`).
+pub fn all_models_cache() -> (Hub, smelt::hub::HubEnv) {
+    let all: Vec<&str> = HUB_MODELS.iter().map(|(id, _)| *id).collect();
+    let cache = Cache::for_recipe(&all.join("\n"));
+    let env = smelt::hub::HubEnv {
+        cache: cache.hub.cache(),
+        offline: true,
+        endpoint: "http://127.0.0.1:9".into(),
+        token: None,
+    };
+    (cache.hub, env)
+}
+
 /// Runs one example unchanged from the fixture folder against its cache, checks the output
 /// with `smelt verify` and against the same recipe naming the local folders; returns the
 /// output's tensors for the example's own checks.
