@@ -265,6 +265,12 @@ impl Recipe {
 
     /// Parses recipe text; model paths resolve against `path`'s folder.
     pub fn parse(text: &str, path: &Path) -> Result<Recipe> {
+        Recipe::parse_with_hub(text, path, &crate::hub::HubEnv::from_env())
+    }
+
+    /// [`Recipe::parse`] with Hub ids looked up through `env` instead of the process's
+    /// environment variables (tests give it a cache of their own).
+    pub fn parse_with_hub(text: &str, path: &Path, env: &crate::hub::HubEnv) -> Result<Recipe> {
         let err = |msg: String| Error::Recipe {
             path: path.to_path_buf(),
             msg,
@@ -316,10 +322,9 @@ impl Recipe {
 
         // A model or adapter name: an absolute path as given; a relative one from the
         // recipe's folder, the current folder or the Hub (cache, then download).
-        let env = crate::hub::HubEnv::from_env();
-        let locate = |s: &str| crate::hub::locate(s, Some(&dir), &env);
+        let locate = |s: &str| crate::hub::locate(s, Some(&dir), env);
         let fetch = |f: Found, what: &str| -> Result<PathBuf> {
-            crate::hub::materialize(f, &env).map_err(|e| err(format!("{what}: {e}")))
+            crate::hub::materialize(f, env).map_err(|e| err(format!("{what}: {e}")))
         };
         // `adapters:`: a list of adapter folders, each a path or {path, scale}.
         let adapter_list = |v: &Value, what: &str| -> Result<Vec<AdapterRef>> {

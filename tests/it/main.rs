@@ -27,6 +27,7 @@ mod hub_server;
 mod linalg_parity;
 mod lora;
 mod mergekit_cli;
+mod mergekit_examples;
 mod mergekit_fixtures;
 mod method_contracts;
 mod output_safety;

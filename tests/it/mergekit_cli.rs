@@ -778,10 +778,12 @@ fn mergekit_examples_parse_where_smelt_has_the_method() {
             e.name
         );
     }
-    // what each supported example says, as mergekit reads it
+    // what each supported example says, as mergekit reads it (its Hub ids from a test cache)
+    let (_hub, env) = crate::mergekit_examples::all_models_cache();
     let parse = |name: &str| {
         let e = all.iter().find(|e| e.name == name).unwrap();
-        let r = Recipe::parse(&e.text, &e.path).unwrap_or_else(|err| panic!("{name}: {err}"));
+        let r = Recipe::parse_with_hub(&e.text, &e.path, &env)
+            .unwrap_or_else(|err| panic!("{name}: {err}"));
         assert_eq!(r.method.name, e.method, "{name}");
         assert!(r.warnings.is_empty(), "{name}: {:?}", r.warnings);
         r
