@@ -45,8 +45,11 @@ pub enum Cmd {
     #[command(
         long_about = "Merge models as a recipe says.\n\n\
         The recipe is mergekit's YAML (merge_method, base_model, models or slices, parameters, \
-        dtype, out_dtype, tokenizer_source) plus smelt's `seed`. Model paths are relative to the \
-        recipe's folder. Everything that can be checked from file headers is checked before any \
+        dtype, out_dtype, tokenizer_source) plus smelt's `seed`. A model is a local folder \
+        (a relative path is looked up in the recipe's folder, then the current folder), one \
+        .safetensors or PyTorch .bin file, or a Hugging Face Hub id (org/name or \
+        org/name@revision), taken from the Hugging Face cache or downloaded into it \
+        (HF_HUB_OFFLINE=1: the cache only). Everything that can be checked from file headers is checked before any \
         tensor is read; --dry-run stops there and prints the plan.\n\n\
         The output is written to a hidden temporary folder beside OUT and renamed into place \
         only when complete.",
