@@ -16,20 +16,7 @@ use crate::io::model::ModelFolder;
 use crate::methods::{self, BasePolicy, MethodInfo, Params, Scope, SideInput};
 use crate::recipe::{ModelRef, ParamMap, Recipe, SliceDef, TokenizerSource, Value1};
 
-/// Tokenizer files `transformers` may look for; whichever exist are copied to the output.
-pub const TOKENIZER_FILES: &[&str] = &[
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-    "spiece.model",
-    "chat_template.jinja",
-    "chat_template.json",
-];
+pub use crate::io::model::TOKENIZER_FILES;
 
 /// Path components that hold a layer number after them (`model.layers.7.mlp`, `h.3.attn`).
 const LAYER_WORDS: &[&str] = &["layers", "h", "blocks", "layer", "block"];

@@ -12,30 +12,18 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::hub::cache::{self, io_err};
 use crate::hub::{is_sha, HubEnv, HubId};
-use crate::io::model::{parse_index, INDEX_NAME, SINGLE_NAME};
+use crate::io::model::{parse_index, INDEX_NAME, SINGLE_NAME, TOKENIZER_FILES};
 
-/// Files besides the weights that a merge reads or copies: configs and tokenizer files, and
-/// a LoRA adapter's config.
-const SIDE_FILES: &[&str] = &[
+/// Files besides the weights and the tokenizer files ([`TOKENIZER_FILES`]) that a merge reads:
+/// the model's configs and a LoRA adapter's config.
+const CONFIG_FILES: &[&str] = &[
     "config.json",
     "generation_config.json",
     "adapter_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-    "spiece.model",
-    "chat_template.jinja",
-    "chat_template.json",
 ];
 
 pub(super) const BIN_INDEX: &str = "pytorch_model.bin.index.json";
@@ -203,8 +191,24 @@ pub(super) fn wanted(files: &[String]) -> Vec<String> {
     } else if has("pytorch_model.bin") {
         out.push("pytorch_model.bin".into());
     }
-    out.extend(SIDE_FILES.iter().filter(|f| has(f)).map(|f| f.to_string()));
+    out.extend(
+        CONFIG_FILES
+            .iter()
+            .chain(TOKENIZER_FILES)
+            .filter(|f| has(f))
+            .map(|f| f.to_string()),
+    );
     out
+}
+
+/// The Hub's address of one file of a repository at a commit.
+pub(super) fn resolve_url(env: &HubEnv, id: &HubId, sha: &str, file: &str) -> String {
+    format!(
+        "{}/{}/resolve/{sha}/{}",
+        env.endpoint,
+        id.repo,
+        encode(file, false)
+    )
 }
 
 pub(super) fn agent() -> ureq::Agent {
@@ -367,12 +371,7 @@ fn ensure_file(
     if dest.is_file() {
         return Ok(());
     }
-    let url = format!(
-        "{}/{}/resolve/{sha}/{}",
-        env.endpoint,
-        id.repo,
-        encode(file, false)
-    );
+    let url = resolve_url(env, id, sha, file);
     let (resp, meta, _) =
         send(agent, env, true, &url, None).map_err(|e| hub_err(id, format!("{file}: {e}")))?;
     let status = resp.status().as_u16();
@@ -557,7 +556,7 @@ fn fetch_blob(
         ));
     }
     if etag.len() == 64 && etag.bytes().all(|b| b.is_ascii_hexdigit()) {
-        let digest = sha256_file(&part)?;
+        let digest = crate::io::writer::hash_file(&part, crate::io::writer::HashAlgo::Sha256)?;
         if !digest.eq_ignore_ascii_case(etag) {
             let _ = std::fs::remove_file(&part);
             return Err(hub_err(
@@ -575,20 +574,6 @@ fn fetch_blob(
 fn content_range_start(v: Option<&str>) -> Option<u64> {
     let v = v?.trim().strip_prefix("bytes ")?;
     v.split('-').next()?.trim().parse().ok()
-}
-
-fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).map_err(|e| io_err(path, e))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| io_err(path, e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use std::sync::Mutex;
 use crate::error::{Error, Result};
 use crate::hub::cache::{self, io_err};
 use crate::hub::download::{
-    agent, contained, encode, header, hub_err, refusal, revision_info, send, wanted, BIN_INDEX,
+    agent, contained, header, hub_err, refusal, resolve_url, revision_info, send, wanted, BIN_INDEX,
 };
 use crate::hub::{HubEnv, HubId};
 use crate::io::model::{parse_index, INDEX_NAME};
@@ -220,12 +220,7 @@ fn remote_header(
     sha: &str,
     file: &str,
 ) -> Result<(Vec<u8>, u64)> {
-    let url = format!(
-        "{}/{}/resolve/{sha}/{}",
-        env.endpoint,
-        id.repo,
-        encode(file, false)
-    );
+    let url = resolve_url(env, id, sha, file);
     let (mut out, size) = range(agent, env, id, &url, file, sha, 0, 8)?;
     let n = u64::from_le_bytes(out[..8].try_into().unwrap());
     if n > MAX_HEADER_LEN || 8 + n > size {
@@ -329,12 +324,7 @@ fn small_file(
     sha: &str,
     file: &str,
 ) -> Result<Vec<u8>> {
-    let url = format!(
-        "{}/{}/resolve/{sha}/{}",
-        env.endpoint,
-        id.repo,
-        encode(file, false)
-    );
+    let url = resolve_url(env, id, sha, file);
     let (resp, _, _) =
         send(agent, env, false, &url, None).map_err(|e| hub_err(id, format!("{file}: {e}")))?;
     let status = resp.status().as_u16();

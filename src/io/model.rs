@@ -15,6 +15,21 @@ use crate::io::torch_zip::{TORCH_INDEX_NAME, TORCH_SINGLE_NAME};
 pub const INDEX_NAME: &str = "model.safetensors.index.json";
 pub const SINGLE_NAME: &str = "model.safetensors";
 
+/// Tokenizer files `transformers` may look for; whichever exist are copied to the output.
+pub const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
+];
+
 /// A tensor of a model: its header entry and the file that holds it.
 #[derive(Clone, Copy)]
 pub struct TensorRef<'a> {
