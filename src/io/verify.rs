@@ -18,6 +18,75 @@ pub struct VerifyReport {
     pub bytes: u64,
 }
 
+/// One file's entry in a manifest: its size and hash.
+#[derive(Debug)]
+pub struct ManifestEntry {
+    pub name: String,
+    pub bytes: u64,
+    pub algo: HashAlgo,
+    pub hash: String,
+}
+
+/// Why a manifest entry cannot be used.
+#[derive(Debug)]
+pub enum EntryProblem {
+    /// The name is not a plain file name of the folder (a path, or hidden).
+    NotPlainName,
+    /// The entry lacks `bytes` or a blake3/sha256 hash.
+    NoHash,
+}
+
+/// How a file differs from its manifest entry.
+#[derive(Debug)]
+pub enum Mismatch {
+    /// It cannot be found (or its metadata read).
+    Missing(std::io::Error),
+    /// It has this many bytes instead.
+    Size(u64),
+    /// Its hash is this instead.
+    Hash(String),
+    /// Reading it to hash it failed.
+    Unreadable(Error),
+}
+
+impl ManifestEntry {
+    pub fn parse(name: &str, entry: &serde_json::Value) -> std::result::Result<Self, EntryProblem> {
+        if name.contains('/') || name.contains('\\') || name.starts_with('.') {
+            return Err(EntryProblem::NotPlainName);
+        }
+        let bytes = entry.get("bytes").and_then(|b| b.as_u64());
+        let hash = ["blake3", "sha256"].into_iter().find_map(|a| {
+            entry
+                .get(a)
+                .and_then(|h| h.as_str())
+                .map(|h| (HashAlgo::from_name(a).unwrap(), h.to_string()))
+        });
+        let (Some(bytes), Some((algo, hash))) = (bytes, hash) else {
+            return Err(EntryProblem::NoHash);
+        };
+        Ok(ManifestEntry {
+            name: name.to_string(),
+            bytes,
+            algo,
+            hash,
+        })
+    }
+
+    /// Compares the file in `dir` with the entry: the size first, then the whole file's hash.
+    pub fn check(&self, dir: &Path) -> std::result::Result<(), Mismatch> {
+        let p = dir.join(&self.name);
+        let len = std::fs::metadata(&p).map_err(Mismatch::Missing)?.len();
+        if len != self.bytes {
+            return Err(Mismatch::Size(len));
+        }
+        match hash_file(&p, self.algo) {
+            Ok(h) if h == self.hash => Ok(()),
+            Ok(h) => Err(Mismatch::Hash(h)),
+            Err(e) => Err(Mismatch::Unreadable(e)),
+        }
+    }
+}
+
 /// Checks `dir`; every problem found is listed in the error.
 pub fn verify(dir: &Path) -> Result<VerifyReport> {
     let mut problems: Vec<String> = Vec::new();
@@ -41,40 +110,37 @@ pub fn verify(dir: &Path) -> Result<VerifyReport> {
 
     let mut bytes = 0u64;
     for (name, entry) in &listed {
-        let p = dir.join(name);
-        if name.contains('/') || name.contains('\\') || name.starts_with('.') {
-            problems.push(format!("{name}: not a plain file name"));
-            continue;
-        }
-        let want_len = entry.get("bytes").and_then(|b| b.as_u64());
-        let want = ["blake3", "sha256"].into_iter().find_map(|a| {
-            entry
-                .get(a)
-                .and_then(|h| h.as_str())
-                .map(|h| (HashAlgo::from_name(a).unwrap(), h.to_string()))
-        });
-        let (Some(want_len), Some((algo, want_hash))) = (want_len, want) else {
-            problems.push(format!(
-                "{name}: manifest entry lacks bytes or a blake3/sha256 hash"
-            ));
-            continue;
+        let e = match ManifestEntry::parse(name, entry) {
+            Ok(e) => e,
+            Err(EntryProblem::NotPlainName) => {
+                problems.push(format!("{name}: not a plain file name"));
+                continue;
+            }
+            Err(EntryProblem::NoHash) => {
+                problems.push(format!(
+                    "{name}: manifest entry lacks bytes or a blake3/sha256 hash"
+                ));
+                continue;
+            }
         };
-        match std::fs::metadata(&p) {
-            Err(e) => problems.push(format!("{name}: {e}")),
-            Ok(m) if m.len() != want_len => problems.push(format!(
-                "{name}: {} bytes, the manifest says {want_len}",
-                m.len()
+        match e.check(dir) {
+            Ok(()) => bytes += e.bytes,
+            Err(Mismatch::Missing(err)) => problems.push(format!("{name}: {err}")),
+            Err(Mismatch::Size(len)) => problems.push(format!(
+                "{name}: {len} bytes, the manifest says {}",
+                e.bytes
             )),
-            Ok(m) => {
-                bytes += m.len();
-                match hash_file(&p, algo) {
-                    Ok(h) if h == want_hash => {}
-                    Ok(h) => problems.push(format!(
-                        "{name}: {} {h} differs from the manifest's {want_hash}",
-                        algo.name()
-                    )),
-                    Err(e) => problems.push(format!("{name}: {e}")),
-                }
+            Err(Mismatch::Hash(h)) => {
+                bytes += e.bytes;
+                problems.push(format!(
+                    "{name}: {} {h} differs from the manifest's {}",
+                    e.algo.name(),
+                    e.hash
+                ))
+            }
+            Err(Mismatch::Unreadable(err)) => {
+                bytes += e.bytes;
+                problems.push(format!("{name}: {err}"))
             }
         }
     }

@@ -15,7 +15,8 @@ use crate::error::{Error, Result};
 use crate::inputs::input_digest;
 use crate::io::model::ModelFolder;
 use crate::io::read::{read_string_capped, JSON_CAP};
-use crate::io::writer::{hash_file, HashAlgo, MANIFEST};
+use crate::io::verify::{EntryProblem, ManifestEntry, Mismatch};
+use crate::io::writer::MANIFEST;
 use crate::methods::opcm::{is_weight_file, read_state, weights_digest, State, STATE_NAME};
 use crate::methods::WeightFile;
 use crate::plan::Plan;
@@ -204,54 +205,49 @@ fn check_weights(merged: &Path, state_path: &Path, state: &State) -> Result<()> 
         .ok_or_else(|| damaged("has no \"files\" object".into()))?;
     let mut files = Vec::new();
     for (name, entry) in listed.iter().filter(|(n, _)| is_weight_file(n)) {
-        if name.contains('/') || name.contains('\\') || name.starts_with('.') {
-            return Err(damaged(format!("lists `{name}`, not a plain file name")));
-        }
-        let bytes = entry["bytes"].as_u64();
-        let hash = ["blake3", "sha256"].into_iter().find_map(|a| {
-            entry[a]
-                .as_str()
-                .map(|h| (HashAlgo::from_name(a).unwrap(), h.to_string()))
-        });
-        let (Some(bytes), Some((algo, hash))) = (bytes, hash) else {
-            return Err(damaged(format!(
-                "its entry for {name} lacks `bytes` or a blake3/sha256 hash"
-            )));
-        };
-        let p = merged.join(name);
+        let e = ManifestEntry::parse(name, entry).map_err(|p| {
+            damaged(match p {
+                EntryProblem::NotPlainName => format!("lists `{name}`, not a plain file name"),
+                EntryProblem::NoHash => {
+                    format!("its entry for {name} lacks `bytes` or a blake3/sha256 hash")
+                }
+            })
+        })?;
         let changed = |what: String| {
             Error::BadModel {
-            path: p.clone(),
+            path: merged.join(name),
             msg: format!(
                 "{what}: it changed after the merge, and {STATE_NAME} describes the weights as they were merged, so it cannot continue this folder; restore the file, or {REDO}"
             ),
         }
         };
-        let len = match std::fs::metadata(&p) {
-            Ok(m) => m.len(),
-            Err(e) => {
+        match e.check(merged) {
+            Ok(()) => {}
+            Err(Mismatch::Missing(err)) => {
                 return Err(changed(format!(
-                    "listed in {MANIFEST} but unreadable ({e})"
+                    "listed in {MANIFEST} but unreadable ({err})"
                 )))
             }
-        };
-        if len != bytes {
-            return Err(changed(format!(
-                "{len} bytes, where {MANIFEST} records {bytes}"
-            )));
-        }
-        let got = hash_file(&p, algo)?;
-        if got != hash {
-            return Err(changed(format!(
-                "its {} is {got}, where {MANIFEST} records {hash}",
-                algo.name()
-            )));
+            Err(Mismatch::Size(len)) => {
+                return Err(changed(format!(
+                    "{len} bytes, where {MANIFEST} records {}",
+                    e.bytes
+                )))
+            }
+            Err(Mismatch::Hash(got)) => {
+                return Err(changed(format!(
+                    "its {} is {got}, where {MANIFEST} records {}",
+                    e.algo.name(),
+                    e.hash
+                )))
+            }
+            Err(Mismatch::Unreadable(err)) => return Err(err),
         }
         files.push(WeightFile {
-            name: name.clone(),
-            bytes,
-            algo: algo.name().into(),
-            hash,
+            name: e.name,
+            bytes: e.bytes,
+            algo: e.algo.name().into(),
+            hash: e.hash,
         });
     }
     let entries = std::fs::read_dir(merged).map_err(|e| Error::BadModel {
