@@ -92,20 +92,12 @@ fn expect_error(o: &Output, needles: &[&str]) -> String {
     err
 }
 
-fn merge_cmd(recipe: &Path, out: &Path, extra: &[&str]) -> Command {
-    let mut c = smelt();
-    c.arg("merge").arg(recipe).arg("-o").arg(out);
-    c.args(cpu_args());
-    c.args(extra);
-    c
-}
-
 #[test]
 fn dev_zero_as_a_recipe_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let before = snapshot(tmp.path());
     let out = tmp.path().join("out");
-    let o = run_within(merge_cmd(Path::new("/dev/zero"), &out, &[]), PROMPT);
+    let o = run_within(merge_cmd(Path::new("/dev/zero"), &out, &[], &[]), PROMPT);
     expect_error(&o, &["/dev/zero", "character device", "regular file"]);
     assert!(!out.exists());
     assert_eq!(snapshot(tmp.path()), before);
@@ -130,7 +122,7 @@ fn fifo_named_model_safetensors_is_refused_promptly() {
     let before = snapshot(s.dir());
     let shown = st.display().to_string();
     for extra in [&[][..], &["--dry-run"][..]] {
-        let o = run_within(merge_cmd(&recipe, &s.out(), extra), PROMPT);
+        let o = run_within(merge_cmd(&recipe, &s.out(), extra, &[]), PROMPT);
         expect_error(&o, &[&shown, "FIFO", "regular file"]);
         assert!(!s.out().exists(), "{extra:?}");
     }
@@ -157,7 +149,7 @@ fn folder_named_model_safetensors_is_refused() {
     std::fs::create_dir(&st).unwrap();
     let recipe = s.recipe(GOOD);
     let before = snapshot(s.dir());
-    let o = run_within(merge_cmd(&recipe, &s.out(), &[]), PROMPT);
+    let o = run_within(merge_cmd(&recipe, &s.out(), &[], &[]), PROMPT);
     let err = expect_error(
         &o,
         &[&st.display().to_string(), "is a folder", "regular file"],
@@ -177,7 +169,7 @@ fn folder_named_model_safetensors_is_refused() {
 #[test]
 fn verify_refuses_a_manifest_entry_linked_to_dev_zero() {
     let s = Setup::new();
-    let o = run_within(merge_cmd(&s.recipe(GOOD), &s.out(), &[]), PROMPT);
+    let o = run_within(merge_cmd(&s.recipe(GOOD), &s.out(), &[], &[]), PROMPT);
     assert!(o.status.success(), "{}", stderr(&o));
     let shard = s.out().join("model.safetensors");
     std::fs::remove_file(&shard).unwrap();
@@ -210,7 +202,7 @@ fn a_200k_gradient_is_checked_in_linear_time() {
     );
     let recipe = s.recipe(&text);
     let before = snapshot(s.dir());
-    let o = run_within(merge_cmd(&recipe, &s.out(), &["--dry-run"]), PROMPT);
+    let o = run_within(merge_cmd(&recipe, &s.out(), &["--dry-run"], &[]), PROMPT);
     expect_error(
         &o,
         &["recipe.yml", "density", "1.5", "fraction between 0 and 1"],
@@ -220,7 +212,7 @@ fn a_200k_gradient_is_checked_in_linear_time() {
     // and the same list with the bad entry fixed is accepted as quickly
     let good = text.replace(",1.5]", ",0.5]");
     let recipe = s.recipe(&good);
-    let o = run_within(merge_cmd(&recipe, &s.out(), &["--dry-run"]), PROMPT);
+    let o = run_within(merge_cmd(&recipe, &s.out(), &["--dry-run"], &[]), PROMPT);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(!s.out().exists(), "a dry run wrote output");
 }
@@ -434,7 +426,7 @@ fn oversized_recipe_is_refused_before_reading() {
         .unwrap();
     let before = snapshot(tmp.path());
     let out = tmp.path().join("out");
-    let o = run_within(merge_cmd(&recipe, &out, &["--dry-run"]), PROMPT);
+    let o = run_within(merge_cmd(&recipe, &out, &["--dry-run"], &[]), PROMPT);
     expect_error(
         &o,
         &[
@@ -539,7 +531,7 @@ fn compeft_counts_must_match() {
         cv.display()
     ));
     let before = snapshot(s.dir());
-    let o = run_within(merge_cmd(&recipe, &s.out(), &[]), PROMPT);
+    let o = run_within(merge_cmd(&recipe, &s.out(), &[], &[]), PROMPT);
     expect_error(
         &o,
         &[&file.display().to_string(), "`total`", "compress again"],

@@ -39,10 +39,6 @@ fn header_len(bytes: &[u8]) -> usize {
     8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize
 }
 
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).to_string()
-}
-
 /// The dry run's output without the lines that name where things are (the recipe's path)
 /// or where they come from (the Hub lines).
 fn plan_lines(o: &Output) -> Vec<String> {

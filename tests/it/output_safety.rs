@@ -43,10 +43,6 @@ fn tree(dir: &Path) -> BTreeMap<PathBuf, String> {
     out
 }
 
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).to_string()
-}
-
 /// Exit status 1, no panic, every `needle` in stderr.
 #[track_caller]
 fn assert_refused(o: &Output, what: &str, needles: &[&str]) {

@@ -55,21 +55,6 @@ fn names_in(dir: &Path) -> BTreeSet<String> {
         .collect()
 }
 
-/// `smelt merge RECIPE -o OUT --device cpu EXTRA...` with environment variables, not run.
-fn merge_cmd(recipe: &Path, out: &Path, extra: &[&str], env: &[(&str, &str)]) -> Command {
-    let mut c = smelt();
-    c.arg("merge").arg(recipe).arg("-o").arg(out);
-    c.args(cpu_args()).args(extra);
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    c
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).to_string()
-}
-
 /// The result is a clean error: exit status 1 (not a panic's 101, not a signal).
 #[track_caller]
 fn assert_clean_failure(o: &Output, what: &str) {

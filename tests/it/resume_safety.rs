@@ -39,13 +39,7 @@ fn partial(s: &Setup) -> PathBuf {
 }
 
 fn cmd(recipe: &Path, out: &Path, extra: &[&str], env: &[(&str, &str)]) -> Command {
-    let mut c = smelt();
-    c.arg("merge").arg(recipe).arg("-o").arg(out);
-    c.args(cpu_args()).args(SHARDS).args(extra);
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    c
+    merge_cmd(recipe, out, &[&SHARDS[..], extra].concat(), env)
 }
 
 fn run(recipe: &Path, out: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {

@@ -555,13 +555,26 @@ pub fn cpu_args() -> Vec<&'static str> {
     vec!["--device", "cpu"]
 }
 
-/// `smelt merge RECIPE -o OUT EXTRA...`
-pub fn run_merge(recipe: &Path, out: &Path, extra: &[&str]) -> Output {
+/// `smelt merge RECIPE -o OUT --device cpu EXTRA...` with environment variables, not run.
+pub fn merge_cmd(recipe: &Path, out: &Path, extra: &[&str], env: &[(&str, &str)]) -> Command {
     let mut c = smelt();
     c.arg("merge").arg(recipe).arg("-o").arg(out);
-    c.args(cpu_args());
-    c.args(extra);
-    c.output().expect("run smelt")
+    c.args(cpu_args()).args(extra);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c
+}
+
+/// `smelt merge RECIPE -o OUT EXTRA...`
+pub fn run_merge(recipe: &Path, out: &Path, extra: &[&str]) -> Output {
+    merge_cmd(recipe, out, extra, &[])
+        .output()
+        .expect("run smelt")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
 }
 
 pub fn stderr(o: &Output) -> String {
